@@ -1,0 +1,58 @@
+"""mixq: mixed-precision quantization that really runs faster.
+
+Importing mixq loads torch only: no CUDA initialisation, no ONNX Runtime or TensorRT import.
+"""
+
+from ._errors import CalibrationFileError, ConfigError, DataError, MixqError, ModelStructureError
+from .calibration import load_calibration_config, save_calibration_config, validate_calibration_config
+from .config import resolve_config
+from .primitives import choose_qparams, choose_qparams_from_tensor, dequantize, fake_quantize, quantize
+from .quantize import (
+    LSQ,
+    PTQ,
+    QAT,
+    DoReFa,
+    QuantWrapper,
+    calibrate_,
+    deploy_model,
+    export_calibration,
+    freeze_,
+    prepare_,
+    quantized_layers,
+)
+from .spec import IntType, LayerSpec, PerChannel, PerTensor, QuantSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MixqError",
+    "ConfigError",
+    "CalibrationFileError",
+    "ModelStructureError",
+    "DataError",
+    "IntType",
+    "PerTensor",
+    "PerChannel",
+    "QuantSpec",
+    "LayerSpec",
+    "choose_qparams",
+    "choose_qparams_from_tensor",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "resolve_config",
+    "QAT",
+    "PTQ",
+    "LSQ",
+    "DoReFa",
+    "QuantWrapper",
+    "prepare_",
+    "calibrate_",
+    "freeze_",
+    "quantized_layers",
+    "export_calibration",
+    "deploy_model",
+    "save_calibration_config",
+    "load_calibration_config",
+    "validate_calibration_config",
+]

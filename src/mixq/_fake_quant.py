@@ -1,0 +1,174 @@
+"""Fake-quantization modules: one per quantized tensor, owned by a :class:`QuantWrapper`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .observers import Observer
+from .primitives import choose_qparams_from_tensor, fake_quantize, fake_quantize_lsq
+from .spec import QuantSpec
+
+__all__ = ["ActivationQuant", "LSQActivationQuant", "WeightQuant", "LSQWeightQuant", "DoReFaWeightQuant"]
+
+
+class ActivationQuant(nn.Module):
+    """Fake-quantizes an activation with qparams from an observer.
+
+    ``observe_in_training``: QAT keeps updating the range (EMA) in training mode; PTQ observes only
+    while calibrating and then keeps the range fixed.
+    """
+
+    def __init__(self, spec: QuantSpec, observer: Observer, observe_in_training: bool):
+        super().__init__()
+        self.spec = spec
+        self.observer = observer
+        self.observe_in_training = observe_in_training
+
+    def forward(self, x: torch.Tensor, quant: bool, calibrating: bool) -> torch.Tensor:
+        if calibrating or (self.training and self.observe_in_training):
+            self.observer.observe(x)
+        if not quant or calibrating or not self.observer.initialized:
+            return x
+        scale, zp = self.observer.qparams()
+        return fake_quantize(x, scale.to(x.device), zp.to(x.device), self.spec.dtype)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.observer.qparams()
+
+    def tracked_range(self) -> tuple[float, float]:
+        lo, hi = self.observer.range()
+        return float(lo), float(hi)
+
+    @property
+    def initialized(self) -> bool:
+        return self.observer.initialized
+
+
+class LSQActivationQuant(nn.Module):
+    """LSQ: a learned per-tensor step size, initialised as ``2 * mean(|x|) / sqrt(qmax)`` on the first batch.
+
+    The zero point is fixed: the spec's symmetric zero point, or ``qmin`` for affine specs (a range
+    starting at 0, for non-negative activations such as ReLU outputs).
+    """
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("zero_point", torch.tensor(_lsq_zero_point(spec), dtype=torch.int32))
+        self.register_buffer("_initialized", torch.tensor(False))
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self._initialized)
+
+    def forward(self, x: torch.Tensor, quant: bool, calibrating: bool) -> torch.Tensor:
+        if not self.initialized:
+            with torch.no_grad():
+                self.scale.fill_(_lsq_init_scale(x, self.spec))
+                self._initialized.fill_(True)
+        if not quant or calibrating:
+            return x
+        grad_scale = 1.0 / math.sqrt(x.numel() * _positive_qmax(self.spec))
+        return fake_quantize_lsq(
+            x, self.scale.abs().clamp(min=1e-8), self.zero_point, self.spec.dtype, None, grad_scale
+        )
+
+    def qparams(self):
+        return self.scale.detach().abs().clamp(min=1e-8).float().cpu(), self.zero_point.cpu()
+
+    def tracked_range(self) -> tuple[float, float]:
+        scale, zp = self.qparams()
+        return float((self.spec.dtype.qmin - zp) * scale), float((self.spec.dtype.qmax - zp) * scale)
+
+
+class WeightQuant(nn.Module):
+    """Fake-quantizes a weight with qparams from its current min/max (per channel where the spec says so)."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        scale, zp = choose_qparams_from_tensor(w, self.spec)
+        return fake_quantize(w, scale.to(w.device), zp.to(w.device), self.spec.dtype, self.spec.axis)
+
+    def deploy_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def qparams(self, w: torch.Tensor):
+        return choose_qparams_from_tensor(w, self.spec)
+
+
+class LSQWeightQuant(nn.Module):
+    """LSQ for weights: learned step size per tensor or per output channel."""
+
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor):
+        super().__init__()
+        self.spec = spec
+        channels = weight.shape[spec.axis] if spec.per_channel else 1
+        init = _lsq_init_scale(weight, spec)
+        self.scale = nn.Parameter(init.reshape(channels) if spec.per_channel else init.reshape(()))
+        self.register_buffer("zero_point", torch.full(self.scale.shape, _lsq_zero_point(spec), dtype=torch.int32))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        per_channel_numel = w.numel() // max(1, self.scale.numel())
+        grad_scale = 1.0 / math.sqrt(per_channel_numel * _positive_qmax(self.spec))
+        scale = self.scale.abs().clamp(min=1e-8)
+        return fake_quantize_lsq(w, scale, self.zero_point, self.spec.dtype, self.spec.axis, grad_scale)
+
+    def deploy_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def qparams(self, w: torch.Tensor):
+        return self.scale.detach().abs().clamp(min=1e-8).float().cpu(), self.zero_point.cpu()
+
+
+class DoReFaWeightQuant(nn.Module):
+    """DoReFa-Net weights: ``2 * round_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1`` with k = spec bits.
+
+    DoReFa's grid ``{2i / (2^k - 1) - 1}`` has a half-integer zero point, which no integer engine can
+    represent exactly. The exported weight is the DoReFa weight itself (values in [-1, 1]); its qparams
+    are chosen by the spec over that weight, so an engine re-quantizes it with at most half a step of error.
+    """
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        levels = (1 << self.spec.dtype.bits) - 1
+        t = torch.tanh(w)
+        t = t / (2 * t.abs().max().clamp(min=1e-12)) + 0.5
+        scaled = t * levels
+        q = scaled + (torch.round(scaled) - scaled).detach()
+        return 2 * q / levels - 1
+
+    def deploy_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return self.forward(w).detach()
+
+    def qparams(self, w: torch.Tensor):
+        return choose_qparams_from_tensor(self.deploy_weight(w), self.spec)
+
+
+def _positive_qmax(spec: QuantSpec) -> int:
+    return spec.dtype.qmax - _lsq_zero_point(spec)
+
+
+def _lsq_zero_point(spec: QuantSpec) -> int:
+    if spec.symmetric:
+        return 0 if spec.dtype.signed else 1 << (spec.dtype.bits - 1)
+    return spec.dtype.qmin
+
+
+def _lsq_init_scale(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    x = x.detach().float()
+    if spec.per_channel:
+        axis = spec.axis % x.dim()
+        mean_abs = x.abs().transpose(0, axis).reshape(x.shape[axis], -1).mean(dim=1)
+    else:
+        mean_abs = x.abs().mean()
+    return (2 * mean_abs / math.sqrt(_positive_qmax(spec))).clamp(min=1e-8)

@@ -1,0 +1,231 @@
+"""NNI-compatible ``config_list`` validation and resolution into one frozen :class:`LayerSpec` per layer.
+
+Precedence is NNI's: every named module is checked against the entries in order; the *last* matching
+entry wins whole (entries are not merged), and a matching ``exclude`` entry removes the module. Unlike
+NNI, anything that would silently match nothing is an error: unknown keys, unknown ``op_names``,
+``op_types`` that no module has, entries that match no module.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+
+from ._errors import ConfigError
+from .observers import OBSERVERS
+from .spec import MAX_BITS, MIN_BITS, QUANT_TYPES, SCHEMES, LayerSpec, QuantSpec
+
+__all__ = [
+    "WEIGHTED_OP_TYPES",
+    "ACTIVATION_OP_TYPES",
+    "DEFAULT_SCHEME",
+    "DEFAULT_DTYPE",
+    "resolve_config",
+]
+
+WEIGHTED_OP_TYPES = ("Conv1d", "Conv2d", "Linear")
+ACTIVATION_OP_TYPES = ("ReLU", "ReLU6", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d")
+QUANTIZABLE_OP_TYPES = WEIGHTED_OP_TYPES + ACTIVATION_OP_TYPES
+
+# Backend-friendly defaults (NNI used per_tensor_affine uint for everything): int8 symmetric
+# per-channel weights and uint8 affine activations are what ONNX Runtime and TensorRT run fastest.
+DEFAULT_SCHEME = {"input": "per_tensor_affine", "weight": "per_channel_symmetric", "output": "per_tensor_affine"}
+DEFAULT_DTYPE = {"input": "uint", "weight": "int", "output": "uint"}
+DEFAULT_OBSERVER = "minmax"
+
+KEYS = (
+    "quant_types",
+    "quant_bits",
+    "op_types",
+    "op_names",
+    "exclude",
+    "quant_scheme",
+    "quant_dtype",
+    "quant_start_step",
+    "observer",
+)
+
+
+def resolve_config(model: nn.Module, config_list: Sequence[Mapping]) -> dict[str, LayerSpec]:
+    """Validate ``config_list`` against ``model`` and return ``{module_name: LayerSpec}`` in module order."""
+    if isinstance(config_list, Mapping) or not isinstance(config_list, Sequence) or isinstance(config_list, str):
+        raise ConfigError(f"config_list must be a list of dicts, got {type(config_list).__name__}")
+    modules = {name: m for name, m in model.named_modules() if name}
+    entries = [_validate_entry(i, entry, modules) for i, entry in enumerate(config_list)]
+
+    chosen: dict[str, int | None] = {}
+    for name, module in modules.items():
+        for i, entry in enumerate(entries):
+            if _matches(entry, name, module):
+                chosen[name] = None if entry.get("exclude") else i
+    specs = {}
+    for name, i in chosen.items():
+        if i is not None:
+            specs[name] = _layer_spec(i, entries[i], name, modules[name])
+    return specs
+
+
+def _err(i: int, key: str | None, msg: str) -> ConfigError:
+    where = f"config_list[{i}]" + (f"[{key!r}]" if key else "")
+    return ConfigError(f"{where}: {msg}")
+
+
+def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
+    if not isinstance(entry, Mapping):
+        raise _err(i, None, f"each entry must be a dict, got {type(entry).__name__}")
+    for key in entry:
+        if key not in KEYS:
+            hint = difflib.get_close_matches(str(key), KEYS, n=1)
+            raise _err(i, key, "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {KEYS}"))
+    entry = dict(entry)
+    if "op_types" not in entry and "op_names" not in entry:
+        raise _err(i, None, "needs 'op_types' or 'op_names' to say which modules it applies to")
+    exclude = entry.get("exclude", False)
+    if not isinstance(exclude, bool):
+        raise _err(i, "exclude", f"must be True or False, got {exclude!r}")
+
+    if "op_types" in entry:
+        op_types = _str_list(i, "op_types", entry["op_types"])
+        expanded = []
+        for t in op_types:
+            expanded.extend(WEIGHTED_OP_TYPES if t == "default" else [t])
+        present = {type(m).__name__ for m in modules.values()}
+        for t in op_types:
+            if t != "default" and not exclude and t not in QUANTIZABLE_OP_TYPES:
+                raise _err(i, "op_types", f"{t!r} cannot be quantized; supported: {QUANTIZABLE_OP_TYPES}")
+            if t != "default" and t not in present:
+                raise _err(i, "op_types", f"no module of type {t!r} in the model (types present: {sorted(present)})")
+        entry["op_types"] = tuple(dict.fromkeys(expanded))
+    if "op_names" in entry:
+        names = _str_list(i, "op_names", entry["op_names"])
+        for n in names:
+            if n not in modules:
+                hint = difflib.get_close_matches(n, list(modules), n=1)
+                raise _err(
+                    i,
+                    "op_names",
+                    f"no module named {n!r} in the model" + (f"; did you mean {hint[0]!r}?" if hint else ""),
+                )
+        entry["op_names"] = tuple(dict.fromkeys(names))
+    matched = [n for n, m in modules.items() if _matches(entry, n, m)]
+    if not matched:
+        raise _err(i, None, "matches no module (op_types and op_names must both match when both are given)")
+
+    if exclude:
+        extra = set(entry) - {"op_types", "op_names", "exclude"}
+        if extra:
+            raise _err(i, sorted(extra)[0], "an 'exclude' entry takes only 'op_types' and 'op_names'")
+        return entry
+
+    for key in ("quant_types", "quant_bits"):
+        if key not in entry:
+            raise _err(i, key, "missing (required unless 'exclude' is True)")
+    types = _str_list(i, "quant_types", entry["quant_types"])
+    for t in types:
+        if t not in QUANT_TYPES:
+            raise _err(i, "quant_types", f"unknown quant type {t!r}; expected some of {QUANT_TYPES}")
+    if len(set(types)) != len(types):
+        raise _err(i, "quant_types", f"lists a type twice: {types}")
+    entry["quant_types"] = tuple(types)
+
+    entry["quant_bits"] = _per_type(i, "quant_bits", entry["quant_bits"], types, None, _check_bits)
+    entry["quant_scheme"] = _per_type(
+        i, "quant_scheme", entry.get("quant_scheme"), types, DEFAULT_SCHEME, _check_scheme
+    )
+    entry["quant_dtype"] = _per_type(i, "quant_dtype", entry.get("quant_dtype"), types, DEFAULT_DTYPE, _check_dtype)
+    entry["observer"] = _check_observer(i, "observer", entry.get("observer", DEFAULT_OBSERVER))
+    for t in types:
+        if t != "weight" and SCHEMES[entry["quant_scheme"][t]][0]:
+            raise _err(i, "quant_scheme", f"per-channel schemes apply to weights only, not to {t!r}")
+    start = entry.get("quant_start_step", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise _err(i, "quant_start_step", f"must be an int >= 0, got {start!r}")
+    entry["quant_start_step"] = start
+
+    if "weight" in types:
+        for n in matched:
+            if not isinstance(getattr(modules[n], "weight", None), nn.Parameter):
+                raise _err(
+                    i, "quant_types", f"asks for 'weight' but module {n!r} ({type(modules[n]).__name__}) has no weight"
+                )
+    for n in matched:
+        if type(modules[n]).__name__ not in QUANTIZABLE_OP_TYPES:
+            raise _err(
+                i,
+                "op_names",
+                f"module {n!r} is a {type(modules[n]).__name__}, which cannot be quantized; "
+                f"supported: {QUANTIZABLE_OP_TYPES}",
+            )
+    return entry
+
+
+def _str_list(i, key, value) -> list[str]:
+    if isinstance(value, str):
+        raise _err(i, key, f"must be a list of strings, got the string {value!r} (write [{value!r}])")
+    if not isinstance(value, Sequence) or not value or not all(isinstance(v, str) for v in value):
+        raise _err(i, key, f"must be a non-empty list of strings, got {value!r}")
+    return list(value)
+
+
+def _per_type(i, key, value, types, default, check) -> dict:
+    """Expand a scalar or per-type dict into ``{quant_type: value}`` for the entry's quant_types."""
+    if value is None:
+        return {t: default[t] for t in types}
+    if isinstance(value, Mapping):
+        for t in value:
+            if t not in types:
+                raise _err(i, key, f"has a value for {t!r}, which is not in quant_types {list(types)}")
+        for t in types:
+            if t not in value:
+                raise _err(i, key, f"has no value for quant type {t!r} listed in quant_types")
+        return {t: check(i, key, value[t]) for t in types}
+    return {t: check(i, key, value) for t in types}
+
+
+def _check_bits(i, key, v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _err(i, key, f"bits must be an int, got {v!r}")
+    if not MIN_BITS <= v <= MAX_BITS:
+        # 32 means "leave in float" in NNI-style configs: say so rather than silently accept.
+        hint = "; leave the layer out of config_list to keep it float" if v == 32 else ""
+        raise _err(i, key, f"bits must be in {MIN_BITS}..{MAX_BITS}, got {v}{hint}")
+    return v
+
+
+def _check_scheme(i, key, v):
+    if v not in SCHEMES:
+        raise _err(i, key, f"unknown scheme {v!r}; expected one of {sorted(SCHEMES)}")
+    return v
+
+
+def _check_dtype(i, key, v):
+    if v not in ("int", "uint"):
+        raise _err(i, key, f"unknown dtype {v!r}; expected 'int' or 'uint'")
+    return v
+
+
+def _check_observer(i, key, v):
+    if not isinstance(v, str) or v not in OBSERVERS:
+        raise _err(i, key, f"unknown observer {v!r}; expected one of {sorted(OBSERVERS)}")
+    return v
+
+
+def _matches(entry: dict, name: str, module: nn.Module) -> bool:
+    if "op_types" in entry and type(module).__name__ not in entry["op_types"]:
+        return False
+    return not ("op_names" in entry and name not in entry["op_names"])
+
+
+def _layer_spec(i: int, entry: dict, name: str, module: nn.Module) -> LayerSpec:
+    specs = {}
+    for t in entry["quant_types"]:
+        specs[t] = QuantSpec.from_nni(entry["quant_bits"][t], entry["quant_scheme"][t], entry["quant_dtype"][t], axis=0)
+    return LayerSpec(
+        name=name,
+        op_type=type(module).__name__,
+        quant_start_step=entry["quant_start_step"],
+        observer=entry["observer"],
+        **specs,
+    )

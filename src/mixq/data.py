@@ -1,0 +1,156 @@
+"""MNIST and CIFAR-10 as torch Datasets, read from the official files in a data directory.
+
+The data directory is the ``data_dir`` argument, else the ``MIXQ_DATA`` environment variable. Layout:
+``<data_dir>/mnist/*-ubyte.gz`` (the official gzip files) and ``<data_dir>/cifar10/cifar-10-batches-py/``
+holding the official batches, either plain or xz-compressed (``data_batch_1`` or ``data_batch_1.xz``).
+Every file is checked against its official checksum before use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import pickle
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from ._errors import DataError
+
+__all__ = ["data_dir", "load_mnist", "load_cifar10", "MNIST_FILES", "CIFAR10_FILES", "MNIST_MEAN", "MNIST_STD"]
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+# Official MD5 values (torchvision's resource lists).
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+# MD5 of the decompressed official batches.
+CIFAR10_FILES = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+
+
+def data_dir(path: str | os.PathLike | None = None) -> Path:
+    """``path``, else ``$MIXQ_DATA``; an error says how to set it."""
+    chosen = path if path is not None else os.environ.get("MIXQ_DATA")
+    if not chosen:
+        raise DataError("no data directory: pass --data-dir / data_dir=... or set MIXQ_DATA")
+    p = Path(chosen)
+    if not p.is_dir():
+        raise DataError(f"data directory {p} does not exist")
+    return p
+
+
+def _read_verified(path: Path, md5: str, decompress=None) -> bytes:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    data = decompress(raw) if decompress else raw
+    digest = hashlib.md5(data).hexdigest()
+    if digest != md5:
+        raise DataError(
+            f"{path}: checksum mismatch (md5 {digest}, expected {md5}); the file is corrupted or not the official one"
+        )
+    return data
+
+
+def _parse_idx(data: bytes, name: str) -> np.ndarray:
+    (magic,) = struct.unpack(">I", data[:4])
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08:
+        raise DataError(f"{name}: not an unsigned-byte IDX file (magic {magic:#x})")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_mnist_arrays(train: bool, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels uint8 [N]) from the official gzip files, checksum-verified."""
+    d = data_dir(root) / "mnist"
+    prefix = "train" if train else "t10k"
+    arrays = []
+    for kind in ("images-idx3", "labels-idx1"):
+        name = f"{prefix}-{kind}-ubyte.gz"
+        arrays.append(_parse_idx(gzip.decompress(_read_verified(d / name, MNIST_FILES[name])), name))
+    return arrays[0], arrays[1]
+
+
+def load_mnist(train: bool, root: str | os.PathLike | None = None, limit: int | None = None) -> TensorDataset:
+    """MNIST as a TensorDataset of normalized float images [N, 1, 28, 28] and int64 labels."""
+    images, labels = load_mnist_arrays(train, root)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    x = (x - MNIST_MEAN) / MNIST_STD
+    return TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
+
+
+def load_cifar10_arrays(train: bool, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 3, 32, 32], labels int64 [N]); reads plain or .xz batches, checksum-verified."""
+    d = data_dir(root) / "cifar10" / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        plain, xz = d / name, d / f"{name}.xz"
+        if plain.is_file():
+            data = _read_verified(plain, CIFAR10_FILES[name])
+        else:
+            data = _read_verified(xz, CIFAR10_FILES[name], lzma.decompress)
+        batch = _unpickle_cifar(data, name)
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Only numpy's array reconstruction is allowed: the batches hold a dict, lists and one ndarray."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 renamed numpy.core
+            return super().find_class(module, name)
+
+
+def _unpickle_cifar(data: bytes, name: str) -> dict:
+    try:
+        return _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:
+        raise DataError(f"{name}: cannot parse CIFAR-10 batch ({e})") from e
+
+
+def load_cifar10(train: bool, root: str | os.PathLike | None = None, limit: int | None = None) -> TensorDataset:
+    """CIFAR-10 as a TensorDataset of normalized float images [N, 3, 32, 32] and int64 labels."""
+    images, labels = load_cifar10_arrays(train, root)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    mean = torch.tensor(CIFAR10_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).reshape(1, 3, 1, 1)
+    return TensorDataset((x - mean) / std, torch.from_numpy(labels))

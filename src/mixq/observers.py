@@ -1,0 +1,263 @@
+"""Observers: collect statistics of a tensor and turn them into a quantization range.
+
+One protocol: ``observe(x)`` folds a batch in, ``range()`` gives the chosen (min, max), ``qparams()`` the
+scale and zero point for the observer's spec, ``reset()`` forgets everything. Observers are
+``nn.Module`` so their state lives in buffers and is saved/restored with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._errors import ConfigError
+from .primitives import choose_qparams, fake_quantize, tensor_range
+from .spec import QuantSpec
+
+__all__ = [
+    "Observer",
+    "MinMaxObserver",
+    "EMAMinMaxObserver",
+    "HistogramObserver",
+    "PercentileObserver",
+    "EntropyObserver",
+    "MSEObserver",
+    "OBSERVERS",
+    "make_observer",
+]
+
+
+class Observer(nn.Module):
+    """Base class: subclasses implement ``observe`` and ``range``."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+
+    @property
+    def initialized(self) -> bool:
+        raise NotImplementedError
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.initialized:
+            raise RuntimeError(f"{type(self).__name__} has observed no data yet")
+        return choose_qparams(*self.range(), self.spec)
+
+
+class MinMaxObserver(Observer):
+    """Running min and max over everything observed (per channel where the spec says so)."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__(spec)
+        self.register_buffer("min_val", torch.tensor([]))
+        self.register_buffer("max_val", torch.tensor([]))
+
+    @property
+    def initialized(self) -> bool:
+        return self.min_val.numel() > 0
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = tensor_range(x.float(), self.spec)
+        if self.initialized:
+            lo, hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        self.min_val, self.max_val = lo.clone(), hi.clone()
+
+    def range(self):
+        return self.min_val, self.max_val
+
+    def reset(self):
+        self.min_val, self.max_val = torch.tensor([]), torch.tensor([])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Buffers start empty and take whatever shape the checkpoint has.
+        for name in ("min_val", "max_val"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class EMAMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of batch min/max (``decay`` 0.99 as in NNI's QAT); the first batch sets it."""
+
+    def __init__(self, spec: QuantSpec, decay: float = 0.99):
+        super().__init__(spec)
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = tensor_range(x.float(), self.spec)
+        if self.initialized:
+            lo = self.decay * self.min_val + (1 - self.decay) * lo
+            hi = self.decay * self.max_val + (1 - self.decay) * hi
+        self.min_val, self.max_val = lo.clone(), hi.clone()
+
+
+class HistogramObserver(Observer):
+    """Histogram of all observed values over a range that widens as data arrives.
+
+    When a batch falls outside the current range, the old counts are moved into the wider bins by their
+    bin centres (the usual approximation, also used by torch and ONNX Runtime calibrators); ranges never
+    shrink. Subclasses choose the clipping range from the histogram. Per-tensor only.
+    """
+
+    def __init__(self, spec: QuantSpec, bins: int = 2048):
+        super().__init__(spec)
+        if spec.per_channel:
+            raise ConfigError(
+                f"{type(self).__name__} supports per-tensor specs only; use 'minmax' or 'ema' for per-channel"
+            )
+        self.bins = bins
+        self.register_buffer("hist", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("lo", torch.tensor(math.inf, dtype=torch.float64))
+        self.register_buffer("hi", torch.tensor(-math.inf, dtype=torch.float64))
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.hist.sum() > 0)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1).to(torch.float64).cpu()
+        if x.numel() == 0:
+            return
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{type(self).__name__} observed NaN or infinite values")
+        lo = min(float(self.lo), float(x.min()), 0.0)
+        hi = max(float(self.hi), float(x.max()), 0.0)
+        if hi == lo:
+            hi = lo + 1e-12
+        if self.initialized and (lo < float(self.lo) or hi > float(self.hi)):
+            edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)
+            centers = (edges[:-1] + edges[1:]) / 2
+            self.hist = torch.histogram(centers, bins=self.bins, range=(lo, hi), weight=self.hist).hist
+        self.lo.fill_(lo)
+        self.hi.fill_(hi)
+        self.hist += torch.histogram(x, bins=self.bins, range=(lo, hi)).hist
+
+    def reset(self):
+        self.hist.zero_()
+        self.lo.fill_(math.inf)
+        self.hi.fill_(-math.inf)
+
+    def bin_centers(self) -> torch.Tensor:
+        edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)
+        return (edges[:-1] + edges[1:]) / 2
+
+    def range(self):
+        return self.lo.float(), self.hi.float()
+
+    def _clip(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The observed range clipped symmetrically at magnitude ``t``."""
+        return torch.tensor(max(float(self.lo), -t)), torch.tensor(min(float(self.hi), t))
+
+
+class PercentileObserver(HistogramObserver):
+    """Clip at the ``percentile`` (and ``100 - percentile``) of the observed values."""
+
+    def __init__(self, spec: QuantSpec, percentile: float = 99.99, bins: int = 2048):
+        super().__init__(spec, bins)
+        if not 50.0 < percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+
+    def range(self):
+        cdf = torch.cumsum(self.hist, 0) / self.hist.sum()
+        edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)
+        q = self.percentile / 100.0
+        hi_idx = int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64)))
+        lo_idx = int(torch.searchsorted(cdf, torch.tensor(1 - q, dtype=torch.float64)))
+        return edges[lo_idx].float(), edges[min(hi_idx + 1, self.bins)].float()
+
+
+class EntropyObserver(HistogramObserver):
+    """Clip where the KL divergence between the clipped and the quantized distribution is smallest.
+
+    TensorRT's entropy calibration, generalised: it works on the histogram of ``|x|`` and the number of
+    quantization levels the spec has on the positive side (all of them for non-negative data with an
+    affine spec, half otherwise).
+    """
+
+    def range(self):
+        centers, counts = self.bin_centers(), self.hist
+        amax = max(-float(self.lo), float(self.hi))
+        abs_hist = torch.histogram(centers.abs(), bins=self.bins, range=(0.0, amax), weight=counts).hist
+        levels = self._positive_levels()
+        best_t, best_kl = amax, math.inf
+        start = min(levels, self.bins)
+        for i in range(start, self.bins + 1, max(1, (self.bins - start) // 256)):
+            kl = _kl_of_clipping(abs_hist, i, levels)
+            if kl < best_kl:
+                best_kl, best_t = kl, amax * i / self.bins
+        return self._clip(best_t)
+
+    def _positive_levels(self) -> int:
+        dt = self.spec.dtype
+        if float(self.lo) >= 0 and not self.spec.symmetric:
+            return dt.qmax - dt.qmin + 1
+        return (dt.qmax - dt.qmin + 1) // 2
+
+
+def _kl_of_clipping(hist: torch.Tensor, i: int, levels: int) -> float:
+    p = hist[:i].clone()
+    p[-1] += hist[i:].sum()
+    nonzero = p > 0
+    # Merge the i bins into `levels` groups, then spread each group's mass over its non-empty bins.
+    group = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
+    mass = torch.zeros(levels, dtype=p.dtype).index_add_(0, group, hist[:i])
+    count = torch.zeros(levels, dtype=p.dtype).index_add_(0, group, nonzero.to(p.dtype))
+    q = torch.where(nonzero, mass[group] / count[group].clamp(min=1), torch.zeros_like(p))
+    p, q = p / p.sum(), q / q.sum().clamp(min=1e-300)
+    m = nonzero & (q > 0)
+    if (nonzero & ~m).any():
+        return math.inf
+    return float((p[m] * torch.log(p[m] / q[m])).sum())
+
+
+class MSEObserver(HistogramObserver):
+    """Clip at the magnitude that minimises the histogram-weighted squared quantization error."""
+
+    def __init__(self, spec: QuantSpec, bins: int = 2048, candidates: int = 100):
+        super().__init__(spec, bins)
+        self.candidates = candidates
+
+    def range(self):
+        centers, counts = self.bin_centers(), self.hist
+        amax = max(-float(self.lo), float(self.hi))
+        best_t, best_err = amax, math.inf
+        for k in range(1, self.candidates + 1):
+            t = amax * k / self.candidates
+            lo, hi = self._clip(t)
+            scale, zp = choose_qparams(lo, hi, self.spec)
+            err = float((counts * (fake_quantize(centers, scale, zp, self.spec.dtype) - centers) ** 2).sum())
+            if err < best_err:
+                best_err, best_t = err, t
+        return self._clip(best_t)
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "ema": EMAMinMaxObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MSEObserver,
+}
+
+
+def make_observer(name: str, spec: QuantSpec) -> Observer:
+    if name not in OBSERVERS:
+        raise ConfigError(f"unknown observer {name!r}; expected one of {sorted(OBSERVERS)}")
+    return OBSERVERS[name](spec)

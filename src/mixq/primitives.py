@@ -1,0 +1,172 @@
+"""Quantization math as pure functions.
+
+Conventions (identical to ONNX ``QuantizeLinear``/``DequantizeLinear`` and TensorRT):
+
+* ``quantize(x) = clamp(round_half_to_even(x / scale) + zero_point, qmin, qmax)``. The division is done
+  in the dtype of ``x`` (float32 in training, float64 in the reference tests), not as a multiply by
+  ``1 / scale``, so results match ONNX Runtime bit for bit on the same dtype.
+* ``dequantize(q) = (q - zero_point) * scale``.
+* ``fake_quantize(x) = dequantize(quantize(x))``; its gradient is the straight-through estimator:
+  1 where ``x / scale + zero_point`` rounds inside ``[qmin, qmax]``, 0 where it is clamped.
+* The range handed to :func:`choose_qparams` is first widened to contain 0, so 0 is exactly
+  representable (zero padding and ReLU outputs stay exact). A degenerate range (min == max == 0)
+  gets ``scale = eps`` (float32 machine epsilon) rather than 0.
+* Quantized values are returned as ``torch.int32`` tensors whatever the bit width (2..16 bits, signed or
+  unsigned, all fit); exporters narrow them to int8/uint8/int16 as the format needs.
+* Per-channel: ``scale``/``zero_point`` are 1-D with one entry per index along ``axis``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import IntType, QuantSpec
+
+__all__ = [
+    "SCALE_EPS",
+    "choose_qparams",
+    "choose_qparams_from_tensor",
+    "tensor_range",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_lsq",
+]
+
+SCALE_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def tensor_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of ``x``: scalars for per-tensor, 1-D along the spec's channel axis for per-channel."""
+    x = x.detach()
+    if not spec.per_channel:
+        return x.min(), x.max()
+    axis = _normalize_axis(spec.axis, x.dim())
+    flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
+    return flat.min(dim=1).values, flat.max(dim=1).values
+
+
+def choose_qparams(
+    min_val: torch.Tensor | float, max_val: torch.Tensor | float, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) covering ``[min_val, max_val]`` widened to contain 0."""
+    min_val = torch.as_tensor(min_val, dtype=torch.float64)
+    max_val = torch.as_tensor(max_val, dtype=torch.float64)
+    if min_val.shape != max_val.shape:
+        raise ValueError(f"min and max shapes differ: {tuple(min_val.shape)} vs {tuple(max_val.shape)}")
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise ValueError("cannot choose qparams for a range that is NaN or infinite")
+    if (min_val > max_val).any():
+        raise ValueError("cannot choose qparams: min > max")
+    lo = torch.clamp(min_val, max=0.0)
+    hi = torch.clamp(max_val, min=0.0)
+    qmin, qmax = spec.dtype.qmin, spec.dtype.qmax
+    if spec.symmetric:
+        zp_value = _symmetric_zero_point(spec.dtype)
+        amax = torch.maximum(-lo, hi)
+        scale = amax / (qmax - zp_value)
+        zero_point = torch.full_like(scale, zp_value)
+    else:
+        # The zero point is derived from the float32 scale that will actually be stored.
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=SCALE_EPS).to(torch.float32).to(torch.float64)
+        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    scale = torch.clamp(scale, min=SCALE_EPS)
+    return scale.to(torch.float32), zero_point.to(torch.int32)
+
+
+def choose_qparams_from_tensor(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose_qparams` on the min/max of ``x`` (per channel where the spec says so)."""
+    return choose_qparams(*tensor_range(x, spec), spec)
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: IntType, axis: int | None = None
+) -> torch.Tensor:
+    """Integer values (int32 tensor) of ``x``; see the module doc for the exact rounding."""
+    s, zp = _broadcast(scale, zero_point, x, axis)
+    q = torch.round(x / s.to(x.dtype)) + zp.to(x.dtype)
+    return torch.clamp(q, dtype.qmin, dtype.qmax).to(torch.int32)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in ``out_dtype``."""
+    s, zp = _broadcast(scale, zero_point, q, axis)
+    return (q.to(out_dtype) - zp.to(out_dtype)) * s.to(out_dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: IntType, axis: int | None = None
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in the dtype of ``x``, with the straight-through gradient."""
+    s, zp = _broadcast(scale, zero_point, x, axis)
+    return _FakeQuantizeSTE.apply(x, s.to(x.dtype), zp.to(x.dtype), dtype.qmin, dtype.qmax)
+
+
+def fake_quantize_lsq(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    dtype: IntType,
+    axis: int | None = None,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """Fake-quantize with a learnable ``scale`` (LSQ, Esser et al. 2020).
+
+    Same forward values as :func:`fake_quantize`; the gradient flows to ``scale`` (multiplied by
+    ``grad_scale``, the paper's ``1 / sqrt(numel * qmax)``) and straight through to ``x`` where not clamped.
+    """
+    s, zp = _broadcast(scale, zero_point, x, axis)
+    s = s * grad_scale + (s - s * grad_scale).detach()  # value s, gradient scaled by grad_scale
+    zp = zp.to(x.dtype)
+    v = x / s
+    v_rounded = v + (torch.round(v) - v).detach()
+    q = torch.clamp(v_rounded + zp, dtype.qmin, dtype.qmax)
+    return (q - zp) * s
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        q = torch.round(x / scale) + zero_point
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside)
+        return (torch.clamp(q, qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def _symmetric_zero_point(dtype: IntType) -> int:
+    return 0 if dtype.signed else 1 << (dtype.bits - 1)
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel axis {axis} is out of range for a tensor with {ndim} dimensions")
+    return axis % ndim
+
+
+def _broadcast(scale, zero_point, x, axis):
+    scale = torch.as_tensor(scale, device=x.device)
+    zero_point = torch.as_tensor(zero_point, device=x.device)
+    if scale.numel() == 1 and axis is None:
+        return scale.reshape(()), zero_point.reshape(())
+    if axis is None:
+        raise ValueError(f"per-channel qparams ({scale.numel()} scales) need an axis")
+    axis = _normalize_axis(axis, x.dim())
+    if scale.numel() != x.shape[axis] or zero_point.numel() != x.shape[axis]:
+        raise ValueError(
+            f"per-channel qparams have {scale.numel()} scales / {zero_point.numel()} zero points but the "
+            f"tensor has {x.shape[axis]} channels along axis {axis} (shape {tuple(x.shape)})"
+        )
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape), zero_point.reshape(shape)

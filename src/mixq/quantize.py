@@ -1,0 +1,388 @@
+"""The native API: prepare a model for QAT/PTQ/LSQ/DoReFa, calibrate it, export its calibration config.
+
+    specs = mixq.prepare_(model, config_list, mixq.QAT(), example_input=x)   # wraps configured modules
+    ... train with your own loop ...
+    calib = mixq.export_calibration(model)       # JSON-serializable dict keyed by module name
+    deploy = mixq.deploy_model(model)             # float model, BN folded, original module names
+
+Each configured module is replaced by one :class:`QuantWrapper` (no wrapper towers); with an example input,
+a BatchNorm that directly follows a configured conv moves into that conv's wrapper and is folded.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._errors import ConfigError, ModelStructureError
+from ._fake_quant import (
+    ActivationQuant,
+    DoReFaWeightQuant,
+    LSQActivationQuant,
+    LSQWeightQuant,
+    WeightQuant,
+)
+from .config import WEIGHTED_OP_TYPES, resolve_config
+from .observers import EMAMinMaxObserver, make_observer
+from .spec import LayerSpec, QuantSpec
+
+__all__ = [
+    "QAT",
+    "PTQ",
+    "LSQ",
+    "DoReFa",
+    "QuantWrapper",
+    "prepare_",
+    "calibrate_",
+    "freeze_",
+    "quantized_layers",
+    "export_calibration",
+    "deploy_model",
+    "find_conv_bn_pairs",
+    "CALIBRATION_FORMAT_VERSION",
+]
+
+CALIBRATION_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QAT:
+    """Quantization-aware training: min/max weights, EMA activation ranges (NNI's QAT_Quantizer)."""
+
+    ema_decay: float = 0.99
+
+
+@dataclass(frozen=True)
+class PTQ:
+    """Post-training: observers (chosen per config entry with ``observer``) collect ranges during calibration."""
+
+
+@dataclass(frozen=True)
+class LSQ:
+    """Learned step size quantization (Esser et al., 2020) for weights and activations."""
+
+
+@dataclass(frozen=True)
+class DoReFa:
+    """DoReFa-Net weight quantization; weights only."""
+
+
+Method = QAT | PTQ | LSQ | DoReFa
+
+
+class Mode(enum.Enum):
+    CALIBRATE = "calibrate"  # observe activations, compute in float
+    QUANTIZE = "quantize"  # fake-quantize as configured
+
+
+class QuantWrapper(nn.Module):
+    """A configured module with fake-quantized input, weight and output (and a folded BatchNorm)."""
+
+    def __init__(self, module: nn.Module, spec: LayerSpec, method: Method, bn: nn.Module | None, bn_name: str | None):
+        super().__init__()
+        self.module = module
+        self.layer_spec = spec
+        self.method = method
+        self.bn = bn
+        self.bn_name = bn_name
+        self.mode = Mode.CALIBRATE if isinstance(method, PTQ) else Mode.QUANTIZE
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.input_quantizer = _activation_quant(spec.input, spec, method)
+        self.output_quantizer = _activation_quant(spec.output, spec, method)
+        self.weight_quantizer = _weight_quant(spec.weight, method, module)
+
+    def forward(self, x, *args, **kwargs):
+        calibrating = self.mode is Mode.CALIBRATE
+        quant = not calibrating and int(self.steps) >= self.layer_spec.quant_start_step
+        if self.training and not calibrating:
+            self.steps += 1
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x, quant, calibrating)
+        if self.layer_spec.op_type in WEIGHTED_OP_TYPES:
+            out = self._weighted_forward(x, quant and self.weight_quantizer is not None)
+        else:
+            out = self.module(x, *args, **kwargs)
+        if self.output_quantizer is not None:
+            out = self.output_quantizer(out, quant, calibrating)
+        return out
+
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias with the BatchNorm folded in using its running statistics."""
+        w, b = self.module.weight, self.module.bias
+        if self.bn is None:
+            return w, b
+        sf = self._bn_factor()
+        mean = self.bn.running_mean
+        bias = (b if b is not None else torch.zeros_like(mean)) - mean
+        bias = bias * sf + self.bn.bias
+        return w * sf.reshape(-1, *([1] * (w.dim() - 1))), bias
+
+    def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What an engine should use: folded, and DoReFa-transformed where DoReFa is on."""
+        w, b = self.folded_weight_and_bias()
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer.deploy_weight(w)
+        return w.detach(), None if b is None else b.detach()
+
+    def _bn_factor(self) -> torch.Tensor:
+        std = torch.sqrt(self.bn.running_var + self.bn.eps)
+        return self.bn.weight / std
+
+    def _weighted_forward(self, x, quantize_weight: bool):
+        m = self.module
+        if self.bn is None:
+            w = self.weight_quantizer(m.weight) if quantize_weight else m.weight
+            return _apply_weighted(m, x, w, m.bias)
+        # BN folding as in Krishnamoorthi 2018 / torch's ConvBn: quantize the weight folded with the running
+        # statistics; in training rescale and let the BN normalise with batch statistics.
+        sf = self._bn_factor()
+        shape = (-1, *([1] * (m.weight.dim() - 1)))
+        w = m.weight * sf.reshape(shape)
+        w = self.weight_quantizer(w) if quantize_weight else w
+        y = _apply_weighted(m, x, w, None)
+        out_shape = (1, -1, *([1] * (y.dim() - 2)))
+        if self.bn.training:
+            y = y / sf.reshape(out_shape)
+            if m.bias is not None:
+                y = y + m.bias.reshape(out_shape)
+            return self.bn(y)
+        _, bias = self.folded_weight_and_bias()
+        return y + bias.reshape(out_shape)
+
+    def extra_repr(self) -> str:
+        spec = self.layer_spec
+        parts = [f"{t}={spec.spec(t).dtype.name}/{spec.spec(t).scheme}" for t in spec.quant_types]
+        if self.bn_name:
+            parts.append(f"folded_bn={self.bn_name}")
+        return f"{type(self.method).__name__}: " + ", ".join(parts)
+
+
+def _apply_weighted(m: nn.Module, x, w, b):
+    if isinstance(m, nn.Linear):
+        return F.linear(x, w, b)
+    return m._conv_forward(x, w, b)
+
+
+def _activation_quant(spec: QuantSpec | None, layer: LayerSpec, method: Method):
+    if spec is None:
+        return None
+    if isinstance(method, LSQ):
+        return LSQActivationQuant(spec)
+    if isinstance(method, QAT):
+        return ActivationQuant(spec, EMAMinMaxObserver(spec, method.ema_decay), observe_in_training=True)
+    if isinstance(method, DoReFa):
+        raise ConfigError(
+            f"layer {layer.name!r}: DoReFa quantizes weights only; remove 'input'/'output' from quant_types"
+        )
+    return ActivationQuant(spec, make_observer(layer.observer, spec), observe_in_training=False)
+
+
+def _weight_quant(spec: QuantSpec | None, method: Method, module: nn.Module):
+    if spec is None:
+        return None
+    if isinstance(method, LSQ):
+        return LSQWeightQuant(spec, module.weight)
+    if isinstance(method, DoReFa):
+        return DoReFaWeightQuant(spec)
+    return WeightQuant(spec)
+
+
+def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """``{conv_name: bn_name}`` for each BatchNorm whose only input is a conv used nowhere else (torch.fx)."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise ModelStructureError(
+            f"cannot trace {type(model).__name__} to find Conv->BatchNorm pairs for folding ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); pass dummy_input=None to quantize without BN folding"
+        ) from e
+    modules = dict(model.named_modules())
+    pairs = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        prev = node.args[0] if node.args else None
+        if (
+            isinstance(prev, torch.fx.Node)
+            and prev.op == "call_module"
+            and isinstance(modules.get(prev.target), nn.Conv1d | nn.Conv2d)
+            and len(prev.users) == 1
+        ):
+            pairs[prev.target] = node.target
+    return pairs
+
+
+def prepare_(
+    model: nn.Module,
+    config: Sequence[Mapping] | Mapping[str, LayerSpec],
+    method: Method = QAT(),
+    example_input: torch.Tensor | None = None,
+) -> dict[str, LayerSpec]:
+    """Replace each configured module of ``model`` (in place) by a :class:`QuantWrapper`.
+
+    ``config`` is an NNI ``config_list`` or already-resolved specs. With ``example_input`` given, each
+    BatchNorm directly after a configured conv is folded into it. Returns the resolved specs.
+    """
+    if any(isinstance(m, QuantWrapper) for m in model.modules()):
+        raise ModelStructureError(f"{type(model).__name__} is already prepared for quantization")
+    specs = dict(config) if isinstance(config, Mapping) else resolve_config(model, config)
+    modules = dict(model.named_modules())
+    for name in specs:
+        if name not in modules:
+            raise ConfigError(f"spec for {name!r}: no module of that name in the model")
+    pairs = find_conv_bn_pairs(model) if example_input is not None else {}
+    folded = {conv: bn for conv, bn in pairs.items() if conv in specs}
+    for conv, bn in folded.items():
+        if bn in specs:
+            raise ConfigError(f"BatchNorm {bn!r} is folded into {conv!r} and cannot be quantized on its own")
+        if not modules[bn].track_running_stats or not modules[bn].affine:
+            raise ModelStructureError(
+                f"BatchNorm {bn!r} needs running statistics and affine=True to be folded into {conv!r}; "
+                "pass dummy_input=None to quantize without folding"
+            )
+    for name, spec in specs.items():
+        bn_name = folded.get(name)
+        wrapper = QuantWrapper(modules[name], spec, method, modules[bn_name] if bn_name else None, bn_name)
+        _set_submodule(model, name, wrapper)
+        if bn_name:
+            _set_submodule(model, bn_name, nn.Identity())
+    return specs
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantWrapper]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantWrapper)}
+
+
+def _wrappers_or_error(model: nn.Module) -> dict[str, QuantWrapper]:
+    wrappers = quantized_layers(model)
+    if not wrappers:
+        raise ModelStructureError(f"{type(model).__name__} has no quantized layers; call mixq.prepare_ first")
+    return wrappers
+
+
+def calibrate_(model: nn.Module, forward_loop: Callable[[nn.Module], object]) -> nn.Module:
+    """PTQ: run ``forward_loop(model)`` in eval mode without gradients while observers collect ranges,
+    then freeze the ranges and switch to quantized execution."""
+    wrappers = _wrappers_or_error(model)
+    was_training = model.training
+    for w in wrappers.values():
+        w.mode = Mode.CALIBRATE
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        model.train(was_training)
+    return freeze_(model)
+
+
+def freeze_(model: nn.Module) -> nn.Module:
+    """Switch every wrapper to quantized execution; an activation never observed is an error naming it."""
+    for name, w in _wrappers_or_error(model).items():
+        for t in ("input", "output"):
+            q = getattr(w, f"{t}_quantizer")
+            if q is not None and not q.initialized:
+                raise ModelStructureError(
+                    f"layer {name!r}: its {t} was never observed; run calibration batches through the model first"
+                )
+        w.mode = Mode.QUANTIZE
+    return model
+
+
+def export_calibration(model: nn.Module) -> dict:
+    """The calibration config: ``{module_name: {...}}``, JSON-serializable.
+
+    Each entry has NNI's keys (``weight_bits``, ``weight_scale``, ``weight_zero_point``, ``input_bits``,
+    ``tracked_min_input``, ``tracked_max_input``, ``output_bits``, ``tracked_min_output``,
+    ``tracked_max_output``) for the quantized types, plus what an engine needs to rebuild the exact
+    qparams: ``<type>_qspec`` (bits, dtype, scheme, axis), ``input_scale``/``input_zero_point`` and
+    ``output_scale``/``output_zero_point``, ``op_type`` and ``folded_bn``.
+    """
+    out = {}
+    for name, w in _wrappers_or_error(model).items():
+        spec = w.layer_spec
+        entry: dict = {"op_type": spec.op_type}
+        if w.bn_name:
+            entry["folded_bn"] = w.bn_name
+        if spec.weight is not None:
+            weight, _ = w.folded_weight_and_bias()
+            scale, zp = w.weight_quantizer.qparams(weight.detach())
+            entry["weight_bits"] = spec.weight.dtype.bits
+            entry["weight_scale"] = _py(scale)
+            entry["weight_zero_point"] = _py(zp)
+            entry["weight_qspec"] = spec.weight.to_dict()
+        for t in ("input", "output"):
+            q = getattr(w, f"{t}_quantizer")
+            if q is None:
+                continue
+            if not q.initialized:
+                raise ModelStructureError(
+                    f"layer {name!r}: its {t} range was never observed; train or calibrate before exporting"
+                )
+            lo, hi = q.tracked_range()
+            scale, zp = q.qparams()
+            entry[f"{t}_bits"] = spec.spec(t).dtype.bits
+            entry[f"tracked_min_{t}"] = lo
+            entry[f"tracked_max_{t}"] = hi
+            entry[f"{t}_scale"] = _py(scale)
+            entry[f"{t}_zero_point"] = _py(zp)
+            entry[f"{t}_qspec"] = spec.spec(t).to_dict()
+        out[name] = entry
+    return out
+
+
+def _py(t: torch.Tensor):
+    t = t.detach().cpu()
+    return t.item() if t.numel() == 1 and t.dim() == 0 else t.tolist()
+
+
+def deploy_model(model: nn.Module) -> nn.Module:
+    """A float copy of ``model`` with every wrapper replaced by its original module carrying the deploy
+    weights (BN folded, DoReFa applied). A folded BatchNorm goes back to its place as an identity
+    (weight 1, mean 0, variance 1 - eps) holding the folded bias, so the copy loads into the original
+    architecture and computes what the quantized engine computes, in float."""
+    clone = copy.deepcopy(model)
+    for name, w in quantized_layers(clone).items():
+        module = w.module
+        if w.layer_spec.weight is not None or w.bn is not None:
+            weight, bias = w.deploy_weight_and_bias()
+            with torch.no_grad():
+                module.weight.copy_(weight)
+                if w.bn is None:
+                    if module.bias is not None:
+                        module.bias.copy_(bias)
+                else:
+                    if module.bias is not None:
+                        module.bias.zero_()
+                    _make_identity_bn(w.bn, bias)
+        _set_submodule(clone, name, module)
+        if w.bn is not None:
+            _set_submodule(clone, w.bn_name, w.bn)
+    return clone
+
+
+def _make_identity_bn(bn: nn.Module, bias: torch.Tensor) -> None:
+    with torch.no_grad():
+        bn.running_mean.zero_()
+        # Choose var so that float32(var + eps) == 1 exactly.
+        var = torch.tensor(1.0 - bn.eps, dtype=bn.running_var.dtype)
+        one = torch.tensor(1.0, dtype=var.dtype)
+        while var + bn.eps < one:
+            var = torch.nextafter(var, one)
+        while var + bn.eps > one:
+            var = torch.nextafter(var, torch.tensor(0.0, dtype=var.dtype))
+        bn.running_var.fill_(float(var))
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(bias)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)

@@ -1,0 +1,150 @@
+"""Quantizer objects: the NNI-shaped front end over :mod:`mixq.quantize` (``mixq.nni`` re-exports them)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._errors import ConfigError, MixqError
+from ._io import atomic_write
+from .calibration import save_calibration_config
+from .quantize import (
+    LSQ,
+    PTQ,
+    QAT,
+    DoReFa,
+    Method,
+    deploy_model,
+    export_calibration,
+    freeze_,
+    prepare_,
+    quantized_layers,
+)
+
+__all__ = ["Quantizer", "QAT_Quantizer", "ObserverQuantizer", "LsqQuantizer", "DoReFaQuantizer", "export_onnx"]
+
+
+class Quantizer:
+    """Wraps the configured modules of ``model`` on construction; ``compress()`` returns the model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config_list: Sequence[Mapping],
+        method: Method,
+        optimizer: torch.optim.Optimizer | None = None,
+        dummy_input: torch.Tensor | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.bound_model = model
+        self.config_list = config_list
+        self.optimizer = optimizer
+        self.specs = prepare_(model, config_list, method, example_input=dummy_input)
+
+    def compress(self) -> nn.Module:
+        return self.bound_model
+
+    def export_model(
+        self,
+        model_path: str | os.PathLike,
+        calibration_path: str | os.PathLike | None = None,
+        onnx_path: str | os.PathLike | None = None,
+        input_shape: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict:
+        """Save the float deploy state dict (BN folded) to ``model_path``, optionally the calibration config
+        (``.json`` or ``.pth``) and a float ONNX model; return the calibration config. Each file is written
+        atomically; calling this again overwrites them consistently."""
+        calibration = export_calibration(self.bound_model)
+        deploy = deploy_model(self.bound_model)
+        if onnx_path is not None and input_shape is None:
+            raise ConfigError("export_model: onnx_path needs input_shape, e.g. (1, 1, 28, 28)")
+        with atomic_write(model_path, "wb") as f:
+            torch.save(deploy.state_dict(), f)
+        if calibration_path is not None:
+            save_calibration_config(calibration, calibration_path)
+        if onnx_path is not None:
+            export_onnx(deploy, onnx_path, input_shape, device)
+        return calibration
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], device=None) -> Path:
+    """Export a float model to ONNX (dynamic batch dimension) atomically."""
+    path = Path(path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model = model.to(device).eval()
+    dummy = torch.randn(*input_shape, device=device)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(tmp),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    except Exception as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(e, MixqError):
+            raise
+        raise MixqError(f"ONNX export of {type(model).__name__} to {path} failed: {type(e).__name__}: {e}") from e
+    return path
+
+
+class QAT_Quantizer(Quantizer):  # noqa: N801 - NNI's name
+    """NNI's ``QAT_Quantizer(model, config_list, optimizer, dummy_input)``.
+
+    Weights use their current min/max (per channel by default), activations an EMA of batch min/max
+    (decay 0.99). ``quant_start_step`` counts training-mode forward passes of each layer (NNI counted
+    optimizer steps; one forward per step gives the same number). With ``dummy_input``, BatchNorms
+    directly after configured convs are folded.
+    """
+
+    def __init__(self, model, config_list, optimizer=None, dummy_input=None, ema_decay: float = 0.99):
+        super().__init__(model, config_list, QAT(ema_decay), optimizer, dummy_input)
+
+
+class ObserverQuantizer(Quantizer):
+    """Post-training quantization: run calibration batches through the model in eval mode, then
+    ``compress()`` fixes the ranges and turns quantization on. Choose an observer per config entry with
+    the ``observer`` key (``minmax``, ``ema``, ``percentile``, ``entropy``, ``mse``)."""
+
+    def __init__(self, model, config_list, optimizer=None, dummy_input=None):
+        super().__init__(model, config_list, PTQ(), optimizer, dummy_input)
+
+    def compress(self) -> nn.Module:
+        return freeze_(self.bound_model)
+
+
+class LsqQuantizer(Quantizer):
+    """Learned step size quantization. The step sizes are parameters; they are added to ``optimizer``
+    (as a param group without weight decay) so the user's own training loop learns them."""
+
+    def __init__(self, model, config_list, optimizer=None, dummy_input=None):
+        super().__init__(model, config_list, LSQ(), optimizer, dummy_input)
+        scales = [
+            q.scale
+            for w in quantized_layers(model).values()
+            for q in (w.input_quantizer, w.weight_quantizer, w.output_quantizer)
+            if q is not None
+        ]
+        if optimizer is not None:
+            optimizer.add_param_group({"params": scales, "weight_decay": 0.0})
+
+
+class DoReFaQuantizer(Quantizer):
+    """DoReFa-Net weight quantization (``quant_types`` must be ``['weight']``)."""
+
+    def __init__(self, model, config_list, optimizer=None, dummy_input=None):
+        super().__init__(model, config_list, DoReFa(), optimizer, dummy_input)

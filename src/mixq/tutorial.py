@@ -1,0 +1,131 @@
+"""The NNI tutorial's assets (``nni_assets.compression.mnist_model``) on real MNIST: data loaders, the
+``trainer`` and ``evaluator`` loops, and the tutorial's ``config_list``. Examples and ``mixq demo`` use these;
+the library itself owns no training loop."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import load_mnist
+from .models import TorchModel
+
+__all__ = ["TUTORIAL_CONFIG_LIST", "MnistTask", "trainer", "evaluator", "QatComparison", "compare_fp32_and_qat"]
+
+TUTORIAL_CONFIG_LIST = [
+    {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 8}, "op_types": ["Conv2d"]},
+    {"quant_types": ["output"], "quant_bits": {"output": 8}, "op_types": ["ReLU"]},
+    {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 8}, "op_names": ["fc1", "fc2"]},
+]
+
+
+class MnistTask:
+    """MNIST loaders as in the tutorial: train batch 128 shuffled, test batch 1000."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        train_limit: int | None = None,
+        test_limit: int | None = None,
+        seed: int = 0,
+    ):
+        self.train_set = load_mnist(True, data_dir, train_limit)
+        self.test_set = load_mnist(False, data_dir, test_limit)
+        self.seed = seed
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        return DataLoader(self.train_set, batch_size=128, shuffle=True, generator=g)
+
+    def test_loader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=1000, shuffle=False)
+
+
+def trainer(model: nn.Module, optimizer, criterion, loader, progress=None) -> float:
+    """One epoch; returns the mean training loss."""
+    model.train()
+    total, n = 0.0, 0
+    for data, target in loader:
+        optimizer.zero_grad()
+        loss = criterion(model(data), target)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(target)
+        n += len(target)
+        if progress is not None:
+            progress.update(1)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluator(model: nn.Module, loader) -> tuple[float, float]:
+    """(mean test loss, accuracy in %) over the whole loader."""
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for data, target in loader:
+        out = model(data)
+        loss += float(F.nll_loss(out, target, reduction="sum"))
+        correct += int((out.argmax(1) == target).sum())
+        n += len(target)
+    return loss / n, 100.0 * correct / n
+
+
+@dataclass
+class QatComparison:
+    fp32_accuracy: float
+    qat_accuracy: float
+    fp32_epoch_seconds: list[float]
+    qat_epoch_seconds: list[float]
+    fp32_model: nn.Module
+    qat_model: nn.Module
+    quantizer: object
+
+
+def compare_fp32_and_qat(
+    task: MnistTask, epochs: int = 3, seed: int = 0, config_list=None, progress_factory=None
+) -> QatComparison:
+    """Train the tutorial's LeNet from the same initial weights twice for ``epochs`` epochs: in fp32 and
+    under ``QAT_Quantizer`` with the tutorial's config (SGD lr 0.01 momentum 0.5, as in the tutorial)."""
+    from .nni import QAT_Quantizer
+
+    torch.manual_seed(seed)
+    init = TorchModel()
+    results = {}
+    for kind in ("fp32", "qat"):
+        model = copy.deepcopy(init)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+        quantizer = None
+        if kind == "qat":
+            quantizer = QAT_Quantizer(model, config_list or TUTORIAL_CONFIG_LIST, optimizer, torch.rand(32, 1, 28, 28))
+            model = quantizer.compress()
+        seconds, acc = [], 0.0
+        for epoch in range(epochs):
+            loader = task.train_loader(epoch)
+            bar = (
+                progress_factory(total=len(loader), desc=f"{kind} epoch {epoch + 1}/{epochs}")
+                if progress_factory
+                else None
+            )
+            start = time.perf_counter()
+            trainer(model, optimizer, F.nll_loss, loader, bar)
+            seconds.append(time.perf_counter() - start)
+            if bar is not None:
+                bar.close()
+            _, acc = evaluator(model, task.test_loader())
+        results[kind] = (model, acc, seconds, quantizer)
+    return QatComparison(
+        fp32_accuracy=results["fp32"][1],
+        qat_accuracy=results["qat"][1],
+        fp32_epoch_seconds=results["fp32"][2],
+        qat_epoch_seconds=results["qat"][2],
+        fp32_model=results["fp32"][0],
+        qat_model=results["qat"][0],
+        quantizer=results["qat"][3],
+    )
