@@ -6,8 +6,7 @@ Importing mixq loads torch only: no CUDA initialisation, no ONNX Runtime or Tens
 from ._errors import CalibrationFileError, ConfigError, DataError, MixqError, ModelStructureError
 from .calibration import load_calibration_config, save_calibration_config, validate_calibration_config
 from .config import resolve_config
-from .primitives import choose_qparams, choose_qparams_from_tensor, dequantize, fake_quantize, quantize
-from .quantize import (
+from .prepare import (
     LSQ,
     PTQ,
     QAT,
@@ -20,6 +19,7 @@ from .quantize import (
     prepare_,
     quantized_layers,
 )
+from .primitives import choose_qparams, choose_qparams_from_tensor, dequantize, fake_quantize, quantize
 from .spec import IntType, LayerSpec, PerChannel, PerTensor, QuantSpec
 
 __version__ = "0.1.0"

@@ -212,19 +212,32 @@ class EntropyObserver(HistogramObserver):
 
 
 def _kl_of_clipping(hist: torch.Tensor, i: int, levels: int) -> float:
+    """KL(P || Q) for clipping ``hist`` after ``i`` bins (the method of TensorRT, MXNet and ONNX Runtime)."""
     p = hist[:i].clone()
     p[-1] += hist[i:].sum()
-    nonzero = p > 0
+    nonzero = hist[:i] > 0
     # Merge the i bins into `levels` groups, then spread each group's mass over its non-empty bins.
     group = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
     mass = torch.zeros(levels, dtype=p.dtype).index_add_(0, group, hist[:i])
     count = torch.zeros(levels, dtype=p.dtype).index_add_(0, group, nonzero.to(p.dtype))
     q = torch.where(nonzero, mass[group] / count[group].clamp(min=1), torch.zeros_like(p))
-    p, q = p / p.sum(), q / q.sum().clamp(min=1e-300)
-    m = nonzero & (q > 0)
-    if (nonzero & ~m).any():
+    p, q = _smooth(p), _smooth(q)
+    if p is None or q is None:
         return math.inf
-    return float((p[m] * torch.log(p[m] / q[m])).sum())
+    return float((p * torch.log(p / q)).sum())
+
+
+def _smooth(d: torch.Tensor, eps: float = 1e-4) -> torch.Tensor | None:
+    """Normalise and move ``eps`` of mass into empty bins so the KL divergence is finite."""
+    total = d.sum()
+    if total <= 0:
+        return None
+    d = d / total
+    zero = d == 0
+    n_zero, n_nonzero = int(zero.sum()), int((~zero).sum())
+    if n_zero == 0:
+        return d
+    return torch.where(zero, torch.full_like(d, eps), d - eps * n_zero / n_nonzero).clamp(min=1e-12)
 
 
 class MSEObserver(HistogramObserver):

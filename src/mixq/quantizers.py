@@ -1,9 +1,10 @@
-"""Quantizer objects: the NNI-shaped front end over :mod:`mixq.quantize` (``mixq.nni`` re-exports them)."""
+"""Quantizer objects: the NNI-shaped front end over :mod:`mixq.prepare` (``mixq.nni`` re-exports them)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch import nn
 from ._errors import ConfigError, MixqError
 from ._io import atomic_write
 from .calibration import save_calibration_config
-from .quantize import (
+from .prepare import (
     LSQ,
     PTQ,
     QAT,
@@ -82,7 +83,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     dummy = torch.randn(*input_shape, device=device)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with torch.no_grad():
+        # The TorchScript exporter needs no onnxscript; torch 2.9+ warns that it is the legacy path.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model,
                 (dummy,),

@@ -1,0 +1,170 @@
+import pytest
+from torch import nn
+
+from mixq import ConfigError, IntType, PerChannel, PerTensor, QuantSpec, resolve_config
+from mixq.models import TorchModel, create_model
+from mixq.tutorial import TUTORIAL_CONFIG_LIST
+
+
+def summary(specs):
+    return {n: {t: s.spec(t).dtype.name for t in s.quant_types} for n, s in specs.items()}
+
+
+def test_tutorial_config_resolves_like_nni():
+    specs = resolve_config(TorchModel(), TUTORIAL_CONFIG_LIST)
+    assert summary(specs) == {
+        "conv1": {"input": "uint8", "weight": "int8"},
+        "conv2": {"input": "uint8", "weight": "int8"},
+        "fc1": {"input": "uint8", "weight": "int8"},
+        "fc2": {"input": "uint8", "weight": "int8"},
+        "relu1": {"output": "uint8"},
+        "relu2": {"output": "uint8"},
+        "relu3": {"output": "uint8"},
+        "relu4": {"output": "uint8"},
+    }
+    assert specs["conv1"].weight == QuantSpec(IntType(8, True), True, PerChannel(0))
+    assert specs["conv1"].input == QuantSpec(IntType(8, False), False, PerTensor())
+    assert list(specs) == ["conv1", "conv2", "fc1", "fc2", "relu1", "relu2", "relu3", "relu4"]  # module order
+
+
+@pytest.mark.parametrize(
+    "config_list, expected",
+    [
+        # later entries win whole (no merging)
+        (
+            [
+                {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]},
+                {"quant_types": ["weight"], "quant_bits": 4, "op_names": ["fc2"]},
+            ],
+            {
+                "fc1": {"input": "uint8", "weight": "int8"},
+                "fc2": {"weight": "int4"},
+                "fc3": {"input": "uint8", "weight": "int8"},
+            },
+        ),
+        # exclude removes, wherever it comes after
+        (
+            [
+                {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["default"]},
+                {"exclude": True, "op_names": ["conv1", "fc3"]},
+            ],
+            {n: {"weight": "int8"} for n in ("conv2", "fc1", "fc2")},
+        ),
+        # an entry after an exclude puts the module back
+        (
+            [
+                {"exclude": True, "op_names": ["fc1"]},
+                {"quant_types": ["weight"], "quant_bits": 6, "op_types": ["Linear"]},
+            ],
+            {n: {"weight": "int6"} for n in ("fc1", "fc2", "fc3")},
+        ),
+        # op_types and op_names both given: both must match
+        (
+            [{"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"], "op_names": ["relu1", "fc1"]}],
+            {"relu1": {"output": "uint8"}},
+        ),
+        # per-type bits, dtype and scheme dicts
+        (
+            [
+                {
+                    "quant_types": ["input", "weight"],
+                    "quant_bits": {"input": 16, "weight": 4},
+                    "quant_dtype": {"input": "int", "weight": "uint"},
+                    "op_names": ["fc1"],
+                }
+            ],
+            {"fc1": {"input": "int16", "weight": "uint4"}},
+        ),
+        ([], {}),
+    ],
+)
+def test_resolution_table(config_list, expected):
+    assert summary(resolve_config(TorchModel(), config_list)) == expected
+
+
+def test_resolution_is_deterministic_and_specs_are_frozen():
+    a = resolve_config(TorchModel(), TUTORIAL_CONFIG_LIST)
+    b = resolve_config(TorchModel(), TUTORIAL_CONFIG_LIST)
+    assert a == b
+    with pytest.raises(AttributeError):
+        a["conv1"].weight = None
+
+
+def test_nested_module_names_and_start_step_and_observer():
+    model = create_model("tiny_resnet")
+    specs = resolve_config(
+        model,
+        [
+            {
+                "quant_types": ["output"],
+                "quant_bits": 8,
+                "op_names": ["layer1.0.relu1"],
+                "quant_start_step": 5,
+                "observer": "entropy",
+            }
+        ],
+    )
+    assert specs["layer1.0.relu1"].quant_start_step == 5
+    assert specs["layer1.0.relu1"].observer == "entropy"
+
+
+W8 = {"quant_types": ["weight"], "quant_bits": 8}
+
+
+@pytest.mark.parametrize(
+    "config_list, match",
+    [
+        ({"quant_types": ["weight"]}, "must be a list of dicts"),
+        (["conv1"], r"config_list\[0\]: each entry must be a dict"),
+        ([{**W8, "op_type": ["Conv2d"]}], r"config_list\[0\]\['op_type'\]: unknown key; did you mean 'op_types'"),
+        ([{**W8}], r"config_list\[0\]: needs 'op_types' or 'op_names'"),
+        (
+            [{**W8, "op_types": ["Linear"]}, {**W8, "op_names": ["fc9"]}],
+            r"config_list\[1\]\['op_names'\]: no module named 'fc9' in the model; did you mean 'fc",
+        ),
+        ([{**W8, "op_types": ["Conv3d"]}], r"config_list\[0\]\['op_types'\]: 'Conv3d' cannot be quantized"),
+        ([{**W8, "op_types": ["Conv1d"]}], r"config_list\[0\]\['op_types'\]: no module of type 'Conv1d'"),
+        ([{**W8, "op_types": "Conv2d"}], r"must be a list of strings, got the string 'Conv2d'"),
+        (
+            [{"quant_types": ["weight"], "quant_bits": 1, "op_types": ["Linear"]}],
+            r"\['quant_bits'\]: bits must be in 2..16, got 1",
+        ),
+        ([{"quant_types": ["weight"], "quant_bits": 32, "op_types": ["Linear"]}], "leave the layer out of config_list"),
+        ([{"quant_types": ["weight"], "quant_bits": True, "op_types": ["Linear"]}], "bits must be an int"),
+        (
+            [{"quant_types": ["input", "weight"], "quant_bits": {"weight": 8}, "op_types": ["Linear"]}],
+            r"has no value for quant type 'input'",
+        ),
+        (
+            [{"quant_types": ["weight"], "quant_bits": {"weight": 8, "output": 8}, "op_types": ["Linear"]}],
+            r"has a value for 'output'",
+        ),
+        ([{"quant_types": ["wieght"], "quant_bits": 8, "op_types": ["Linear"]}], r"unknown quant type 'wieght'"),
+        ([{"quant_types": ["weight", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], "lists a type twice"),
+        ([{"quant_types": ["weight"], "op_types": ["Linear"]}], r"\['quant_bits'\]: missing"),
+        (
+            [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["ReLU"]}],
+            r"module 'relu1' \(ReLU\) has no weight",
+        ),
+        ([{**W8, "op_types": ["Linear"], "quant_scheme": "per_channel_sym"}], "unknown scheme 'per_channel_sym'"),
+        (
+            [{"quant_types": ["input"], "quant_bits": 8, "op_types": ["Linear"], "quant_scheme": "per_channel_affine"}],
+            "weights only",
+        ),
+        ([{**W8, "op_types": ["Linear"], "quant_dtype": "int8"}], "unknown dtype 'int8'"),
+        ([{**W8, "op_types": ["Linear"], "quant_start_step": -1}], r"\['quant_start_step'\]: must be an int >= 0"),
+        ([{**W8, "op_types": ["Linear"], "observer": "kl"}], r"\['observer'\]: unknown observer 'kl'"),
+        ([{**W8, "op_types": ["ReLU"], "op_names": ["fc1"]}], r"config_list\[0\]: matches no module"),
+        ([{"exclude": True, "op_names": ["fc1"], "quant_bits": 8}], "an 'exclude' entry takes only"),
+        ([{"exclude": "yes", "op_names": ["fc1"]}], r"\['exclude'\]: must be True or False"),
+    ],
+)
+def test_invalid_entries_name_index_and_key(config_list, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_config(TorchModel(), config_list)
+
+
+def test_op_names_on_a_container_is_rejected_by_name():
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ConfigError, match=r"module '0' is a Sequential, which cannot be quantized"):
+        resolve_config(model, [{"quant_types": ["output"], "quant_bits": 8, "op_names": ["0"]}])
