@@ -1,6 +1,6 @@
 """The NNI quantization tutorial's quantization half, with only the imports changed.
 
-    MIXQ_DATA=../shared/data python examples/nni_tutorial.py
+MIXQ_DATA=../shared/data python examples/nni_tutorial.py
 """
 
 import os
@@ -28,7 +28,7 @@ quantizer = QAT_Quantizer(model, config_list, optimizer, dummy_input)
 quantizer.compress()
 print(model)
 
-for epoch in range(3):
+for _epoch in range(3):
     trainer(model, optimizer, criterion)
     evaluator(model)
 

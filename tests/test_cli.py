@@ -25,4 +25,6 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
         timeout=300,
     )
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"mixq demo: error: data directory {tmp_path / 'missing'} does not exist"]
+    assert out.stderr.strip().splitlines() == [
+        f"mixq demo: error: data directory {tmp_path / 'missing'} does not exist"
+    ]
