@@ -1,0 +1,38 @@
+"""Backends: a small interface (``is_available``, ``build``, ``load``; engines ``run``, ``profile``,
+``placement``, ``save``) and a registry. Importing this package imports no runtime: ONNX Runtime and
+TensorRT are imported when an engine is built or loaded."""
+
+from . import onnxruntime as _onnxruntime  # noqa: F401  (registers the backend)
+from . import tensorrt as _tensorrt  # noqa: F401
+from .base import (
+    Backend,
+    BuildOptions,
+    Engine,
+    EngineError,
+    LayerPlacement,
+    LayerTime,
+    get_backend,
+    list_backends,
+    read_engine_file,
+    register_backend,
+)
+
+__all__ = [
+    "Backend",
+    "BuildOptions",
+    "Engine",
+    "EngineError",
+    "LayerPlacement",
+    "LayerTime",
+    "get_backend",
+    "list_backends",
+    "read_engine_file",
+    "register_backend",
+    "load_engine",
+]
+
+
+def load_engine(path) -> Engine:
+    """Load an engine file with the backend named in its manifest."""
+    manifest, _ = read_engine_file(path)
+    return get_backend(manifest["backend"]).load(path)

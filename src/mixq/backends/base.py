@@ -1,0 +1,239 @@
+"""The backend interface and registry, and the engine container format shared by all backends.
+
+An engine file is a zip archive holding ``manifest.json`` (format version, backend, input spec, layers,
+sha256 of every member) and the backend's members (e.g. the Q/DQ ONNX model and ORT's optimized graph,
+or a TensorRT plan). Loading checks the format version, the backend and every checksum before use, so a
+truncated, bit-flipped or foreign file gives a clear error and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._errors import MixqError
+from .._io import atomic_write
+
+__all__ = [
+    "EngineError",
+    "BuildOptions",
+    "LayerPlacement",
+    "LayerTime",
+    "Engine",
+    "Backend",
+    "register_backend",
+    "get_backend",
+    "list_backends",
+    "ENGINE_FORMAT_VERSION",
+]
+
+ENGINE_FORMAT_VERSION = 1
+
+
+class EngineError(MixqError):
+    """An engine that cannot be built, loaded or run as asked (the message says why)."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build. ``max_batch``/``opt_batch``: TensorRT's optimization profile for the dynamic batch.
+    ``threads``: intra-op threads (ONNX Runtime; None = all cores). ``keep_pools_float``: stop ONNX Runtime's
+    QDQ propagation from moving a QuantizeLinear above pooling/reshape nodes (uint8 pooling is slower than
+    float on CPU; see docs/engines.md)."""
+
+    max_batch: int = 256
+    opt_batch: int = 128
+    threads: int | None = None
+    keep_pools_float: bool = True
+    workspace_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """What one layer asked for and what it actually runs as on the backend."""
+
+    layer: str
+    op_type: str
+    requested: str  # int8 | fp16 | fp32
+    runs_as: str  # int8 | fp16 | fp32 | fused | absent
+    kernels: tuple[str, ...]
+    unfused_qdq: int
+    note: str = ""
+
+    @property
+    def mismatch(self) -> bool:
+        return self.requested == "int8" and self.runs_as not in ("int8", "fused")
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    layer: str
+    microseconds: float
+    kernels: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Engine(ABC):
+    """A built engine: ``run`` validates its input and returns a CPU float32 tensor."""
+
+    backend: str
+
+    def __init__(self, input_shape: tuple[int, ...], layers: dict, max_batch: int | None = None):
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.layers = layers
+        self.max_batch = max_batch
+
+    def check_input(self, x, check_finite: bool = True) -> torch.Tensor:
+        """The contract of ``run``: a float32 tensor (or ndarray) shaped ``[batch, *input_shape[1:]]``,
+        1 <= batch (<= max_batch where the backend has one). Tensors on another device are copied to the
+        engine's device; non-contiguous ones are made contiguous. NaN or infinite values are an error
+        (quantized kernels would silently turn them into saturated values)."""
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not isinstance(x, torch.Tensor):
+            raise EngineError(f"input must be a torch.Tensor or numpy array, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            hint = (
+                " (convert and normalize images the way the model was trained first)"
+                if not x.is_floating_point()
+                else ""
+            )
+            raise EngineError(f"input dtype must be float32, got {x.dtype}{hint}")
+        expected = ("batch", *self.input_shape[1:])
+        if x.dim() != len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape[1:]:
+            raise EngineError(f"input shape must be {expected}, got {tuple(x.shape)}")
+        if x.shape[0] < 1:
+            raise EngineError("input batch is empty")
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            raise EngineError(
+                f"batch {x.shape[0]} exceeds this engine's max batch {self.max_batch}; rebuild with a larger max_batch"
+            )
+        if check_finite and not bool(torch.isfinite(x).all()):
+            raise EngineError("input contains NaN or infinite values")
+        return x.contiguous()
+
+    @abstractmethod
+    def run(self, x, check_finite: bool = True) -> torch.Tensor: ...
+
+    @abstractmethod
+    def placement(self) -> list[LayerPlacement]: ...
+
+    @abstractmethod
+    def profile(self, x: torch.Tensor, runs: int = 20) -> list[LayerTime]: ...
+
+    @abstractmethod
+    def members(self) -> dict[str, bytes]:
+        """The files that make up this engine, for :meth:`save`."""
+
+    def manifest_extra(self) -> dict:
+        return {}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        members = self.members()
+        manifest = {
+            "format": "mixq-engine",
+            "format_version": ENGINE_FORMAT_VERSION,
+            "backend": self.backend,
+            "input_shape": list(self.input_shape),
+            "max_batch": self.max_batch,
+            "layers": self.layers,
+            "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in members.items()},
+            **self.manifest_extra(),
+        }
+        with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("manifest.json", json.dumps(manifest, indent=1))
+            for name, data in members.items():
+                z.writestr(name, data)
+        return Path(path)
+
+
+def read_engine_file(path: str | os.PathLike, backend: str | None = None) -> tuple[dict, dict[str, bytes]]:
+    """(manifest, members) of an engine file, verified; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: engine file not found")
+    try:
+        with zipfile.ZipFile(path) as z:
+            manifest = json.loads(z.read("manifest.json"))
+            members = {n: z.read(n) for n in z.namelist() if n != "manifest.json"}
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise EngineError(f"{path}: not a mixq engine file or truncated ({type(e).__name__}: {e})") from e
+    except zipfile.LargeZipFile as e:
+        raise EngineError(f"{path}: not a mixq engine file ({e})") from e
+    except Exception as e:  # zlib.error and CRC failures from a bit-flipped archive
+        raise EngineError(f"{path}: engine file is corrupted ({type(e).__name__}: {e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != "mixq-engine":
+        raise EngineError(f"{path}: not a mixq engine file (no mixq manifest)")
+    version = manifest.get("format_version")
+    if version != ENGINE_FORMAT_VERSION:
+        raise EngineError(f"{path}: engine format version {version!r}; this mixq reads version {ENGINE_FORMAT_VERSION}")
+    if backend is not None and manifest.get("backend") != backend:
+        raise EngineError(f"{path}: engine was built for backend {manifest.get('backend')!r}, not {backend!r}")
+    for name, digest in manifest.get("sha256", {}).items():
+        if name not in members or hashlib.sha256(members[name]).hexdigest() != digest:
+            raise EngineError(f"{path}: member {name!r} is missing or corrupted (checksum mismatch)")
+    return manifest, members
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def is_available(self) -> bool: ...
+
+    def unavailable_reason(self) -> str:
+        return f"backend {self.name!r} is not available"
+
+    @abstractmethod
+    def build(self, qdq, input_shape: tuple[int, ...], options: BuildOptions) -> Engine:
+        """Build from a :class:`mixq.onnx_export.QDQExport`."""
+
+    @abstractmethod
+    def load(self, path: str | os.PathLike) -> Engine: ...
+
+
+_REGISTRY: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    _REGISTRY[name] = factory
+
+
+def list_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; ``auto`` picks TensorRT when usable, else ONNX Runtime."""
+    if name == "auto":
+        trt = _REGISTRY["tensorrt"]()
+        return trt if trt.is_available() else _REGISTRY["onnxruntime"]()
+    if name not in _REGISTRY:
+        raise EngineError(f"unknown backend {name!r}; available: {['auto', *list_backends()]}")
+    backend = _REGISTRY[name]()
+    if not backend.is_available():
+        raise EngineError(backend.unavailable_reason())
+    return backend
+
+
+def timing_stats(samples: list[float]) -> dict:
+    s = sorted(samples)
+    return {
+        "median": s[len(s) // 2],
+        "min": s[0],
+        "p90": s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)],
+        "runs": len(s),
+    }
+
+
+def asdict_placement(p: LayerPlacement) -> dict:
+    return asdict(p)

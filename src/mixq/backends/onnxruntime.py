@@ -1,0 +1,238 @@
+"""ONNX Runtime (CPU) backend: builds an InferenceSession from the Q/DQ model with all graph optimizations,
+and reads back what each layer became in ORT's optimized graph (QLinearConv/QGemm/... = int8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .base import (
+    Backend,
+    BuildOptions,
+    Engine,
+    EngineError,
+    LayerPlacement,
+    LayerTime,
+    read_engine_file,
+    register_backend,
+)
+
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeEngine", "INT8_KERNELS", "layer_of_node"]
+
+INT8_KERNELS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearConcat",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearReduceMean",
+        "QLinearSoftmax",
+        "NhwcMaxPool",
+    }
+)
+GLUE_KERNELS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "Transpose", "ReorderInput", "ReorderOutput", "Constant"}
+)
+
+
+def layer_of_node(node_name: str, layers) -> str | None:
+    """Map an ONNX node name with the exporter's scope (``/layer1/layer1.0/conv1/Conv_token_3``) to the
+    deepest configured layer name it lies in. Scope parts are either attribute names or full dotted names."""
+    node_name = node_name.removeprefix("fused ")  # ORT's Conv/Gemm+activation fusion
+    parts = [p for p in node_name.split("/") if p][:-1]
+    dotted = ""
+    best = None
+    for p in parts:
+        dotted = p if (dotted and p.startswith(dotted + ".")) or not dotted else f"{dotted}.{p}"
+        if dotted in layers:
+            best = dotted
+    return best
+
+
+class OnnxRuntimeEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(
+        self, qdq_bytes: bytes, input_shape, layers: dict, options: BuildOptions, optimized: bytes | None = None
+    ):
+        super().__init__(input_shape, layers, max_batch=None)
+        import onnxruntime as ort
+
+        self.options = options
+        self.qdq_bytes = qdq_bytes
+        so = self._session_options(ort)
+        opt_path = None
+        if optimized is None:
+            fd, opt_path = tempfile.mkstemp(suffix=".onnx")
+            os.close(fd)
+            so.optimized_model_filepath = opt_path
+        kwargs = {"disabled_optimizers": ["QDQPropagationTransformer"]} if options.keep_pools_float else {}
+        try:
+            self.session = ort.InferenceSession(qdq_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
+            if opt_path is not None:
+                optimized = Path(opt_path).read_bytes()
+        except Exception as e:
+            raise EngineError(f"ONNX Runtime could not build the engine: {type(e).__name__}: {e}") from e
+        finally:
+            if opt_path is not None:
+                Path(opt_path).unlink(missing_ok=True)
+        self.optimized_bytes = optimized
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def _session_options(self, ort):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if self.options.threads:
+            so.intra_op_num_threads = self.options.threads
+        return so
+
+    def run(self, x, check_finite: bool = True) -> torch.Tensor:
+        x = self.check_input(x, check_finite).cpu()
+        out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
+        return torch.from_numpy(out)
+
+    def placement(self) -> list[LayerPlacement]:
+        import onnx
+
+        graph = onnx.load_from_string(self.optimized_bytes).graph
+        kernels: dict[str, list[str]] = defaultdict(list)
+        qdq: dict[str, int] = defaultdict(int)
+        for node in graph.node:
+            layer = layer_of_node(node.name, self.layers)
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                qdq[layer or ""] += 1
+            elif layer is not None and node.op_type not in GLUE_KERNELS:
+                kernels[layer].append(node.op_type)
+        out = []
+        for layer, info in self.layers.items():
+            ks = tuple(kernels.get(layer, ()))
+            if not ks:
+                runs_as = "fused" if info["precision"] == "int8" or info["op_type"] in ("ReLU", "ReLU6") else "absent"
+            elif any(k in INT8_KERNELS for k in ks):
+                runs_as = "int8"
+            else:
+                runs_as = "fp32"
+            note = ""
+            if info["precision"] == "fp16":
+                note = "ORT CPU has no fast fp16 kernels: runs fp32"
+            elif info["precision"] == "int8" and runs_as == "fp32":
+                note = "asked int8, runs float (ORT found no int8 kernel for this Q/DQ pattern)"
+            elif runs_as == "fused":
+                note = "folded into a neighbouring kernel (e.g. ReLU into the quantized range)"
+            out.append(LayerPlacement(layer, info["op_type"], info["precision"], runs_as, ks, qdq.get(layer, 0), note))
+        return out
+
+    def unattributed_qdq(self) -> int:
+        import onnx
+
+        graph = onnx.load_from_string(self.optimized_bytes).graph
+        return sum(
+            1
+            for n in graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and layer_of_node(n.name, self.layers) is None
+        )
+
+    def profile(self, x: torch.Tensor, runs: int = 20) -> list[LayerTime]:
+        """Per-layer time (median over ``runs`` of ORT's own per-node profile), glue nodes under ``(glue)``."""
+        import onnxruntime as ort
+
+        so = self._session_options(ort)
+        so.enable_profiling = True
+        with tempfile.TemporaryDirectory() as d:
+            so.profile_file_prefix = str(Path(d) / "prof")
+            kwargs = {"disabled_optimizers": ["QDQPropagationTransformer"]} if self.options.keep_pools_float else {}
+            sess = ort.InferenceSession(self.qdq_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
+            feed = {self.input_name: self.check_input(x).cpu().numpy()}
+            for _ in range(3):
+                sess.run(None, feed)
+            for _ in range(runs):
+                sess.run(None, feed)
+            trace = json.loads(Path(sess.end_profiling()).read_text())
+        per_run: dict[str, list[float]] = defaultdict(list)
+        kernels: dict[str, set] = defaultdict(set)
+        for ev in trace:
+            if ev.get("cat") != "Node" or not ev["name"].endswith("_kernel_time"):
+                continue
+            node = ev["name"][: -len("_kernel_time")]
+            layer = layer_of_node(node, self.layers) or "(glue)"
+            per_run[layer].append(float(ev["dur"]))
+            kernels[layer].add(ev.get("args", {}).get("op_name", "?"))
+        total_runs = runs + 3
+        return [
+            LayerTime(layer, sum(v) / total_runs, tuple(sorted(kernels[layer])))
+            for layer, v in sorted(per_run.items(), key=lambda kv: -sum(kv[1]))
+        ]
+
+    def members(self) -> dict[str, bytes]:
+        return {
+            "model.onnx": self.qdq_bytes,
+            "optimized.onnx": self.optimized_bytes,
+            "options.json": json.dumps(
+                {"threads": self.options.threads, "keep_pools_float": self.options.keep_pools_float}
+            ).encode(),
+        }
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def is_available(self) -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def unavailable_reason(self) -> str:
+        return "backend 'onnxruntime' needs the onnxruntime package (pip install onnxruntime)"
+
+    def build(self, qdq, input_shape, options: BuildOptions) -> OnnxRuntimeEngine:
+        return OnnxRuntimeEngine(qdq.model.SerializeToString(), input_shape, qdq.layers, options)
+
+    def load(self, path) -> OnnxRuntimeEngine:
+        manifest, members = read_engine_file(path, self.name)
+        try:
+            opts = json.loads(members["options.json"])
+            options = BuildOptions(threads=opts["threads"], keep_pools_float=opts["keep_pools_float"])
+            return OnnxRuntimeEngine(
+                members["model.onnx"],
+                tuple(manifest["input_shape"]),
+                manifest["layers"],
+                options,
+                members["optimized.onnx"],
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
+
+
+def time_engine(engine: Engine, x: torch.Tensor, warmup: int, runs: int) -> list[float]:
+    """Wall-clock seconds of ``runs`` calls after ``warmup`` calls (input checks included)."""
+    for _ in range(warmup):
+        engine.run(x)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        engine.run(x)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+register_backend("onnxruntime", OnnxRuntimeBackend)

@@ -1,0 +1,304 @@
+"""Model + calibration config -> ONNX with explicit QuantizeLinear/DequantizeLinear (the one intermediate form).
+
+Per configured layer: a Q/DQ pair on its input and output where the config quantizes them, and the weight
+stored as an int8 initializer (per channel where the config says so) feeding a DequantizeLinear, with the
+exported scales and zero points used verbatim. 16-bit layers are marked ``fp16`` (TensorRT runs them in
+half precision; ONNX Runtime's CPU provider has no fast fp16 kernels, so they stay float there and the
+placement report says so). Layers not in the config run at ``extra_layer_bits`` (32: float). The batch
+dimension is dynamic.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._errors import CalibrationFileError, ConfigError, MixqError
+from ._io import atomic_write
+from .calibration import validate_calibration_config
+from .config import QUANTIZABLE_OP_TYPES, WEIGHTED_OP_TYPES
+from .prepare import _set_submodule, deploy_model, export_calibration, quantized_layers
+from .primitives import choose_qparams
+from .spec import QuantSpec
+
+__all__ = ["QDQExport", "export_qdq_onnx", "layer_precisions", "LAYERS_METADATA_KEY", "INPUT_NAME", "OUTPUT_NAME"]
+
+LAYERS_METADATA_KEY = "mixq.layers"
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+OPSET = 13
+_ACT_DEFAULT = {"bits": 8, "dtype": "uint", "scheme": "per_tensor_affine", "axis": None}
+_WEIGHT_DEFAULT = {"bits": 8, "dtype": "int", "scheme": "per_channel_symmetric", "axis": 0}
+
+
+@dataclass(frozen=True)
+class QDQExport:
+    """The exported ONNX model and what each layer asked for (``{layer: {"precision", "op_type", ...}}``)."""
+
+    model: object  # onnx.ModelProto
+    layers: dict
+
+    def save(self, path: str | os.PathLike) -> Path:
+        with atomic_write(path, "wb") as f:
+            f.write(self.model.SerializeToString())
+        return Path(path)
+
+
+def layer_precisions(calibration: dict, extra_layer_bits: int = 32) -> dict[str, str]:
+    """``{layer: "int8" | "fp16"}`` for each configured layer; errors name a layer that no engine can build."""
+    out = {}
+    for name, entry in calibration.items():
+        bits = {entry[f"{t}_bits"] for t in ("input", "weight", "output") if f"{t}_bits" in entry}
+        if not bits:
+            raise CalibrationFileError(f"layer {name!r}: no input_bits, weight_bits or output_bits")
+        if len(bits) > 1:
+            raise CalibrationFileError(
+                f"layer {name!r} mixes {sorted(bits)} bits; an engine runs one precision per layer"
+            )
+        b = bits.pop()
+        if b not in (8, 16):
+            raise CalibrationFileError(
+                f"layer {name!r} asks for {b} bits; engines build 8-bit (int8) and 16-bit (fp16) layers "
+                "(32 bits: leave the layer out of the config)"
+            )
+        out[name] = "int8" if b == 8 else "fp16"
+    if extra_layer_bits not in (16, 32):
+        raise ConfigError(f"extra_layer_bits must be 16 or 32, got {extra_layer_bits}")
+    return out
+
+
+class _ActQDQ(nn.Module):
+    def __init__(self, scale: float, zero_point: int, signed: bool):
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+        self.qmin, self.qmax = (-128, 127) if signed else (0, 255)
+
+    def forward(self, x):
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+class _QDQLayer(nn.Module):
+    """Export-time stand-in for one configured layer: Q/DQ around it, its weight through Q/DQ."""
+
+    def __init__(self, module: nn.Module, entry: dict, name: str):
+        super().__init__()
+        self.module = module
+        self.input_qdq = _act_qdq(entry, "input", name)
+        self.output_qdq = _act_qdq(entry, "output", name)
+        self.weighted = type(module).__name__ in WEIGHTED_OP_TYPES
+        self.weight_axis = None
+        if self.weighted and "weight_bits" in entry:
+            spec = QuantSpec.from_dict(entry.get("weight_qspec") or _WEIGHT_DEFAULT)
+            if spec.dtype.bits != 8:
+                raise CalibrationFileError(f"layer {name!r}: weight_bits {spec.dtype.bits}; Q/DQ weights are 8-bit")
+            scale = torch.tensor(entry["weight_scale"], dtype=torch.float32).reshape(-1)
+            zp = torch.tensor(entry["weight_zero_point"], dtype=torch.int32).reshape(-1)
+            channels = module.weight.shape[spec.axis or 0]
+            if scale.numel() not in (1, channels):
+                raise CalibrationFileError(
+                    f"layer {name!r}: {scale.numel()} weight scales for a weight with {channels} output channels"
+                )
+            self.weight_axis = spec.axis if scale.numel() > 1 else None
+            self.register_buffer("weight_scale", scale)
+            self.register_buffer("weight_zero_point", zp)
+            self.weight_range = (-128, 127) if spec.dtype.signed else (0, 255)
+
+    def forward(self, x, *args, **kwargs):
+        if self.input_qdq is not None:
+            x = self.input_qdq(x)
+        m = self.module
+        if self.weighted and self.weight_axis is not None:
+            w = torch.fake_quantize_per_channel_affine(
+                m.weight, self.weight_scale, self.weight_zero_point, self.weight_axis, *self.weight_range
+            )
+        elif self.weighted and hasattr(self, "weight_scale"):
+            w = torch.fake_quantize_per_tensor_affine(
+                m.weight, float(self.weight_scale[0]), int(self.weight_zero_point[0]), *self.weight_range
+            )
+        else:
+            w = None
+        if w is None:
+            out = m(x, *args, **kwargs)
+        elif isinstance(m, nn.Linear):
+            out = F.linear(x, w, m.bias)
+        else:
+            out = m._conv_forward(x, w, m.bias)
+        if self.output_qdq is not None:
+            out = self.output_qdq(out)
+        return out
+
+
+def _act_qdq(entry: dict, t: str, name: str) -> _ActQDQ | None:
+    if f"{t}_bits" not in entry or entry[f"{t}_bits"] != 8:
+        return None
+    spec = QuantSpec.from_dict(entry.get(f"{t}_qspec") or _ACT_DEFAULT)
+    if f"{t}_scale" in entry:
+        scale, zp = entry[f"{t}_scale"], entry[f"{t}_zero_point"]
+    else:  # NNI-style entry: only the tracked range
+        s, z = choose_qparams(entry[f"tracked_min_{t}"], entry[f"tracked_max_{t}"], spec)
+        scale, zp = float(s), int(z)
+    if isinstance(scale, list):
+        raise CalibrationFileError(f"layer {name!r}: per-channel {t} quantization cannot be exported")
+    return _ActQDQ(scale, zp, spec.dtype.signed)
+
+
+def _float_model_and_calibration(model: nn.Module, calibration: dict | None) -> tuple[nn.Module, dict]:
+    if quantized_layers(model):
+        return deploy_model(model), (calibration if calibration is not None else export_calibration(model))
+    if calibration is None:
+        raise ConfigError(
+            f"{type(model).__name__} is not quantized: pass config=<calibration config> "
+            "(from export_model) or a model prepared with a mixq quantizer"
+        )
+    return copy.deepcopy(model), calibration
+
+
+def export_qdq_onnx(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    calibration: dict | None = None,
+    extra_layer_bits: int = 32,
+    path: str | os.PathLike | None = None,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+) -> QDQExport:
+    """Build the Q/DQ ONNX model of ``model`` for inputs of ``input_shape`` (batch dimension dynamic).
+
+    ``model`` is either a mixq-prepared model (its calibration is exported unless given) or a float model
+    with the calibration config from ``export_model``. Every configured layer must exist in the model.
+    """
+    import onnx
+
+    float_model, calibration = _float_model_and_calibration(model, calibration)
+    validate_calibration_config(calibration)
+    precisions = layer_precisions(calibration, extra_layer_bits)
+    modules = dict(float_model.named_modules())
+    layers = {}
+    for name, entry in calibration.items():
+        if name not in modules or not name:
+            raise CalibrationFileError(
+                f"the calibration config names layer {name!r}, which the model ({type(model).__name__}) lacks"
+            )
+        module = modules[name]
+        op_type = type(module).__name__
+        if op_type not in QUANTIZABLE_OP_TYPES:
+            raise CalibrationFileError(f"layer {name!r} is a {op_type}, which cannot be quantized")
+        if entry.get("op_type", op_type) != op_type:
+            raise CalibrationFileError(
+                f"layer {name!r} is a {op_type} in the model but a {entry['op_type']} in the calibration config"
+            )
+        _absorb_folded_bn(float_model, modules, name, entry)
+        layers[name] = {"op_type": op_type, "precision": precisions[name]}
+        if precisions[name] == "int8":
+            _set_submodule(float_model, name, _QDQLayer(module, entry, name))
+    extra = "fp16" if extra_layer_bits == 16 else "fp32"
+    for name, module in modules.items():
+        if name and name not in layers and type(module).__name__ in QUANTIZABLE_OP_TYPES:
+            layers[name] = {"op_type": type(module).__name__, "precision": extra}
+
+    float_model.eval()
+    dummy = torch.randn(*input_shape)
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                float_model,
+                (dummy,),
+                buffer,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except MixqError:
+        raise
+    except Exception as e:
+        raise MixqError(
+            f"ONNX export of {type(model).__name__} with input shape {tuple(input_shape)} failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    proto = onnx.load_from_string(buffer.getvalue())
+    _fold_weight_quantize(proto)
+    meta = proto.metadata_props.add()
+    meta.key, meta.value = LAYERS_METADATA_KEY, json.dumps(layers)
+    onnx.checker.check_model(proto)
+    result = QDQExport(proto, layers)
+    if path is not None:
+        result.save(path)
+    return result
+
+
+def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -> None:
+    """Move the identity BatchNorm that ``deploy_model`` left after a folded conv into the conv's bias."""
+    bn_name = entry.get("folded_bn")
+    if not bn_name:
+        return
+    bn = modules.get(bn_name)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise CalibrationFileError(f"layer {name!r}: folded_bn {bn_name!r} is not a BatchNorm in the model")
+    conv = modules[name]
+    std = torch.sqrt(bn.running_var + bn.eps)
+    if not (torch.allclose(bn.running_mean, torch.zeros_like(std)) and torch.allclose(std, torch.ones_like(std))):
+        raise CalibrationFileError(
+            f"layer {name!r}: BatchNorm {bn_name!r} is not folded in this model's weights; pass the model saved "
+            "by export_model (its BN-folded state dict) together with this calibration config"
+        )
+    bias = bn.bias.detach() * bn.weight.detach() + (conv.bias.detach() if conv.bias is not None else 0)
+    conv.bias = nn.Parameter(bias.clone())
+    _set_submodule(model, bn_name, nn.Identity())
+
+
+def _fold_weight_quantize(model) -> None:
+    """Replace QuantizeLinear(initializer) by the quantized initializer, computed as ONNX would."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {n.output[0]: n for n in model.graph.node if n.op_type in ("Constant", "Identity")}
+
+    def value(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producers.get(name)
+        if node is None:
+            raise MixqError(f"ONNX export: quantization parameter {name!r} is not a constant")
+        if node.op_type == "Identity":  # the exporter deduplicates equal initializers through Identity
+            return value(node.input[0])
+        return numpy_helper.to_array(node.attribute[0].t)
+
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in inits:
+            x, scale, zp = value(node.input[0]), value(node.input[1]), value(node.input[2])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if scale.ndim == 1 and scale.size > 1:
+                shape = [1] * x.ndim
+                shape[axis] = -1
+                scale, zp = scale.reshape(shape), zp.reshape(shape)
+            info = np.iinfo(zp.dtype)
+            q = np.clip(np.rint(x.astype(np.float32) / scale) + zp.astype(np.int32), info.min, info.max).astype(
+                zp.dtype
+            )
+            model.graph.initializer.append(numpy_helper.from_array(q, name=node.output[0]))
+            continue
+        keep.append(node)
+    used = {i for n in keep for i in n.input}
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    unused = [
+        i for i in model.graph.initializer if i.name not in used and i.name not in {o.name for o in model.graph.output}
+    ]
+    for i in unused:
+        model.graph.initializer.remove(i)
