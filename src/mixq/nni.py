@@ -5,5 +5,15 @@ from mixq.nni import QAT_Quantizer          # was: from nni.compression.pytorch.
 
 from .calibration import load_calibration_config
 from .quantizers import DoReFaQuantizer, LsqQuantizer, ObserverQuantizer, QAT_Quantizer
+from .speedup import CalibrateType, ModelSpeedup, ModelSpeedupTensorRT
 
-__all__ = ["QAT_Quantizer", "ObserverQuantizer", "LsqQuantizer", "DoReFaQuantizer", "load_calibration_config"]
+__all__ = [
+    "QAT_Quantizer",
+    "ObserverQuantizer",
+    "LsqQuantizer",
+    "DoReFaQuantizer",
+    "load_calibration_config",
+    "ModelSpeedup",
+    "ModelSpeedupTensorRT",
+    "CalibrateType",
+]

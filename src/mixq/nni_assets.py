@@ -11,7 +11,7 @@ from .tutorial import MnistTask
 from .tutorial import evaluator as _evaluate
 from .tutorial import trainer as _train
 
-__all__ = ["TorchModel", "device", "trainer", "evaluator"]
+__all__ = ["TorchModel", "device", "trainer", "evaluator", "test_trt"]
 
 device = torch.device("cpu")
 _state: dict = {"task": None, "epoch": 0}
@@ -36,3 +36,21 @@ def evaluator(model) -> float:
     n = len(task.test_set)
     print(f"Average test loss: {loss:.4f}, Accuracy: {round(acc * n / 100)}/{n} ({acc:.0f}%)")
     return acc
+
+
+def test_trt(engine) -> tuple[float, float]:
+    """The tutorial's ``test_trt``: accuracy and inference time of an engine over the test set.
+    Returns (accuracy %, seconds per sample)."""
+    import torch.nn.functional as F
+
+    task = _task()
+    loss, correct, seconds, n = 0.0, 0, 0.0, 0
+    for data, target in task.test_loader():
+        output, t = engine.inference(data)
+        loss += float(F.nll_loss(output, target, reduction="sum"))
+        correct += int((output.argmax(1) == target).sum())
+        seconds += t
+        n += len(target)
+    print(f"Loss: {loss / n:.4f}  Accuracy: {100 * correct / n:.2f}%")
+    print(f"Inference elapsed_time (whole dataset): {seconds:.4f}s, per sample: {seconds / n:.3e}s")
+    return 100.0 * correct / n, seconds / n

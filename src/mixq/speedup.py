@@ -79,7 +79,8 @@ class PlacementReport:
             sep += "---|---|"
         lines = [f"placement on {self.backend}" + (f" (times: batch {self.batch})" if timed else ""), head, sep]
         for r in self.rows:
-            line = f"| {r.layer} | {r.op_type} | {r.requested} | {r.runs_as} | {'+'.join(r.kernels) or '-'} | {r.unfused_qdq} |"
+            kernels = "+".join(r.kernels) or "-"
+            line = f"| {r.layer} | {r.op_type} | {r.requested} | {r.runs_as} | {kernels} | {r.unfused_qdq} |"
             if timed:
                 t, f = self.times.get(r.layer), self.float_times.get(r.layer)
                 owner = next((k for k, v in self.groups.items() if r.layer in v and k != r.layer), None)

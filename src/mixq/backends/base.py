@@ -49,13 +49,15 @@ class BuildOptions:
     """How to build. ``max_batch``/``opt_batch``: TensorRT's optimization profile for the dynamic batch.
     ``threads``: intra-op threads (ONNX Runtime; None = all cores). ``keep_pools_float``: stop ONNX Runtime's
     QDQ propagation from moving a QuantizeLinear above pooling/reshape nodes (uint8 pooling is slower than
-    float on CPU; see docs/engines.md)."""
+    float on CPU; see docs/engines.md). ``uint8_weights``: store int8 weights as uint8 (zero point + 128, the
+    same grid) for ONNX Runtime; None decides from the CPU."""
 
     max_batch: int = 256
     opt_batch: int = 128
     threads: int | None = None
     keep_pools_float: bool = True
     workspace_bytes: int = 1 << 30
+    uint8_weights: bool | None = None  # ONNX Runtime: None = decide from the CPU (see onnxruntime backend)
 
 
 @dataclass(frozen=True)
