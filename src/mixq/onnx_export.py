@@ -242,7 +242,9 @@ def export_qdq_onnx(
 
 
 def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -> None:
-    """Move the identity BatchNorm that ``deploy_model`` left after a folded conv into the conv's bias."""
+    """Fold the BatchNorm named by ``folded_bn`` into the conv (same arithmetic as the quantizer's folding,
+    so the weights match the exported weight scales) and replace it by an identity. Works for the
+    identity BN that ``deploy_model`` leaves and for the original trained BN alike."""
     bn_name = entry.get("folded_bn")
     if not bn_name:
         return
@@ -250,14 +252,11 @@ def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise CalibrationFileError(f"layer {name!r}: folded_bn {bn_name!r} is not a BatchNorm in the model")
     conv = modules[name]
-    std = torch.sqrt(bn.running_var + bn.eps)
-    if not (torch.allclose(bn.running_mean, torch.zeros_like(std)) and torch.allclose(std, torch.ones_like(std))):
-        raise CalibrationFileError(
-            f"layer {name!r}: BatchNorm {bn_name!r} is not folded in this model's weights; pass the model saved "
-            "by export_model (its BN-folded state dict) together with this calibration config"
-        )
-    bias = bn.bias.detach() * bn.weight.detach() + (conv.bias.detach() if conv.bias is not None else 0)
-    conv.bias = nn.Parameter(bias.clone())
+    with torch.no_grad():
+        sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = (conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)) - bn.running_mean
+        conv.weight.copy_(conv.weight * sf.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        conv.bias = nn.Parameter(bias * sf + bn.bias)
     _set_submodule(model, bn_name, nn.Identity())
 
 

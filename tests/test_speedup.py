@@ -1,0 +1,305 @@
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mixq
+from mixq.backends import BuildOptions, EngineError, get_backend, load_engine
+from mixq.backends.onnxruntime import cpu_has_vnni, layer_of_node, weights_to_uint8
+from mixq.models import TorchModel, create_model
+from mixq.nni import ModelSpeedup, ModelSpeedupTensorRT, QAT_Quantizer
+from mixq.onnx_export import export_qdq_onnx
+from mixq.tutorial import TUTORIAL_CONFIG_LIST
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    model = TorchModel()
+    QAT_Quantizer(model, TUTORIAL_CONFIG_LIST, None, torch.rand(2, 1, 28, 28))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(32, 1, 28, 28))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def engine(lenet):
+    return ModelSpeedup(lenet, (32, 1, 28, 28), batchsize=32).compress()
+
+
+def test_float_model_plus_exported_config_builds_the_same_engine(lenet, engine, tmp_path):
+    calib = QAT_Quantizer.export_model.__get__(type("Q", (), {"bound_model": lenet})())(tmp_path / "m.pth")
+    plain = TorchModel()
+    plain.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
+    other = ModelSpeedup(plain, (32, 1, 28, 28), config=calib, batchsize=32).compress()
+    x = torch.randn(16, 1, 28, 28)
+    assert torch.equal(other.inference(x)[0], engine.inference(x)[0])
+
+
+def test_dynamic_batch_and_inference_returns_seconds(engine):
+    for b in (1, 7, 300):
+        out, seconds = engine.inference(torch.randn(b, 1, 28, 28))
+        assert out.shape == (b, 10) and out.dtype == torch.float32 and seconds > 0
+
+
+def test_qdq_model_structure(lenet):
+    qdq = export_qdq_onnx(lenet, (1, 1, 28, 28))
+    ops = [n.op_type for n in qdq.model.graph.node]
+    assert ops.count("QuantizeLinear") == 8  # 4 layer inputs + 4 ReLU outputs; weights are initializers
+    weights = [i for i in qdq.model.graph.initializer if i.data_type == 3 and len(i.dims) > 1]  # int8 tensors
+    assert len(weights) == 4
+    assert qdq.layers["fc3"]["precision"] == "fp32" and qdq.layers["conv1"]["precision"] == "int8"
+
+
+def test_placement_report_lists_every_layer(engine):
+    report = engine.report()
+    rows = {r.layer: r for r in report.rows}
+    assert rows["conv1"].runs_as == "int8" and "QLinearConv" in rows["conv1"].kernels
+    assert rows["fc1"].runs_as == "int8"
+    assert rows["fc3"].requested == "fp32" and rows["fc3"].runs_as == "fp32"
+    assert rows["relu1"].runs_as == "fused"
+    assert report.mismatches == []
+    assert "| conv1 | Conv2d | int8 | int8 | QLinearConv |" in str(report)
+
+
+def test_report_shows_int8_request_running_in_float():
+    torch.manual_seed(0)
+    model = TorchModel().eval()
+    # Weight-only int8 on fc1: ORT has no int8 kernel for a float input, so the layer runs as float.
+    config = [{"quant_types": ["weight"], "quant_bits": 8, "op_names": ["fc1"]}]
+    mixq.prepare_(model, config, mixq.QAT())
+    report = ModelSpeedup(model, (4, 1, 28, 28)).compress().report()
+    (row,) = [r for r in report.rows if r.layer == "fc1"]
+    assert row.mismatch and row.runs_as == "fp32"
+    assert "WARNING: fc1 asked for int8 but runs as fp32" in str(report)
+
+
+def test_report_compares_with_float_per_layer(engine):
+    report = engine.report(compare_float=True, batch=8, runs=3)
+    assert report.batch == 8
+    assert report.times["conv1"] > 0 and report.float_times["conv1"] > 0
+    assert report.groups["conv1"] == ["conv1", "relu1"]
+    assert "total kernel time" in str(report)
+
+
+def test_engine_save_load_round_trip_is_identical(engine, tmp_path):
+    path = engine.export_quantized_model(tmp_path / "lenet.mixq")
+    loaded = ModelSpeedup(TorchModel(), (32, 1, 28, 28)).load_quantized_model(path)
+    x = torch.randn(32, 1, 28, 28)
+    assert torch.equal(loaded.inference(x)[0], engine.inference(x)[0])
+    assert [r.runs_as for r in loaded.report().rows] == [r.runs_as for r in engine.report().rows]
+
+
+def _rewrite(path, out, mutate):
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    mutate(members)
+    with zipfile.ZipFile(out, "w") as z:
+        for n, d in members.items():
+            z.writestr(n, d)
+
+
+def test_corrupt_engine_files_give_clear_errors(engine, tmp_path):
+    good = engine.export_quantized_model(tmp_path / "e.mixq")
+    data = good.read_bytes()
+    (tmp_path / "trunc.mixq").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match="trunc.mixq: not a mixq engine file or truncated"):
+        load_engine(tmp_path / "trunc.mixq")
+
+    def flip(m):
+        b = bytearray(m["model.onnx"])
+        b[len(b) // 2] ^= 0xFF
+        m["model.onnx"] = bytes(b)
+
+    _rewrite(good, tmp_path / "flip.mixq", flip)
+    with pytest.raises(EngineError, match="'model.onnx' is missing or corrupted"):
+        load_engine(tmp_path / "flip.mixq")
+
+    def future(m):
+        man = json.loads(m["manifest.json"])
+        man["format_version"] = 99
+        m["manifest.json"] = json.dumps(man).encode()
+
+    _rewrite(good, tmp_path / "future.mixq", future)
+    with pytest.raises(EngineError, match="format version 99"):
+        load_engine(tmp_path / "future.mixq")
+
+    def other_backend(m):
+        man = json.loads(m["manifest.json"])
+        man["backend"] = "tensorrt"
+        m["manifest.json"] = json.dumps(man).encode()
+
+    _rewrite(good, tmp_path / "trt.mixq", other_backend)
+    with pytest.raises(EngineError, match="built for backend 'tensorrt', not 'onnxruntime'"):
+        get_backend("onnxruntime").load(tmp_path / "trt.mixq")
+    (tmp_path / "junk.mixq").write_bytes(b"\x00" * 100)
+    with pytest.raises(EngineError, match="not a mixq engine file"):
+        load_engine(tmp_path / "junk.mixq")
+
+
+def test_failed_save_keeps_previous_engine(engine, tmp_path, monkeypatch):
+    path = engine.export_quantized_model(tmp_path / "e.mixq")
+    before = path.read_bytes()
+    monkeypatch.setattr(type(engine.engine), "members", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        engine.export_quantized_model(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.mixq"]
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (
+            torch.randint(0, 255, (4, 1, 28, 28), dtype=torch.uint8),
+            r"dtype must be float32, got torch.uint8 \(convert and normalize",
+        ),
+        (torch.randn(4, 1, 28, 28, dtype=torch.float64), "dtype must be float32, got torch.float64"),
+        (torch.randn(4, 28, 28), r"shape must be \('batch', 1, 28, 28\), got \(4, 28, 28\)"),
+        (torch.randn(4, 3, 28, 28), r"shape must be \('batch', 1, 28, 28\)"),
+        (torch.randn(0, 1, 28, 28), "batch is empty"),
+        (torch.full((2, 1, 28, 28), float("nan")), "NaN or infinite"),
+        ([[1.0]], "must be a torch.Tensor or numpy array, got list"),
+    ],
+)
+def test_bad_inference_input_is_a_clear_error(engine, x, match):
+    with pytest.raises(EngineError, match=match):
+        engine.inference(x)
+
+
+def test_non_contiguous_and_numpy_inputs_work(engine):
+    x = torch.randn(28, 28, 1, 4).permute(3, 2, 0, 1)
+    assert not x.is_contiguous()
+    out, _ = engine.inference(x)
+    assert torch.equal(out, engine.inference(x.contiguous())[0])
+    assert torch.equal(engine.inference(x.contiguous().numpy())[0], out)
+
+
+def test_config_naming_a_missing_layer_is_an_error():
+    calib = {"conv9": {"input_bits": 8, "tracked_min_input": 0.0, "tracked_max_input": 1.0}}
+    with pytest.raises(mixq.CalibrationFileError, match="names layer 'conv9', which the model"):
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=calib).compress()
+
+
+def test_unbuildable_bits_name_the_layer():
+    calib = {"fc1": {"weight_bits": 4, "weight_scale": 0.1, "weight_zero_point": 0}}
+    with pytest.raises(mixq.CalibrationFileError, match="layer 'fc1' asks for 4 bits"):
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=calib).compress()
+
+
+def test_sixteen_bit_layers_stay_float_on_ort_and_say_so():
+    model = TorchModel().eval()
+    mixq.prepare_(model, [{"quant_types": ["input", "weight"], "quant_bits": 16, "op_names": ["fc1"]}], mixq.QAT())
+    model.train()
+    model(torch.randn(8, 1, 28, 28))
+    model.eval()
+    report = ModelSpeedup(model, (4, 1, 28, 28)).compress().report()
+    (row,) = [r for r in report.rows if r.layer == "fc1"]
+    assert row.requested == "fp16" and row.runs_as == "fp32" and "no fast fp16" in row.note
+
+
+def test_model_without_config_or_calibration_data_is_an_error():
+    with pytest.raises(mixq.ConfigError, match="nothing to build"):
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28)).compress()
+    with pytest.raises(EngineError, match="call compress"):
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28)).inference(torch.randn(1, 1, 28, 28))
+
+
+def test_ptq_straight_from_the_backend_with_calibration_cache(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet").eval()
+    loader = [(torch.randn(8, 3, 32, 32), None) for _ in range(3)]
+    cache = tmp_path / "calib.json"
+    s = ModelSpeedup(
+        model, (8, 3, 32, 32), calib_data_loader=loader, calibration_cache=cache, calibrate_type="percentile"
+    )
+    s.compress()
+    assert cache.is_file()
+    rows = {r.layer: r for r in s.report().rows}
+    assert rows["layer1.0.conv1"].runs_as == "int8" and rows["fc"].requested == "int8"
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    out, _ = s.inference(x)
+    assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 15
+    again = ModelSpeedup(
+        model, (8, 3, 32, 32), calib_data_loader=[], calibration_cache=cache
+    ).compress()  # no data needed
+    assert torch.equal(again.inference(x)[0], out)
+
+
+def test_tensorrt_speedup_without_tensorrt_points_to_onnxruntime():
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(EngineError, match="backend='onnxruntime'"):
+        ModelSpeedupTensorRT(TorchModel(), (32, 1, 28, 28), config={}, batchsize=32)
+
+
+def test_unknown_backend():
+    with pytest.raises(EngineError, match="unknown backend 'tvm'"):
+        get_backend("tvm")
+
+
+def test_layer_of_node_handles_both_scope_styles():
+    layers = {"conv1", "layer1.0.conv1", "relu1"}
+    assert layer_of_node("/conv1/Conv", layers) == "conv1"
+    assert layer_of_node("/layer1/layer1.0/conv1/Conv_token_3", layers) == "layer1.0.conv1"
+    assert layer_of_node("/layer1/layer1.0/layer1.0.conv1/Conv", layers) == "layer1.0.conv1"
+    assert layer_of_node("fused /relu1/module/Relu", layers) == "relu1"
+    assert layer_of_node("Transpose_token_4", layers) is None
+
+
+def test_uint8_weight_rewrite_keeps_the_grid(lenet):
+    from onnx import numpy_helper
+
+    qdq = export_qdq_onnx(lenet, (1, 1, 28, 28))
+    before = {
+        i.name: numpy_helper.to_array(i).astype(np.int32)
+        for i in qdq.model.graph.initializer
+        if i.data_type == 3 and len(i.dims) > 1
+    }
+    assert weights_to_uint8(qdq.model) == 4
+    after = {i.name: numpy_helper.to_array(i).astype(np.int32) for i in qdq.model.graph.initializer}
+    for name, q in before.items():
+        np.testing.assert_array_equal(after[name], q + 128)
+    assert isinstance(cpu_has_vnni(), bool)
+    both = [
+        get_backend("onnxruntime").build(
+            export_qdq_onnx(lenet, (1, 1, 28, 28)), (1, 1, 28, 28), BuildOptions(uint8_weights=u)
+        )
+        for u in (True, False)
+    ]
+    x = torch.randn(4, 1, 28, 28)
+    if cpu_has_vnni():  # u8s8 kernels are exact with VNNI: both layouts give the same result
+        assert torch.allclose(both[0].run(x), both[1].run(x), atol=1e-5)
+
+
+def test_residual_model_with_bn_folding_exports_without_batchnorm():
+    model = create_model("tiny_resnet")
+    config = [
+        {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_types": ["Conv2d"]},
+        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+    ]
+    QAT_Quantizer(model, config, None, torch.randn(2, 3, 32, 32))
+    model.train()
+    model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    qdq = export_qdq_onnx(model, (1, 3, 32, 32))
+    ops = {n.op_type for n in qdq.model.graph.node}
+    assert "BatchNormalization" not in ops and "Add" in ops
+    s = ModelSpeedup(model, (8, 3, 32, 32)).compress()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    out, _ = s.inference(x)
+    assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 25
+    assert isinstance(nn.Identity(), nn.Module)
