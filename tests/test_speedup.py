@@ -186,8 +186,8 @@ def test_config_naming_a_missing_layer_is_an_error():
 
 
 def test_unbuildable_bits_name_the_layer():
-    calib = {"fc1": {"weight_bits": 4, "weight_scale": 0.1, "weight_zero_point": 0}}
-    with pytest.raises(mixq.CalibrationFileError, match="layer 'fc1' asks for 4 bits"):
+    calib = {"fc1": {"input_bits": 4, "tracked_min_input": 0.0, "tracked_max_input": 1.0}}
+    with pytest.raises(mixq.CalibrationFileError, match=r"layer 'fc1' asks for \[4\] bits"):
         ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=calib).compress()
 
 
@@ -255,6 +255,7 @@ def test_layer_of_node_handles_both_scope_styles():
     assert layer_of_node("/layer1/layer1.0/conv1/Conv_token_3", layers) == "layer1.0.conv1"
     assert layer_of_node("/layer1/layer1.0/layer1.0.conv1/Conv", layers) == "layer1.0.conv1"
     assert layer_of_node("fused /relu1/module/Relu", layers) == "relu1"
+    assert layer_of_node("/layer2/layer2.0/shortcut/shortcut.0/Conv", {"layer2.0.shortcut.0"}) == "layer2.0.shortcut.0"
     assert layer_of_node("Transpose_token_4", layers) is None
 
 
@@ -303,3 +304,24 @@ def test_residual_model_with_bn_folding_exports_without_batchnorm():
     out, _ = s.inference(x)
     assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 25
     assert isinstance(nn.Identity(), nn.Module)
+
+
+def test_seven_bit_weights_keep_int8_layout_and_match_the_model():
+    torch.manual_seed(0)
+    model = TorchModel()
+    config = [
+        {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 7}, "op_types": ["Conv2d", "Linear"]},
+        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+    ]
+    QAT_Quantizer(model, config)
+    model.train()
+    model(torch.randn(32, 1, 28, 28))
+    model.eval()
+    s = ModelSpeedup(model, (16, 1, 28, 28)).compress()
+    assert s.engine.options.uint8_weights is False  # |q| <= 63: u8 x s8 kernels cannot saturate
+    assert all(r.runs_as == "int8" for r in s.report().rows if r.op_type == "Conv2d")
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+    out, _ = s.inference(x)
+    assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 35

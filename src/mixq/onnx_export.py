@@ -55,25 +55,30 @@ class QDQExport:
 
 
 def layer_precisions(calibration: dict, extra_layer_bits: int = 32) -> dict[str, str]:
-    """``{layer: "int8" | "fp16"}`` for each configured layer; errors name a layer that no engine can build."""
-    out = {}
-    for name, entry in calibration.items():
-        bits = {entry[f"{t}_bits"] for t in ("input", "weight", "output") if f"{t}_bits" in entry}
-        if not bits:
-            raise CalibrationFileError(f"layer {name!r}: no input_bits, weight_bits or output_bits")
-        if len(bits) > 1:
-            raise CalibrationFileError(
-                f"layer {name!r} mixes {sorted(bits)} bits; an engine runs one precision per layer"
-            )
-        b = bits.pop()
-        if b not in (8, 16):
-            raise CalibrationFileError(
-                f"layer {name!r} asks for {b} bits; engines build 8-bit (int8) and 16-bit (fp16) layers "
-                "(32 bits: leave the layer out of the config)"
-            )
-        out[name] = "int8" if b == 8 else "fp16"
+    """``{layer: "int8" | "fp16"}`` for each configured layer; errors name a layer that no engine can build.
+
+    int8 layers have 8-bit activations and 2..8-bit weights (narrower weights are stored in int8 on their
+    own grid: e.g. 7-bit weights keep ONNX Runtime's fast u8 x s8 kernels exact on CPUs without VNNI).
+    fp16 layers have 16 bits everywhere.
+    """
     if extra_layer_bits not in (16, 32):
         raise ConfigError(f"extra_layer_bits must be 16 or 32, got {extra_layer_bits}")
+    out = {}
+    for name, entry in calibration.items():
+        act = {entry[f"{t}_bits"] for t in ("input", "output") if f"{t}_bits" in entry}
+        weight = entry.get("weight_bits")
+        every = act | ({weight} if weight is not None else set())
+        if not every:
+            raise CalibrationFileError(f"layer {name!r}: no input_bits, weight_bits or output_bits")
+        if every == {16}:
+            out[name] = "fp16"
+        elif act <= {8} and (weight is None or 2 <= weight <= 8):
+            out[name] = "int8"
+        else:
+            raise CalibrationFileError(
+                f"layer {name!r} asks for {sorted(every)} bits; engines build int8 layers (8-bit activations, "
+                "2..8-bit weights) and fp16 layers (16 bits throughout); 32 bits: leave the layer out"
+            )
     return out
 
 
@@ -98,9 +103,7 @@ class _QDQLayer(nn.Module):
         self.weighted = type(module).__name__ in WEIGHTED_OP_TYPES
         self.weight_axis = None
         if self.weighted and "weight_bits" in entry:
-            spec = QuantSpec.from_dict(entry.get("weight_qspec") or _WEIGHT_DEFAULT)
-            if spec.dtype.bits != 8:
-                raise CalibrationFileError(f"layer {name!r}: weight_bits {spec.dtype.bits}; Q/DQ weights are 8-bit")
+            spec = QuantSpec.from_dict(entry.get("weight_qspec") or {**_WEIGHT_DEFAULT, "bits": entry["weight_bits"]})
             scale = torch.tensor(entry["weight_scale"], dtype=torch.float32).reshape(-1)
             zp = torch.tensor(entry["weight_zero_point"], dtype=torch.int32).reshape(-1)
             channels = module.weight.shape[spec.axis or 0]
@@ -111,6 +114,7 @@ class _QDQLayer(nn.Module):
             self.weight_axis = spec.axis if scale.numel() > 1 else None
             self.register_buffer("weight_scale", scale)
             self.register_buffer("weight_zero_point", zp)
+            # Narrow weights keep their grid inside an 8-bit container (the values never leave the narrow range).
             self.weight_range = (-128, 127) if spec.dtype.signed else (0, 255)
 
     def forward(self, x, *args, **kwargs):

@@ -3,6 +3,7 @@ and reads back what each layer became in ORT's optimized graph (QLinearConv/QGem
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -56,10 +57,15 @@ def layer_of_node(node_name: str, layers) -> str | None:
     deepest configured layer name it lies in. Scope parts are either attribute names or full dotted names."""
     node_name = node_name.removeprefix("fused ")  # ORT's Conv/Gemm+activation fusion
     parts = [p for p in node_name.split("/") if p][:-1]
-    dotted = ""
-    best = None
+    dotted, last, best = "", "", None
     for p in parts:
-        dotted = p if (dotted and p.startswith(dotted + ".")) or not dotted else f"{dotted}.{p}"
+        if not dotted or p.startswith(dotted + "."):  # full dotted name
+            dotted = p
+        elif last and p.startswith(last + "."):  # container child written as "<container>.<index>"
+            dotted += p[len(last) :]
+        else:  # attribute name
+            dotted = f"{dotted}.{p}"
+        last = p
         if dotted in layers:
             best = dotted
     return best
@@ -114,6 +120,26 @@ def weights_to_uint8(model) -> int:
         node.input[2] = zp_name
         count += 1
     return count
+
+
+# u8 x s8 pairs summed in int16 stay exact when |w| <= 64: 2 * 255 * 64 = 32640 <= 32767.
+SAFE_U8S8_WEIGHT = 64
+
+
+def max_abs_int8_weight(model) -> int:
+    """Largest |q| over the int8 weight initializers that feed a DequantizeLinear (0 if none)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    top = 0
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            w = inits[node.input[0]]
+            if w.data_type == onnx.TensorProto.INT8 and len(w.dims) > 1:
+                top = max(top, int(np.abs(numpy_helper.to_array(w).astype(np.int16)).max()))
+    return top
 
 
 class OnnxRuntimeEngine(Engine):
@@ -237,7 +263,11 @@ class OnnxRuntimeEngine(Engine):
             "model.onnx": self.qdq_bytes,
             "optimized.onnx": self.optimized_bytes,
             "options.json": json.dumps(
-                {"threads": self.options.threads, "keep_pools_float": self.options.keep_pools_float}
+                {
+                    "threads": self.options.threads,
+                    "keep_pools_float": self.options.keep_pools_float,
+                    "uint8_weights": self.options.uint8_weights,
+                }
             ).encode(),
         }
 
@@ -259,18 +289,23 @@ class OnnxRuntimeBackend(Backend):
         import onnx
 
         model = qdq.model
-        uint8 = options.uint8_weights if options.uint8_weights is not None else not cpu_has_vnni()
+        uint8 = options.uint8_weights
+        if uint8 is None:
+            uint8 = not cpu_has_vnni() and max_abs_int8_weight(model) > SAFE_U8S8_WEIGHT
         if uint8:
             model = onnx.ModelProto()
             model.CopyFrom(qdq.model)
             weights_to_uint8(model)
+        options = dataclasses.replace(options, uint8_weights=bool(uint8))
         return OnnxRuntimeEngine(model.SerializeToString(), input_shape, qdq.layers, options)
 
     def load(self, path) -> OnnxRuntimeEngine:
         manifest, members = read_engine_file(path, self.name)
         try:
             opts = json.loads(members["options.json"])
-            options = BuildOptions(threads=opts["threads"], keep_pools_float=opts["keep_pools_float"])
+            options = BuildOptions(
+                threads=opts["threads"], keep_pools_float=opts["keep_pools_float"], uint8_weights=opts["uint8_weights"]
+            )
             return OnnxRuntimeEngine(
                 members["model.onnx"],
                 tuple(manifest["input_shape"]),
