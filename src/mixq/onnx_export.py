@@ -236,6 +236,7 @@ def export_qdq_onnx(
         ) from e
     proto = onnx.load_from_string(buffer.getvalue())
     _fold_weight_quantize(proto)
+    _quantize_gemm_bias(proto)
     meta = proto.metadata_props.add()
     meta.key, meta.value = LAYERS_METADATA_KEY, json.dumps(layers)
     onnx.checker.check_model(proto)
@@ -305,3 +306,64 @@ def _fold_weight_quantize(model) -> None:
     ]
     for i in unused:
         model.graph.initializer.remove(i)
+
+
+def _quantize_gemm_bias(model) -> None:
+    """Give each Gemm whose input and weight are dequantized an int32 bias behind a DequantizeLinear
+    (scale = input scale x weight scale, zero point 0), the form ONNX Runtime needs to run a Gemm with a
+    float output as QGemm. The bias moves by at most half an accumulator step (|error| <= s_in * s_w / 2)."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def const(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Identity":
+            return const(node.input[0])
+        if node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    new_nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        a, b = producers.get(node.input[0]), producers.get(node.input[1])
+        if a is None or b is None or a.op_type != "DequantizeLinear" or b.op_type != "DequantizeLinear":
+            continue
+        trans_b = next((att.i for att in node.attribute if att.name == "transB"), 0)
+        s_a, s_b = const(a.input[1]), const(b.input[1])
+        if s_a is None or s_b is None or s_a.size != 1 or (s_b.size > 1 and not trans_b):
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        scale = (np.float64(s_a.reshape(())) * s_b.astype(np.float64)).astype(np.float32)
+        scale = np.broadcast_to(scale, bias.shape).copy() if scale.size > 1 or bias.size > 1 else scale
+        q = np.clip(np.rint(bias / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        base = node.input[2]
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(q, f"{base}_quantized"),
+                numpy_helper.from_array(scale.reshape(-1) if scale.size > 1 else scale.reshape(()), f"{base}_scale"),
+                numpy_helper.from_array(np.zeros(q.shape if scale.size > 1 else (), np.int32), f"{base}_zero_point"),
+            ]
+        )
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+            [f"{base}_dequantized"],
+            name=f"{node.name.rsplit('/', 1)[0]}/BiasDequantizeLinear",
+            **({"axis": 0} if scale.size > 1 else {}),
+        )
+        new_nodes.append((node, dq))
+        node.input[2] = f"{base}_dequantized"
+    for gemm, dq in new_nodes:
+        idx = list(model.graph.node).index(gemm)
+        model.graph.node.insert(idx, dq)
+    used = {i for n in model.graph.node for i in n.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)

@@ -119,9 +119,14 @@ class Engine(ABC):
             raise EngineError(
                 f"batch {x.shape[0]} exceeds this engine's max batch {self.max_batch}; rebuild with a larger max_batch"
             )
-        if check_finite and not bool(torch.isfinite(x).all()):
-            raise EngineError("input contains NaN or infinite values")
-        return x.contiguous()
+        x = x.contiguous()
+        if check_finite:
+            # numpy on CPU: a torch op here would wake torch's OpenMP pool, whose spinning threads then
+            # compete with the engine's own threads (measured: ONNX Runtime LeNet 0.9 ms -> 5.8 ms on 2 cores).
+            finite = bool(torch.isfinite(x).all()) if x.device.type != "cpu" else bool(np.isfinite(x.numpy()).all())
+            if not finite:
+                raise EngineError("input contains NaN or infinite values")
+        return x
 
     @abstractmethod
     def run(self, x, check_finite: bool = True) -> torch.Tensor: ...
