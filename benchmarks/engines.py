@@ -43,7 +43,7 @@ def with_weight_bits(config, bits):
     out = []
     for e in config:
         e = copy.deepcopy(e)
-        if "weight" in e["quant_types"]:
+        if "weight" in e.get("quant_types", ()):
             e["quant_bits"] = {t: (bits if t == "weight" else 8) for t in e["quant_types"]}
         out.append(e)
     return out
@@ -240,7 +240,8 @@ def main(argv=None):
             f"### {name}",
             "",
             " ".join(
-                f"batch {b}: warm-up {results[b]['_meta'][0]}, {results[b]['_meta'][1]} timed runs in {args.rounds} interleaved rounds."
+                f"batch {b}: warm-up {results[b]['_meta'][0]}, {results[b]['_meta'][1]} timed runs "
+                f"in {args.rounds} interleaved rounds."
                 for b in args.batches
             ),
             "",

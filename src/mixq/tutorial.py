@@ -17,7 +17,16 @@ from torch.utils.data import DataLoader
 from .data import load_mnist
 from .models import TorchModel
 
-__all__ = ["TUTORIAL_CONFIG_LIST", "MnistTask", "trainer", "evaluator", "QatComparison", "compare_fp32_and_qat"]
+__all__ = [
+    "TUTORIAL_CONFIG_LIST",
+    "ALL_8BIT_CONFIG_LIST",
+    "FAST_MIXED_CONFIG_LIST",
+    "MnistTask",
+    "TrainedVariant",
+    "train_variants",
+    "evaluator",
+    "trainer",
+]
 
 TUTORIAL_CONFIG_LIST = [
     {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 8}, "op_types": ["Conv2d"]},
@@ -77,39 +86,48 @@ def evaluator(model: nn.Module, loader) -> tuple[float, float]:
     return loss / n, 100.0 * correct / n
 
 
+ALL_8BIT_CONFIG_LIST = [
+    {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+]
+
+# What runs fastest on ONNX Runtime CPU (measured, see benchmarks/): convs and pools float, the three
+# Linear layers int8 with 7-bit weights (exact with u8 x s8 kernels on CPUs without VNNI).
+FAST_MIXED_CONFIG_LIST = [
+    {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 7}, "op_types": ["Linear"]},
+]
+
+
 @dataclass
-class QatComparison:
-    fp32_accuracy: float
-    qat_accuracy: float
-    fp32_epoch_seconds: list[float]
-    qat_epoch_seconds: list[float]
-    fp32_model: nn.Module
-    qat_model: nn.Module
-    quantizer: object
+class TrainedVariant:
+    name: str
+    model: nn.Module
+    quantizer: object | None  # None for the fp32 model
+    accuracy: float  # PyTorch (fake-quant) model, full test loader
+    epoch_seconds: list[float]
 
 
-def compare_fp32_and_qat(
-    task: MnistTask, epochs: int = 3, seed: int = 0, config_list=None, progress_factory=None
-) -> QatComparison:
-    """Train the tutorial's LeNet from the same initial weights twice for ``epochs`` epochs: in fp32 and
-    under ``QAT_Quantizer`` with the tutorial's config (SGD lr 0.01 momentum 0.5, as in the tutorial)."""
+def train_variants(task: MnistTask, configs: dict, epochs: int = 3, seed: int = 0, progress_factory=None) -> dict:
+    """Train the tutorial's LeNet from the same initial weights once per entry of ``configs``
+    (``{name: config_list}``; ``None`` = plain fp32 training), each for ``epochs`` epochs with the tutorial's
+    optimizer (SGD lr 0.01 momentum 0.5) and ``QAT_Quantizer`` where a config is given."""
     from .nni import QAT_Quantizer
 
     torch.manual_seed(seed)
     init = TorchModel()
-    results = {}
-    for kind in ("fp32", "qat"):
+    out = {}
+    for name, config in configs.items():
         model = copy.deepcopy(init)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
         quantizer = None
-        if kind == "qat":
-            quantizer = QAT_Quantizer(model, config_list or TUTORIAL_CONFIG_LIST, optimizer, torch.rand(32, 1, 28, 28))
+        if config is not None:
+            quantizer = QAT_Quantizer(model, config, optimizer, torch.rand(32, 1, 28, 28))
             model = quantizer.compress()
         seconds, acc = [], 0.0
         for epoch in range(epochs):
             loader = task.train_loader(epoch)
             bar = (
-                progress_factory(total=len(loader), desc=f"{kind} epoch {epoch + 1}/{epochs}")
+                progress_factory(total=len(loader), desc=f"{name}: epoch {epoch + 1}/{epochs}")
                 if progress_factory
                 else None
             )
@@ -119,13 +137,5 @@ def compare_fp32_and_qat(
             if bar is not None:
                 bar.close()
             _, acc = evaluator(model, task.test_loader())
-        results[kind] = (model, acc, seconds, quantizer)
-    return QatComparison(
-        fp32_accuracy=results["fp32"][1],
-        qat_accuracy=results["qat"][1],
-        fp32_epoch_seconds=results["fp32"][2],
-        qat_epoch_seconds=results["qat"][2],
-        fp32_model=results["fp32"][0],
-        qat_model=results["qat"][0],
-        quantizer=results["qat"][3],
-    )
+        out[name] = TrainedVariant(name, model.eval(), quantizer, acc, seconds)
+    return out
