@@ -1,0 +1,88 @@
+import pytest
+import torch
+from torch import nn
+
+import mixq
+from mixq.nni import ModelSpeedup, QAT_Quantizer
+from mixq.onnx_export import export_qdq_onnx, layer_precisions
+
+
+class Zoo(nn.Module):
+    """Concat, ReLU6, AvgPool, GELU, Sigmoid, Reshape, residual Add and BatchNorm in one small model."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu6 = nn.ReLU6()
+        self.b = nn.Conv2d(3, 8, 1)
+        self.pool = nn.AvgPool2d(2)
+        self.gelu = nn.GELU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.relu6(self.bn(self.a(x)))
+        z = torch.sigmoid(self.b(x))
+        h = self.pool(torch.cat([y, z + y], dim=1))
+        h = self.gap(self.gelu(h)).reshape(x.shape[0], -1)
+        return self.fc(h)
+
+
+CONFIG = [
+    {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]},
+    {"quant_types": ["input", "output"], "quant_bits": 8, "op_types": ["AvgPool2d"]},
+]
+
+
+def test_tricky_model_exports_and_engine_matches_fake_quant_model():
+    torch.manual_seed(0)
+    model = Zoo()
+    QAT_Quantizer(model, CONFIG, None, torch.randn(2, 3, 16, 16))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 3, 16, 16))
+    model.eval()
+    qdq = export_qdq_onnx(model, (1, 3, 16, 16))
+    ops = {n.op_type for n in qdq.model.graph.node}
+    assert {"Concat", "Sigmoid", "Add", "AveragePool"} <= ops and "BatchNormalization" not in ops
+    s = ModelSpeedup(model, (4, 3, 16, 16)).compress()
+    x = torch.randn(32, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    out, _ = s.inference(x)
+    assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 30
+    report = s.report()
+    rows = {r.layer: r for r in report.rows}
+    assert rows["a"].runs_as == "int8"
+    # b's output feeds a float Sigmoid: ORT has no int8 conv with a float output, and the report says so.
+    assert rows["b"].runs_as == "fp32" and rows["b"] in report.mismatches
+    assert rows["pool"].requested == "int8"
+
+
+def test_layer_precisions_rules():
+    assert layer_precisions({"a": {"input_bits": 8, "weight_bits": 7}}) == {"a": "int8"}
+    assert layer_precisions({"a": {"input_bits": 16, "weight_bits": 16}}) == {"a": "fp16"}
+    with pytest.raises(mixq.CalibrationFileError, match=r"layer 'a' asks for \[8, 16\] bits"):
+        layer_precisions({"a": {"input_bits": 16, "weight_bits": 8}})
+    with pytest.raises(mixq.ConfigError, match="extra_layer_bits must be 16 or 32"):
+        layer_precisions({}, extra_layer_bits=8)
+
+
+def test_plain_model_without_config_is_a_clear_error():
+    with pytest.raises(mixq.ConfigError, match="not quantized: pass config"):
+        export_qdq_onnx(nn.Sequential(nn.Linear(2, 2)), (1, 2))
+
+
+def test_op_type_mismatch_between_config_and_model_names_the_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    calib = {"0": {"op_type": "Conv2d", "weight_bits": 8, "weight_scale": 0.1, "weight_zero_point": 0}}
+    with pytest.raises(mixq.CalibrationFileError, match="layer '0' is a Linear in the model but a Conv2d"):
+        export_qdq_onnx(model, (1, 4), calib)
+
+
+def test_export_failure_is_wrapped_with_the_shape():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(mixq.MixqError, match=r"ONNX export of Sequential with input shape \(1, 5\) failed"):
+        export_qdq_onnx(model, (1, 5), {})
