@@ -156,6 +156,7 @@ def _plot(rows, path: Path) -> Path | None:
     for r in rows:
         ax.scatter(r["latency_ms"], r["accuracy_engine"])
         ax.annotate(r["strategy"], (r["latency_ms"], r["accuracy_engine"]), fontsize=7)
+    ax.margins(x=0.35, y=0.15)
     ax.set_xlabel("latency at batch 128 (ms)")
     ax.set_ylabel("top-1 accuracy, engine (%)")
     ax.set_title("MNIST LeNet: latency vs accuracy")
