@@ -5,6 +5,7 @@ import io
 import lzma
 import tarfile
 import threading
+import typing
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,8 +21,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
     """Serves files with Range support; ``cut`` bytes: the first full request of a file is cut short."""
 
     cut: int | None = None
-    served: set = set()
-    requests: list = []
+    served: typing.ClassVar[set] = set()
+    requests: typing.ClassVar[list] = []
 
     def log_message(self, *args):
         pass
