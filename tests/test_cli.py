@@ -35,3 +35,79 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     assert out.returncode == 2
     expected = f"mixq demo: error: data directory {tmp_path / 'missing'} does not exist"
     assert out.stderr.strip().splitlines() == [expected]
+
+
+def test_quantize_build_bench_inspect_report_round_trip(data_dir, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("- quant_types: [input, weight]\n  quant_bits: {input: 8, weight: 7}\n  op_types: [Linear]\n")
+    out = tmp_path / "q"
+    common = ["--data-dir", str(data_dir), "--no-progress"]
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                "lenet",
+                "--config",
+                str(cfg),
+                "--method",
+                "qat",
+                "--dataset",
+                "mnist",
+                "--train-limit",
+                "4096",
+                "--test-limit",
+                "1000",
+                "--out",
+                str(out),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "fake-quant accuracy" in capsys.readouterr().out
+    engine = tmp_path / "lenet.mixq"
+    assert (
+        main(
+            [
+                "build",
+                "--model",
+                "lenet",
+                "--weights",
+                str(out / "model.pth"),
+                "--calibration",
+                str(out / "calibration.json"),
+                "--input-shape",
+                "32,1,28,28",
+                "--out",
+                str(engine),
+            ]
+        )
+        == 0
+    )
+    assert "| fc1 | Linear | int8 | int8 | QGemm |" in capsys.readouterr().out
+    assert main(["bench", str(engine), "--batch", "1", "4", "--runs", "5", "--warmup", "1"]) == 0
+    assert "| 4 |" in capsys.readouterr().out
+    assert main(["inspect", str(engine)]) == 0
+    assert "fc1 (Linear): int8" in capsys.readouterr().out
+    assert main(["inspect", str(out / "calibration.json")]) == 0
+    assert "fc1 (Linear): input=8b, weight=7b" in capsys.readouterr().out
+    assert main(["report", str(engine), "--profile-batch", "4", "--runs", "2"]) == 0
+    assert "time us" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.mixq")]) == 2
+    assert "missing.mixq: engine file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert (
+        main(["quantize", "--model", "lenet", "--config", str(bad), "--dataset", "mnist", "--out", str(tmp_path)]) == 2
+    )
+    assert "--config" in capsys.readouterr().err
+    assert (
+        main(["build", "--model", "nope", "--calibration", "x.json", "--input-shape", "1,1,28,28", "--out", "e"]) == 2
+    )
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.md" in capsys.readouterr().err

@@ -67,7 +67,7 @@ class LayerPlacement:
     layer: str
     op_type: str
     requested: str  # int8 | fp16 | fp32
-    runs_as: str  # int8 | fp16 | fp32 | fused | absent
+    runs_as: str  # int8 | fp16 | fp32 | fused
     kernels: tuple[str, ...]
     unfused_qdq: int
     note: str = ""

@@ -202,7 +202,7 @@ class OnnxRuntimeEngine(Engine):
         for layer, info in self.layers.items():
             ks = tuple(kernels.get(layer, ()))
             if not ks:
-                runs_as = "fused" if info["precision"] == "int8" or info["op_type"] in ("ReLU", "ReLU6") else "absent"
+                runs_as = "fused"  # no kernel of its own: absorbed by a neighbour (ORT fusions rename nodes)
             elif any(k in INT8_KERNELS for k in ks):
                 runs_as = "int8"
             else:
@@ -213,7 +213,7 @@ class OnnxRuntimeEngine(Engine):
             elif info["precision"] == "int8" and runs_as == "fp32":
                 note = "asked int8, runs float (ORT found no int8 kernel for this Q/DQ pattern)"
             elif runs_as == "fused":
-                note = "folded into a neighbouring kernel (e.g. ReLU into the quantized range)"
+                note = "no kernel of its own: fused into a neighbouring kernel (e.g. Conv+ReLU, or ReLU into a quantized range)"
             out.append(LayerPlacement(layer, info["op_type"], info["precision"], runs_as, ks, qdq.get(layer, 0), note))
         return out
 
