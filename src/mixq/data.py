@@ -101,10 +101,13 @@ def load_mnist(train: bool, root: str | os.PathLike | None = None, limit: int | 
     return TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_cifar10_arrays(train: bool, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 3, 32, 32], labels int64 [N]); reads plain or .xz batches, checksum-verified."""
+def load_cifar10_arrays(
+    train: bool, root: str | os.PathLike | None = None, train_batches: tuple[int, ...] = (1, 2, 3, 4, 5)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 3, 32, 32], labels int64 [N]); reads plain or .xz batches, checksum-verified.
+    ``train_batches`` picks which of the five official training batches to read (10k images each)."""
     d = data_dir(root) / "cifar10" / "cifar-10-batches-py"
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    names = [f"data_batch_{i}" for i in train_batches] if train else ["test_batch"]
     xs, ys = [], []
     for name in names:
         plain, xz = d / name, d / f"{name}.xz"
@@ -145,9 +148,14 @@ def _unpickle_cifar(data: bytes, name: str) -> dict:
         raise DataError(f"{name}: cannot parse CIFAR-10 batch ({e})") from e
 
 
-def load_cifar10(train: bool, root: str | os.PathLike | None = None, limit: int | None = None) -> TensorDataset:
+def load_cifar10(
+    train: bool,
+    root: str | os.PathLike | None = None,
+    limit: int | None = None,
+    train_batches: tuple[int, ...] = (1, 2, 3, 4, 5),
+) -> TensorDataset:
     """CIFAR-10 as a TensorDataset of normalized float images [N, 3, 32, 32] and int64 labels."""
-    images, labels = load_cifar10_arrays(train, root)
+    images, labels = load_cifar10_arrays(train, root, train_batches)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(images.astype(np.float32) / 255.0)
