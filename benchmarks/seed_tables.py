@@ -9,7 +9,8 @@ CIFAR-10 is split, because training ResNet-18 on 2 CPU cores takes hours:
   2. latency of the same engines on this CPU machine (same architecture and configs; weights from PTQ on
      real images, since 45 MB state dicts cannot come back from the GPU machine; the kernels ONNX Runtime
      picks do not depend on weight values, except the int8/uint8 weight layout, which is the same here):
-       python benchmarks/seed_tables.py cifar-latency --accuracy OUT/cifar_train.json --out benchmarks/results/seed-cifar
+       python benchmarks/seed_tables.py cifar-latency --accuracy OUT/cifar_train.json \
+           --out benchmarks/results/seed-cifar
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def cmd_cifar_train(args):
         with torch.no_grad():
             acc_torch = accuracy(lambda x, m=model: m(x.to(device)).cpu(), test)
         model.cpu()
-        calibration = quantizer.export_model(out / "model.pth", out / f"calib_{len(rows)}.json") if quantizer else {}
+        if quantizer is not None:  # the calibration config comes back; the 45 MB state dict cannot
+            quantizer.export_model(out / "model.pth", out / f"calib_{len(rows)}.json")
         speedup = ModelSpeedup(model, (128, 3, 32, 32), config=None if quantizer else {}, batchsize=128).compress()
         acc_engine = accuracy(lambda x, s=speedup: s.inference(x)[0], test)
         rows.append(
@@ -109,7 +111,8 @@ def cmd_cifar_train(args):
     meta = {
         "machine": f"{torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}; torch "
         f"{torch.__version__}",
-        "train": f"{len(train)} training images (official batches {args.train_batches}) x {args.epochs} epochs, batch 128, SGD lr 0.05 momentum 0.9 wd 5e-4, "
+        "train": f"{len(train)} training images (official batches {args.train_batches}) x {args.epochs} epochs, "
+        "batch 128, SGD lr 0.05 momentum 0.9 wd 5e-4, "
         "seed 0, same initial weights for every strategy; QAT with BN folding",
         "test_images": len(test),
         "rows": rows,
@@ -145,7 +148,8 @@ def cmd_cifar_latency(args):
     lines = [
         "CIFAR-10 ResNet-18 (the seed trained one epoch)",
         f"latency: this machine, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; batch 128, median of {args.runs} runs after "
+        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; batch 128, "
+        f"median of {args.runs} runs after "
         f"{args.warmup} warm-up, interleaved in 5 rounds",
         f"accuracy: {trained['machine']}; {trained['train']}; engine = ONNX Runtime on that machine's CPU, "
         f"{trained['test_images']} test images"

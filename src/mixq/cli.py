@@ -21,7 +21,8 @@ EXAMPLES = {
   mixq download mnist cifar10 --data-dir ~/data  # official files, resumable, checksum-verified""",
     "quantize": """examples:
   mixq quantize --model lenet --config cfg.json --method qat --dataset mnist --epochs 3 --out runs/q
-  mixq quantize --model my_net.py:Net --weights fp32.pth --config cfg.yaml --method ptq --dataset cifar10 --out runs/p""",
+  mixq quantize --model my_net.py:Net --weights fp32.pth --config cfg.yaml --method ptq \\
+                --dataset cifar10 --out runs/p""",
     "build": """examples:
   mixq build --model lenet --weights runs/q/model.pth --calibration runs/q/calibration.json \\
              --input-shape 128,1,28,28 --out runs/q/lenet.mixq""",
@@ -171,7 +172,8 @@ def cmd_quantize(args) -> int:
     with torch.no_grad():
         acc = accuracy(model, test)
     print(
-        f"{args.method} {args.model} on {args.dataset}: fake-quant accuracy {acc:.2f}% on {len(test.tensors[0])} test images"
+        f"{args.method} {args.model} on {args.dataset}: fake-quant accuracy {acc:.2f}% "
+        f"on {len(test.tensors[0])} test images"
     )
     print(f"wrote {out / 'model.pth'} and {out / 'calibration.json'}")
     return 0

@@ -213,7 +213,7 @@ class OnnxRuntimeEngine(Engine):
             elif info["precision"] == "int8" and runs_as == "fp32":
                 note = "asked int8, runs float (ORT found no int8 kernel for this Q/DQ pattern)"
             elif runs_as == "fused":
-                note = "no kernel of its own: fused into a neighbouring kernel (e.g. Conv+ReLU, or ReLU into a quantized range)"
+                note = "no kernel of its own: fused into a neighbour (Conv+ReLU, or ReLU into a quantized range)"
             out.append(LayerPlacement(layer, info["op_type"], info["precision"], runs_as, ks, qdq.get(layer, 0), note))
         return out
 
