@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._errors import ConfigError
+from .distributed import all_reduce_range, all_reduce_sum
 from .primitives import choose_qparams, fake_quantize, tensor_range
 from .spec import QuantSpec
 
@@ -49,6 +50,9 @@ class Observer(nn.Module):
     def reset(self) -> None:
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Merge this observer's statistics with the other ranks' (no-op when not distributed)."""
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.initialized:
             raise RuntimeError(f"{type(self).__name__} has observed no data yet")
@@ -78,7 +82,13 @@ class MinMaxObserver(Observer):
         return self.min_val, self.max_val
 
     def reset(self):
-        self.min_val, self.max_val = torch.tensor([]), torch.tensor([])
+        device = self.min_val.device
+        self.min_val, self.max_val = torch.tensor([], device=device), torch.tensor([], device=device)
+
+    def sync(self) -> None:
+        """Merge with the other ranks (exact: the min of mins and the max of maxes)."""
+        if self.initialized:
+            self.min_val, self.max_val = all_reduce_range(self.min_val, self.max_val)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Buffers start empty and take whatever shape the checkpoint has.
@@ -99,7 +109,9 @@ class EMAMinMaxObserver(MinMaxObserver):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = tensor_range(x.float(), self.spec)
+        # Under torch.distributed every rank folds in the range of the global batch, so the EMA (and the
+        # exported config) is identical on all ranks.
+        lo, hi = all_reduce_range(*tensor_range(x.float(), self.spec))
         if self.initialized:
             lo = self.decay * self.min_val + (1 - self.decay) * lo
             hi = self.decay * self.max_val + (1 - self.decay) * hi
@@ -124,6 +136,8 @@ class HistogramObserver(Observer):
         self.register_buffer("hist", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("lo", torch.tensor(math.inf, dtype=torch.float64))
         self.register_buffer("hi", torch.tensor(-math.inf, dtype=torch.float64))
+        self.range_only = False  # first pass of a two-pass calibration: track min/max, no histogram
+        self.fixed = False  # second pass: the range is fixed, counts simply add up
 
     @property
     def initialized(self) -> bool:
@@ -136,6 +150,15 @@ class HistogramObserver(Observer):
             return
         if not torch.isfinite(x).all():
             raise ValueError(f"{type(self).__name__} observed NaN or infinite values")
+        if self.range_only:
+            self.lo.fill_(min(float(self.lo), float(x.min()), 0.0))
+            self.hi.fill_(max(float(self.hi), float(x.max()), 0.0))
+            return
+        if self.fixed:
+            self.hist += torch.histogram(
+                x.clamp(float(self.lo), float(self.hi)), bins=self.bins, range=(float(self.lo), float(self.hi))
+            ).hist
+            return
         lo = min(float(self.lo), float(x.min()), 0.0)
         hi = max(float(self.hi), float(x.max()), 0.0)
         if hi == lo:
@@ -152,6 +175,29 @@ class HistogramObserver(Observer):
         self.hist.zero_()
         self.lo.fill_(math.inf)
         self.hi.fill_(-math.inf)
+        self.range_only = self.fixed = False
+
+    def fix_range(self) -> None:
+        """End the range pass: agree on the global range across ranks and count into fixed bins from now on.
+        With the range fixed before any counting, the histogram no longer depends on batch order or on how
+        the data is sharded, so merged counts equal a single process's exactly."""
+        lo, hi = all_reduce_range(self.lo, self.hi)
+        self.lo.copy_(lo)
+        self.hi.copy_(hi if float(hi) > float(lo) else lo + 1e-12)
+        self.hist.zero_()
+        self.range_only, self.fixed = False, True
+
+    def sync(self) -> None:
+        """Merge with the other ranks: exact for fixed-range histograms (counts add up); otherwise each rank's
+        counts are first moved into the common range by bin centre (the usual approximation)."""
+        lo, hi = all_reduce_range(self.lo, self.hi)
+        if not self.fixed and (float(lo) < float(self.lo) or float(hi) > float(self.hi)) and self.initialized:
+            edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)
+            centers = (edges[:-1] + edges[1:]) / 2
+            self.hist = torch.histogram(centers, bins=self.bins, range=(float(lo), float(hi)), weight=self.hist).hist
+        self.lo.copy_(lo)
+        self.hi.copy_(hi)
+        self.hist = all_reduce_sum(self.hist)
 
     def bin_centers(self) -> torch.Tensor:
         edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)

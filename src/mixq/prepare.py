@@ -29,7 +29,7 @@ from ._fake_quant import (
     WeightQuant,
 )
 from .config import WEIGHTED_OP_TYPES, resolve_config
-from .observers import EMAMinMaxObserver, make_observer
+from .observers import EMAMinMaxObserver, HistogramObserver, make_observer
 from .spec import LayerSpec, QuantSpec
 
 __all__ = [
@@ -249,6 +249,10 @@ def prepare_(
     for name, spec in specs.items():
         bn_name = folded.get(name)
         wrapper = QuantWrapper(modules[name], spec, method, modules[bn_name] if bn_name else None, bn_name)
+        # New observer/step buffers go where the layer lives (a model moved to CUDA before prepare_).
+        device = next((t.device for t in (*modules[name].parameters(), *modules[name].buffers())), None)
+        if device is not None:
+            wrapper.to(device)
         _set_submodule(model, name, wrapper)
         if bn_name:
             _set_submodule(model, bn_name, nn.Identity())
@@ -268,23 +272,51 @@ def _wrappers_or_error(model: nn.Module) -> dict[str, QuantWrapper]:
 
 def calibrate_(model: nn.Module, forward_loop: Callable[[nn.Module], object]) -> nn.Module:
     """PTQ: run ``forward_loop(model)`` in eval mode without gradients while observers collect ranges,
-    then freeze the ranges and switch to quantized execution."""
+    then freeze the ranges and switch to quantized execution.
+
+    With histogram observers (percentile, entropy, mse) the loop runs twice: once to find the range, once to
+    count into fixed bins, so the result does not depend on batch order. Under torch.distributed each rank
+    runs the loop over its own shard (the same number of batches on every rank) and the statistics are
+    merged exactly: the result equals one process calibrating on all shards.
+    """
     wrappers = _wrappers_or_error(model)
+    histograms = [o for o in _activation_observers(wrappers) if isinstance(o, HistogramObserver)]
     was_training = model.training
     for w in wrappers.values():
         w.mode = Mode.CALIBRATE
     model.eval()
     try:
         with torch.no_grad():
+            for o in histograms:
+                o.reset()
+                o.range_only = True
             forward_loop(model)
+            if histograms:
+                for o in histograms:
+                    o.fix_range()
+                forward_loop(model)
     finally:
         model.train(was_training)
     return freeze_(model)
 
 
+def _activation_observers(wrappers: dict) -> list:
+    return [
+        q.observer
+        for w in wrappers.values()
+        for q in (w.input_quantizer, w.output_quantizer)
+        if isinstance(q, ActivationQuant)
+    ]
+
+
 def freeze_(model: nn.Module) -> nn.Module:
-    """Switch every wrapper to quantized execution; an activation never observed is an error naming it."""
-    for name, w in _wrappers_or_error(model).items():
+    """Switch every wrapper to quantized execution; an activation never observed is an error naming it.
+    Observers that were calibrating merge their statistics across ranks first (torch.distributed)."""
+    wrappers = _wrappers_or_error(model)
+    calibrating = {n: w for n, w in wrappers.items() if w.mode is Mode.CALIBRATE}
+    for observer in _activation_observers(calibrating):
+        observer.sync()
+    for name, w in wrappers.items():
         for t in ("input", "output"):
             q = getattr(w, f"{t}_quantizer")
             if q is not None and not q.initialized:

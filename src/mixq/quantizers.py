@@ -14,6 +14,7 @@ from torch import nn
 from ._errors import ConfigError, MixqError
 from ._io import atomic_write
 from .calibration import save_calibration_config
+from .distributed import barrier, is_main_process
 from .prepare import (
     LSQ,
     PTQ,
@@ -66,12 +67,14 @@ class Quantizer:
         deploy = deploy_model(self.bound_model)
         if onnx_path is not None and input_shape is None:
             raise ConfigError("export_model: onnx_path needs input_shape, e.g. (1, 1, 28, 28)")
-        with atomic_write(model_path, "wb") as f:
-            torch.save(deploy.state_dict(), f)
-        if calibration_path is not None:
-            save_calibration_config(calibration, calibration_path)
-        if onnx_path is not None:
-            export_onnx(deploy, onnx_path, input_shape, device)
+        if is_main_process():  # under torch.distributed every rank returns the config, rank 0 writes
+            with atomic_write(model_path, "wb") as f:
+                torch.save(deploy.state_dict(), f)
+            if calibration_path is not None:
+                save_calibration_config(calibration, calibration_path)
+            if onnx_path is not None:
+                export_onnx(deploy, onnx_path, input_shape, device)
+        barrier()
         return calibration
 
 

@@ -1,0 +1,47 @@
+"""torch.distributed support: observers that agree across ranks, exact merging of calibration statistics,
+and rank-0-only file writes. Nothing here starts processes: use ``torchrun`` (see README)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["is_distributed", "is_main_process", "all_reduce_range", "all_reduce_sum", "barrier"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def _collective_device(t: torch.Tensor) -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise global min of ``lo`` and max of ``hi`` over all ranks (identity when not distributed)."""
+    if not is_distributed():
+        return lo, hi
+    device = _collective_device(lo)
+    lo_g, hi_g = lo.detach().to(device, torch.float64).clone(), hi.detach().to(device, torch.float64).clone()
+    dist.all_reduce(lo_g, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi_g, op=dist.ReduceOp.MAX)
+    return lo_g.to(lo.device, lo.dtype), hi_g.to(hi.device, hi.dtype)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks (float64 on the wire, so integer counts add exactly)."""
+    if not is_distributed():
+        return t
+    g = t.detach().to(_collective_device(t), torch.float64).clone()
+    dist.all_reduce(g, op=dist.ReduceOp.SUM)
+    return g.to(t.device, t.dtype)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

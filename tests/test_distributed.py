@@ -1,0 +1,107 @@
+"""torch.distributed on the CPU: 2 processes with the gloo backend (what CI can run)."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import mixq
+from mixq.models import TorchModel
+from mixq.nni import QAT_Quantizer
+
+WORLD = 2
+CONFIG = [
+    {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"], "observer": "minmax"},
+    {"quant_types": ["output"], "quant_bits": 8, "op_names": ["relu1", "relu2"], "observer": "percentile"},
+    {"quant_types": ["output"], "quant_bits": 8, "op_names": ["relu3", "relu4"], "observer": "entropy"},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data(n_batches=4, batch=16):
+    g = torch.Generator().manual_seed(123)
+    return [torch.randn(batch, 1, 28, 28, generator=g) * (1 + i) for i in range(n_batches)]
+
+
+def _init(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+
+
+def _calibrate_worker(rank, port, out_dir):
+    _init(rank, port)
+    try:
+        torch.manual_seed(0)
+        model = TorchModel().eval()
+        mixq.prepare_(model, CONFIG, mixq.PTQ())
+        shard = _data()[rank::WORLD]  # each rank sees its own half
+        mixq.calibrate_(model, lambda m: [m(x) for x in shard])
+        with open(os.path.join(out_dir, f"calib_{rank}.json"), "w") as f:
+            json.dump(mixq.export_calibration(model), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _qat_worker(rank, port, out_dir):
+    _init(rank, port)
+    try:
+        torch.manual_seed(0)
+        model = TorchModel()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+        config = [
+            {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+            {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+        ]
+        quantizer = QAT_Quantizer(model, config, optimizer)
+        ddp = DDP(model)
+        g = torch.Generator().manual_seed(rank)  # different data on every rank
+        for _ in range(3):
+            x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+            optimizer.zero_grad()
+            torch.nn.functional.nll_loss(ddp(x), y).backward()
+            optimizer.step()
+        model.eval()
+        config = quantizer.export_model(os.path.join(out_dir, "model.pth"), os.path.join(out_dir, "calib.json"))
+        with open(os.path.join(out_dir, f"qat_{rank}.json"), "w") as f:
+            json.dump(config, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, tmp_path):
+    mp.start_processes(fn, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+def test_distributed_calibration_equals_single_process(tmp_path):
+    _spawn(_calibrate_worker, tmp_path)
+    ranks = [json.loads((tmp_path / f"calib_{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0] == ranks[1]
+    torch.manual_seed(0)
+    single = TorchModel().eval()
+    mixq.prepare_(single, CONFIG, mixq.PTQ())
+    data = _data()
+    mixq.calibrate_(single, lambda m: [m(x) for x in data])
+    expected = json.loads(json.dumps(mixq.export_calibration(single)))
+    assert ranks[0] == expected  # min/max and fixed-range histograms merge exactly
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+def test_ddp_qat_exports_identical_configs_and_rank0_writes(tmp_path):
+    _spawn(_qat_worker, tmp_path)
+    a, b = (json.loads((tmp_path / f"qat_{r}.json").read_text()) for r in range(WORLD))
+    assert a == b
+    assert a["relu1"]["tracked_max_output"] > 0
+    assert mixq.load_calibration_config(tmp_path / "calib.json") == a
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.json", "model.pth", "qat_0.json", "qat_1.json"]
