@@ -246,11 +246,13 @@ def prepare_(
                 f"BatchNorm {bn!r} needs running statistics and affine=True to be folded into {conv!r}; "
                 "pass dummy_input=None to quantize without folding"
             )
+    model_device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
     for name, spec in specs.items():
         bn_name = folded.get(name)
         wrapper = QuantWrapper(modules[name], spec, method, modules[bn_name] if bn_name else None, bn_name)
-        # New observer/step buffers go where the layer lives (a model moved to CUDA before prepare_).
-        device = next((t.device for t in (*modules[name].parameters(), *modules[name].buffers())), None)
+        # New observer/step buffers go where the layer lives (a model moved to CUDA before prepare_); layers
+        # without state (ReLU, pools) follow the model.
+        device = next((t.device for t in (*modules[name].parameters(), *modules[name].buffers())), model_device)
         if device is not None:
             wrapper.to(device)
         _set_submodule(model, name, wrapper)
