@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "is_main_process", "all_reduce_range", "all_reduce_sum", "barrier"]
+__all__ = ["is_distributed", "is_main_process", "all_reduce_range", "all_reduce_sum", "broadcast_", "barrier"]
 
 
 def is_distributed() -> bool:
@@ -40,6 +40,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     g = t.detach().to(_collective_device(t), torch.float64).clone()
     dist.all_reduce(g, op=dist.ReduceOp.SUM)
     return g.to(t.device, t.dtype)
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> None:
+    """Overwrite ``t`` in place with rank ``src``'s value (no-op when not distributed)."""
+    if not is_distributed():
+        return
+    g = t.detach().to(_collective_device(t)).clone()
+    dist.broadcast(g, src=src)
+    with torch.no_grad():
+        t.copy_(g.to(t.device))
 
 
 def barrier() -> None:

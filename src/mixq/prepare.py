@@ -29,6 +29,7 @@ from ._fake_quant import (
     WeightQuant,
 )
 from .config import WEIGHTED_OP_TYPES, resolve_config
+from .distributed import broadcast_
 from .observers import EMAMinMaxObserver, HistogramObserver, make_observer
 from .spec import LayerSpec, QuantSpec
 
@@ -339,7 +340,14 @@ def export_calibration(model: nn.Module) -> dict:
     ``output_scale``/``output_zero_point``, ``op_type`` and ``folded_bn``.
     """
     out = {}
-    for name, w in _wrappers_or_error(model).items():
+    wrappers = _wrappers_or_error(model)
+    for w in wrappers.values():
+        if w.bn is not None:
+            # DDP refreshes BatchNorm statistics from rank 0 at the start of each forward, so after the last
+            # training step ranks differ; fold rank 0's, as the next forward would, so every rank agrees.
+            broadcast_(w.bn.running_mean)
+            broadcast_(w.bn.running_var)
+    for name, w in wrappers.items():
         spec = w.layer_spec
         entry: dict = {"op_type": spec.op_type}
         if w.bn_name:
