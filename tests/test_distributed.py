@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mixq
-from mixq.models import TorchModel
+from mixq.models import TorchModel, create_model
 from mixq.nni import QAT_Quantizer
 
 WORLD = 2
@@ -57,19 +57,19 @@ def _qat_worker(rank, port, out_dir):
     _init(rank, port)
     try:
         torch.manual_seed(0)
-        model = TorchModel()
+        model = create_model("tiny_resnet")  # BatchNorm folded into the convs: running stats must agree too
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
         config = [
             {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
             {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
         ]
-        quantizer = QAT_Quantizer(model, config, optimizer)
+        quantizer = QAT_Quantizer(model, config, optimizer, torch.randn(2, 3, 32, 32))
         ddp = DDP(model)
         g = torch.Generator().manual_seed(rank)  # different data on every rank
         for _ in range(3):
-            x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+            x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
             optimizer.zero_grad()
-            torch.nn.functional.nll_loss(ddp(x), y).backward()
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
             optimizer.step()
         model.eval()
         config = quantizer.export_model(os.path.join(out_dir, "model.pth"), os.path.join(out_dir, "calib.json"))
@@ -102,6 +102,6 @@ def test_ddp_qat_exports_identical_configs_and_rank0_writes(tmp_path):
     _spawn(_qat_worker, tmp_path)
     a, b = (json.loads((tmp_path / f"qat_{r}.json").read_text()) for r in range(WORLD))
     assert a == b
-    assert a["relu1"]["tracked_max_output"] > 0
+    assert a["relu"]["tracked_max_output"] > 0 and a["layer1.0.conv1"]["folded_bn"] == "layer1.0.bn1"
     assert mixq.load_calibration_config(tmp_path / "calib.json") == a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.json", "model.pth", "qat_0.json", "qat_1.json"]
