@@ -105,3 +105,50 @@ def test_ddp_qat_exports_identical_configs_and_rank0_writes(tmp_path):
     assert a["relu"]["tracked_max_output"] > 0 and a["layer1.0.conv1"]["folded_bn"] == "layer1.0.bn1"
     assert mixq.load_calibration_config(tmp_path / "calib.json") == a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.json", "model.pth", "qat_0.json", "qat_1.json"]
+
+
+@pytest.mark.parametrize("method", ["ptq", "qat"])
+def test_cli_quantize_under_torchrun(method, data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(CONFIG if method == "ptq" else CONFIG[:1]))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mixq",
+        "quantize",
+        "--distributed",
+        "--model",
+        "lenet",
+        "--config",
+        str(cfg),
+        "--method",
+        method,
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data_dir),
+        "--train-limit",
+        "2048",
+        "--test-limit",
+        "500",
+        "--calib-images",
+        "1024",
+        "--batch-size",
+        "128",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("fake-quant accuracy") == 1 and "(2 processes)" in r.stdout  # rank 0 reports
+    assert mixq.load_calibration_config(out / "calibration.json")["fc1"]["weight_bits"] == 8

@@ -22,7 +22,9 @@ EXAMPLES = {
     "quantize": """examples:
   mixq quantize --model lenet --config cfg.json --method qat --dataset mnist --epochs 3 --out runs/q
   mixq quantize --model my_net.py:Net --weights fp32.pth --config cfg.yaml --method ptq \\
-                --dataset cifar10 --out runs/p""",
+                --dataset cifar10 --out runs/p
+  torchrun --nproc_per_node 2 -m mixq quantize --distributed --model resnet18_cifar --config cfg.json \\
+                --dataset cifar10 --epochs 1 --out runs/ddp""",
     "build": """examples:
   mixq build --model lenet --weights runs/q/model.pth --calibration runs/q/calibration.json \\
              --input-shape 128,1,28,28 --out runs/q/lenet.mixq""",
@@ -138,45 +140,92 @@ def cmd_quantize(args) -> int:
     config = load_config(args.config)
     train = _dataset(args.dataset, args.data_dir, True, args.train_limit)
     test = _dataset(args.dataset, args.data_dir, False, args.test_limit)
-    example = train.tensors[0][:2]
-    progress = _progress_factory(sys.stderr.isatty() and not args.no_progress)
+    rank, world, device = _init_distributed() if args.distributed else (0, 1, torch.device("cpu"))
+    model.to(device)
+    example = train.tensors[0][:2].to(device)
+    progress = _progress_factory(sys.stderr.isatty() and not args.no_progress and rank == 0)
     torch.manual_seed(args.seed)
     if args.method == "qat":
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
         quantizer = QAT_Quantizer(model, config, optimizer, example)
+        net = (
+            DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            if world > 1
+            else model
+        )
+        sampler = DistributedSampler(train, world, rank, seed=args.seed, drop_last=True) if world > 1 else None
         loss_fn = F.nll_loss if args.model == "lenet" else F.cross_entropy
         for epoch in range(args.epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             loader = DataLoader(
-                train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(epoch)
+                train,
+                batch_size=args.batch_size,
+                shuffle=sampler is None,
+                sampler=sampler,
+                drop_last=world > 1,
+                generator=torch.Generator().manual_seed(epoch),
             )
             bar = progress(total=len(loader), desc=f"QAT epoch {epoch + 1}/{args.epochs}") if progress else None
-            model.train()
+            net.train()
             for x, y in loader:
                 optimizer.zero_grad()
-                loss_fn(model(x), y).backward()
+                loss_fn(net(x.to(device)), y.to(device)).backward()
                 optimizer.step()
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
                 bar.close()
     else:
+        import mixq
+
         model.eval()
         quantizer = ObserverQuantizer(model, config, None, example)
-        with torch.no_grad():
-            for i in range(0, min(len(train), args.calib_images), args.batch_size):
-                model(train.tensors[0][i : i + args.batch_size])
-        quantizer.compress()
-    model.eval()
+        images = train.tensors[0][: args.calib_images]
+        per_rank = len(images) // world // args.batch_size * args.batch_size or len(images) // world
+        shard = images[rank * per_rank : (rank + 1) * per_rank]  # equal shards: the same batch count per rank
+        mixq.calibrate_(
+            model,
+            lambda m: [m(shard[i : i + args.batch_size].to(device)) for i in range(0, len(shard), args.batch_size)],
+        )
+    model.eval().cpu()
     out = Path(args.out)
-    quantizer.export_model(out / "model.pth", out / "calibration.json")
-    with torch.no_grad():
-        acc = accuracy(model, test)
-    print(
-        f"{args.method} {args.model} on {args.dataset}: fake-quant accuracy {acc:.2f}% "
-        f"on {len(test.tensors[0])} test images"
-    )
-    print(f"wrote {out / 'model.pth'} and {out / 'calibration.json'}")
+    quantizer.export_model(out / "model.pth", out / "calibration.json")  # rank 0 writes
+    if rank == 0:
+        with torch.no_grad():
+            acc = accuracy(model, test)
+        print(
+            f"{args.method} {args.model} on {args.dataset}: fake-quant accuracy {acc:.2f}% "
+            f"on {len(test.tensors[0])} test images" + (f" ({world} processes)" if world > 1 else "")
+        )
+        print(f"wrote {out / 'model.pth'} and {out / 'calibration.json'}")
+    if args.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
+
+
+def _init_distributed():
+    """(rank, world size, device) from torchrun's environment: NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        raise ConfigError(
+            "--distributed needs torchrun: torchrun --nproc_per_node N -m mixq quantize --distributed ..."
+        )
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
 def cmd_build(args) -> int:
@@ -307,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True)
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--distributed", action="store_true", help="under torchrun: DDP QAT / sharded PTQ, rank 0 writes")
 
     b = add("build", "calibration config -> engine file", cmd_build)
     b.add_argument("--model", required=True, help="registered name or file.py:Name")
