@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 import mixq
 from mixq.data import load_cifar10
+from mixq.metrics import median_latency
 from mixq.models import create_model
 from mixq.quantizers import export_onnx
 from mixq.speedup import ModelSpeedup
@@ -139,21 +139,12 @@ def make_runner(kind, obj):
 def bench(runners, x, warmup, runs, rounds):
     """ONNX Runtime variants interleaved in rounds; PyTorch eager timed in its own block afterwards, since
     torch's OpenMP threads keep spinning after each call and would steal the cores from ORT's threads."""
-    samples = {name: [] for name in runners}
-    per_round = max(1, runs // rounds)
-    ort_runners = {k: v for k, v in runners.items() if not k.startswith("PyTorch")}
-    for phase in (ort_runners, {k: v for k, v in runners.items() if k.startswith("PyTorch")}):
+    out = {}
+    for phase in (False, True):
         time.sleep(0.5)  # let any spinning thread pool go idle
-        for run in phase.values():
-            for _ in range(warmup):
-                run(x)
-        for _ in range(rounds):
-            for name, run in phase.items():
-                for _ in range(per_round):
-                    start = time.perf_counter()
-                    run(x)
-                    samples[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(s), len(s)) for name, s in samples.items()}
+        group = {k: v for k, v in runners.items() if k.startswith("PyTorch") == phase}
+        out.update(median_latency(group, x, warmup, runs, rounds))
+    return {name: (t, max(1, runs // rounds) * rounds) for name, t in out.items()}
 
 
 def agreement(run, ref_model, images):

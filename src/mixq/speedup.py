@@ -14,6 +14,7 @@ from torch import nn
 
 from ._errors import ConfigError
 from .backends import BuildOptions, Engine, EngineError, LayerPlacement, LayerTime, get_backend, load_engine
+from .backends.tensorrt import TensorRTBackend
 from .calibration import load_calibration_config, save_calibration_config
 from .onnx_export import export_qdq_onnx
 from .prepare import PTQ, calibrate_, export_calibration, prepare_, quantized_layers
@@ -162,12 +163,10 @@ class ModelSpeedup:
         self.qdq = None
 
     def _backend(self):
-        if self.backend_name == "tensorrt" or (self.backend_name == "auto"):
-            backend = get_backend(self.backend_name)
-            if backend.name == "tensorrt":
-                backend.strict_datatype = self.strict_datatype
-            return backend
-        return get_backend(self.backend_name)
+        backend = get_backend(self.backend_name)
+        if isinstance(backend, TensorRTBackend):
+            backend.strict_datatype = self.strict_datatype
+        return backend
 
     def _calibration(self) -> dict | None:
         if self.config is not None or quantized_layers(self.model):
@@ -304,8 +303,7 @@ class ModelSpeedupTensorRT(ModelSpeedup):
 
     def __init__(self, model, input_shape, config=None, **kwargs):
         backend = kwargs.pop("backend", "tensorrt")
-        probe = get_backend.__globals__["_REGISTRY"]["tensorrt"]()
-        if backend == "tensorrt" and not probe.is_available():
+        if backend == "tensorrt" and not TensorRTBackend().is_available():
             raise EngineError(
                 "ModelSpeedupTensorRT needs TensorRT 10+ and a CUDA GPU, which this machine lacks; use "
                 "mixq.nni.ModelSpeedup(model, input_shape, config=..., backend='onnxruntime') for the CPU engine"

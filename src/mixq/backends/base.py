@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -230,17 +229,3 @@ def get_backend(name: str) -> Backend:
     if not backend.is_available():
         raise EngineError(backend.unavailable_reason())
     return backend
-
-
-def timing_stats(samples: list[float]) -> dict:
-    s = sorted(samples)
-    return {
-        "median": s[len(s) // 2],
-        "min": s[0],
-        "p90": s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)],
-        "runs": len(s),
-    }
-
-
-def asdict_placement(p: LayerPlacement) -> dict:
-    return asdict(p)

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -315,18 +314,6 @@ class OnnxRuntimeBackend(Backend):
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
-
-
-def time_engine(engine: Engine, x: torch.Tensor, warmup: int, runs: int) -> list[float]:
-    """Wall-clock seconds of ``runs`` calls after ``warmup`` calls (input checks included)."""
-    for _ in range(warmup):
-        engine.run(x)
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        engine.run(x)
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 register_backend("onnxruntime", OnnxRuntimeBackend)
