@@ -3,6 +3,7 @@ each layer actually runs as. ``ModelSpeedup`` picks the backend; ``ModelSpeedupT
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -161,6 +162,7 @@ class ModelSpeedup:
         )
         self.engine: Engine | None = None
         self.qdq = None
+        self._calibrated_model: nn.Module | None = None  # PTQ straight from the backend
 
     def _backend(self):
         backend = get_backend(self.backend_name)
@@ -179,8 +181,6 @@ class ModelSpeedup:
         cache = Path(self.calibration_cache) if self.calibration_cache else None
         if cache is not None and cache.is_file():
             return load_calibration_config(cache)
-        import copy
-
         calibrated = copy.deepcopy(self.model)
         prepare_(calibrated, all_int8_config(self.calibrate_type), PTQ(), example_input=torch.randn(*self.input_shape))
 
@@ -199,7 +199,7 @@ class ModelSpeedup:
         """Export the Q/DQ ONNX model and build the engine. A failure leaves any previous engine in place."""
         backend = self._backend()
         calibration = self._calibration()
-        model = getattr(self, "_calibrated_model", self.model)
+        model = self._calibrated_model if self._calibrated_model is not None else self.model
         qdq = export_qdq_onnx(
             model,
             self.input_shape,
