@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import mixq
-from mixq import PTQ, QAT, ConfigError, ModelStructureError, fake_quantize
+from mixq import LSQ, PTQ, QAT, ConfigError, ModelStructureError, fake_quantize
 from mixq.models import TorchModel, create_model
 from mixq.nni import DoReFaQuantizer, LsqQuantizer, ObserverQuantizer, QAT_Quantizer
 from mixq.primitives import choose_qparams, choose_qparams_from_tensor
@@ -235,3 +235,44 @@ def test_export_calibration_has_nni_keys_and_exact_qparams():
     ws, wz = choose_qparams_from_tensor(model.fc1.module.weight, mixq.QuantSpec.from_dict(e["weight_qspec"]))
     assert ws.tolist() == e["weight_scale"] and wz.tolist() == e["weight_zero_point"]
     assert math.isclose(calib["relu1"]["tracked_min_output"], 0.0, abs_tol=0)
+
+
+@pytest.mark.parametrize("method", [QAT(), LSQ()])
+def test_interrupted_qat_resumes_from_a_checkpoint_exactly(method, tmp_path):
+    config = [
+        {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"], "quant_start_step": 1},
+    ]
+    batches = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = create_model("tiny_resnet")
+        mixq.prepare_(model, config, method, example_input=batches[0][:2])
+        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def steps(model, opt, data):
+        model.train()
+        for x in data:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    straight, opt = fresh()
+    steps(straight, opt, batches)
+
+    interrupted, opt = fresh()
+    steps(interrupted, opt, batches[:2])
+    torch.save({"model": interrupted.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pth")
+
+    resumed, opt = fresh()
+    ckpt = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    steps(resumed, opt, batches[2:])
+
+    assert mixq.export_calibration(resumed) == mixq.export_calibration(straight)
+    straight.eval()
+    resumed.eval()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(resumed(x), straight(x))

@@ -169,8 +169,14 @@ class OnnxRuntimeEngine(Engine):
             if opt_path is not None:
                 Path(opt_path).unlink(missing_ok=True)
         self.optimized_bytes = optimized
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise EngineError(
+                f"the model has {len(inputs)} inputs and {len(outputs)} outputs; mixq engines take one input tensor "
+                "and return one output tensor (wrap the model to combine them)"
+            )
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
 
     def _session_options(self, ort):
         so = ort.SessionOptions()
