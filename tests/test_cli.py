@@ -111,3 +111,21 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.md" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_and_leaves_no_partial_files(data_dir, tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mixq", "demo", "--data-dir", str(data_dir), "--out", str(tmp_path), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(8)  # inside the first training epoch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "mixq demo: interrupted"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
