@@ -32,7 +32,7 @@ class ActivationQuant(nn.Module):
             self.observer.observe(x)
         if not quant or calibrating or not self.observer.initialized:
             return x
-        scale, zp = self.observer.qparams()
+        scale, zp = self.observer.qparams(check=False)  # no host sync in the training loop
         return fake_quantize(x, scale.to(x.device), zp.to(x.device), self.spec.dtype)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,16 +60,22 @@ class LSQActivationQuant(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("zero_point", torch.tensor(_lsq_zero_point(spec), dtype=torch.int32))
         self.register_buffer("_initialized", torch.tensor(False))
+        self._initialized_host = False  # mirror of the buffer: forward needs no device sync
 
     @property
     def initialized(self) -> bool:
-        return bool(self._initialized)
+        return self._initialized_host
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized_host = bool(self._initialized)
 
     def forward(self, x: torch.Tensor, quant: bool, calibrating: bool) -> torch.Tensor:
-        if not self.initialized:
+        if not self._initialized_host:
             with torch.no_grad():
-                self.scale.fill_(_lsq_init_scale(x, self.spec))
+                self.scale.copy_(_lsq_init_scale(x, self.spec))
                 self._initialized.fill_(True)
+            self._initialized_host = True
         if not quant or calibrating:
             return x
         grad_scale = 1.0 / math.sqrt(x.numel() * _positive_qmax(self.spec))
@@ -93,7 +99,7 @@ class WeightQuant(nn.Module):
         self.spec = spec
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        scale, zp = choose_qparams_from_tensor(w, self.spec)
+        scale, zp = choose_qparams_from_tensor(w, self.spec, check=False)  # no host sync in the training loop
         return fake_quantize(w, scale.to(w.device), zp.to(w.device), self.spec.dtype, self.spec.axis)
 
     def deploy_weight(self, w: torch.Tensor) -> torch.Tensor:

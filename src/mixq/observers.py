@@ -53,10 +53,10 @@ class Observer(nn.Module):
     def sync(self) -> None:
         """Merge this observer's statistics with the other ranks' (no-op when not distributed)."""
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def qparams(self, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.initialized:
             raise RuntimeError(f"{type(self).__name__} has observed no data yet")
-        return choose_qparams(*self.range(), self.spec)
+        return choose_qparams(*self.range(), self.spec, check)
 
 
 class MinMaxObserver(Observer):

@@ -94,15 +94,17 @@ class QuantWrapper(nn.Module):
         self.bn_name = bn_name
         self.mode = Mode.CALIBRATE if isinstance(method, PTQ) else Mode.QUANTIZE
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._steps = 0  # host mirror of `steps`, so forward needs no device sync
         self.input_quantizer = _activation_quant(spec.input, spec, method)
         self.output_quantizer = _activation_quant(spec.output, spec, method)
         self.weight_quantizer = _weight_quant(spec.weight, method, module)
 
     def forward(self, x, *args, **kwargs):
         calibrating = self.mode is Mode.CALIBRATE
-        quant = not calibrating and int(self.steps) >= self.layer_spec.quant_start_step
+        quant = not calibrating and self._steps >= self.layer_spec.quant_start_step
         if self.training and not calibrating:
             self.steps += 1
+            self._steps += 1
         if self.input_quantizer is not None:
             x = self.input_quantizer(x, quant, calibrating)
         if self.layer_spec.op_type in WEIGHTED_OP_TYPES:
@@ -112,6 +114,10 @@ class QuantWrapper(nn.Module):
         if self.output_quantizer is not None:
             out = self.output_quantizer(out, quant, calibrating)
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps = int(self.steps)
 
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias with the BatchNorm folded in using its running statistics."""

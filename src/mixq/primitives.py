@@ -47,16 +47,21 @@ def tensor_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
 
 def choose_qparams(
-    min_val: torch.Tensor | float, max_val: torch.Tensor | float, spec: QuantSpec
+    min_val: torch.Tensor | float, max_val: torch.Tensor | float, spec: QuantSpec, check: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32) and zero point (int32) covering ``[min_val, max_val]`` widened to contain 0."""
+    """Scale (float32) and zero point (int32) covering ``[min_val, max_val]`` widened to contain 0.
+
+    ``check`` rejects NaN/infinite ranges and min > max; it reads the values back to the host, so the
+    training hot path (ranges it computed itself, on a GPU) turns it off. Exported configs are validated
+    again when written.
+    """
     min_val = torch.as_tensor(min_val, dtype=torch.float64)
     max_val = torch.as_tensor(max_val, dtype=torch.float64)
     if min_val.shape != max_val.shape:
         raise ValueError(f"min and max shapes differ: {tuple(min_val.shape)} vs {tuple(max_val.shape)}")
-    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+    if check and not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
         raise ValueError("cannot choose qparams for a range that is NaN or infinite")
-    if (min_val > max_val).any():
+    if check and (min_val > max_val).any():
         raise ValueError("cannot choose qparams: min > max")
     lo = torch.clamp(min_val, max=0.0)
     hi = torch.clamp(max_val, min=0.0)
@@ -74,9 +79,11 @@ def choose_qparams(
     return scale.to(torch.float32), zero_point.to(torch.int32)
 
 
-def choose_qparams_from_tensor(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_qparams_from_tensor(
+    x: torch.Tensor, spec: QuantSpec, check: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`choose_qparams` on the min/max of ``x`` (per channel where the spec says so)."""
-    return choose_qparams(*tensor_range(x, spec), spec)
+    return choose_qparams(*tensor_range(x, spec), spec, check)
 
 
 def quantize(
