@@ -123,7 +123,8 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_files(data_dir, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(8)  # inside the first training epoch
+    assert proc.stderr.readline().startswith("mixq demo: training")  # past imports and data loading
+    time.sleep(2)  # inside the first training epoch
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
     epochs = 2 if opts.quick else opts.epochs
     runs, warmup = (20, 3) if opts.quick else (opts.runs, opts.warmup)
     task = MnistTask(opts.data_dir, train_limit=train_limit, test_limit=test_limit, seed=opts.seed)
+    print(
+        f"mixq demo: training {len(STRATEGIES)} strategies x {epochs} epoch(s) on {len(task.train_set)} images, "
+        "then building engines (Ctrl-C stops cleanly)",
+        file=sys.stderr,
+        flush=True,
+    )
     variants = train_variants(task, STRATEGIES, epochs, opts.seed, progress_factory)
     example = task.test_set.tensors[0][:1]
     costs = layer_costs(variants["all in 32bit"].model, example)
