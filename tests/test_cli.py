@@ -122,6 +122,9 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_files(data_dir, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell runs background jobs with SIGINT ignored, and children inherit that: give the child the
+        # default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr.readline().startswith("mixq demo: training")  # past imports and data loading
     time.sleep(2)  # inside the first training epoch
