@@ -7,25 +7,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixq import ConfigError, resolve_config
+from mixq.config import KEYS as CONFIG_KEYS
 from mixq.models import TorchModel
 
 MODEL = TorchModel()
 NAMES = ["conv1", "conv2", "fc1", "fc2", "fc3", "relu1", "relu3", "pool1", "fc9", "", "conv1.weight"]
 TYPES = ["Conv2d", "Linear", "ReLU", "MaxPool2d", "default", "Conv3d", "BatchNorm2d", "linear"]
-KEYS = [
-    "quant_types",
-    "quant_bits",
-    "op_types",
-    "op_names",
-    "exclude",
-    "quant_scheme",
-    "quant_dtype",
-    "quant_start_step",
-    "observer",
-    "op_type",
-    "bits",
-    "",
-]
+KEYS = [*CONFIG_KEYS, "op_type", "bits", ""]  # the valid keys and a few typos
 
 junk = st.one_of(st.none(), st.booleans(), st.integers(-5, 70), st.floats(allow_nan=True), st.text(max_size=6))
 quant_types = st.lists(st.sampled_from(["input", "weight", "output", "wieght"]), max_size=4)

@@ -32,7 +32,15 @@ from .prepare import _set_submodule, deploy_model, export_calibration, quantized
 from .primitives import choose_qparams
 from .spec import QuantSpec
 
-__all__ = ["QDQExport", "export_qdq_onnx", "layer_precisions", "LAYERS_METADATA_KEY", "INPUT_NAME", "OUTPUT_NAME"]
+__all__ = [
+    "QDQExport",
+    "export_qdq_onnx",
+    "layer_precisions",
+    "constant_resolver",
+    "LAYERS_METADATA_KEY",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+]
 
 LAYERS_METADATA_KEY = "mixq.layers"
 INPUT_NAME, OUTPUT_NAME = "input", "output"
@@ -265,8 +273,10 @@ def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -
     _set_submodule(model, bn_name, nn.Identity())
 
 
-def _fold_weight_quantize(model) -> None:
-    """Replace QuantizeLinear(initializer) by the quantized initializer, computed as ONNX would."""
+def constant_resolver(model, required: bool = False):
+    """A function giving the value (ndarray) of a tensor name that is an initializer or a Constant node,
+    followed through Identity nodes (the exporter deduplicates equal initializers that way). Anything else
+    gives None, or an error when ``required``."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -277,10 +287,22 @@ def _fold_weight_quantize(model) -> None:
             return numpy_helper.to_array(inits[name])
         node = producers.get(name)
         if node is None:
-            raise MixqError(f"ONNX export: quantization parameter {name!r} is not a constant")
-        if node.op_type == "Identity":  # the exporter deduplicates equal initializers through Identity
+            if required:
+                raise MixqError(f"ONNX export: quantization parameter {name!r} is not a constant")
+            return None
+        if node.op_type == "Identity":
             return value(node.input[0])
         return numpy_helper.to_array(node.attribute[0].t)
+
+    return value
+
+
+def _fold_weight_quantize(model) -> None:
+    """Replace QuantizeLinear(initializer) by the quantized initializer, computed as ONNX would."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    value = constant_resolver(model, required=True)
 
     keep = []
     for node in model.graph.node:
@@ -316,18 +338,7 @@ def _quantize_gemm_bias(model) -> None:
 
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-
-    def const(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = producers.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Identity":
-            return const(node.input[0])
-        if node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+    const = constant_resolver(model)
 
     new_nodes = []
     for node in model.graph.node:

@@ -140,9 +140,6 @@ class Engine(ABC):
     def members(self) -> dict[str, bytes]:
         """The files that make up this engine, for :meth:`save`."""
 
-    def manifest_extra(self) -> dict:
-        return {}
-
     def save(self, path: str | os.PathLike) -> Path:
         members = self.members()
         manifest = {
@@ -153,7 +150,6 @@ class Engine(ABC):
             "max_batch": self.max_batch,
             "layers": self.layers,
             "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in members.items()},
-            **self.manifest_extra(),
         }
         with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr("manifest.json", json.dumps(manifest, indent=1))

@@ -95,14 +95,10 @@ def weights_to_uint8(model) -> int:
     import onnx
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {n.output[0]: n for n in model.graph.node if n.op_type in ("Identity", "Constant")}
+    from ..onnx_export import constant_resolver
 
-    def const(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = producers[name]
-        return const(node.input[0]) if node.op_type == "Identity" else numpy_helper.to_array(node.attribute[0].t)
+    inits = {i.name: i for i in model.graph.initializer}
+    const = constant_resolver(model, required=True)
 
     count = 0
     for node in model.graph.node:
