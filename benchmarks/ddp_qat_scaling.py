@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import mixq
-from mixq.data import load_cifar10
-from mixq.models import create_model
 from mixq.nni import QAT_Quantizer
+from mixq.zoo.data import load_cifar10
+from mixq.zoo.models import create_model
 
 CONFIG = [
     {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_types": ["Conv2d"]},

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 import mixq
-from mixq.data import load_cifar10
-from mixq.metrics import median_latency
-from mixq.models import create_model
-from mixq.quantizers import export_onnx
+from mixq.export import export_float_onnx as export_onnx
 from mixq.speedup import ModelSpeedup
-from mixq.tutorial import MnistTask, trainer
+from mixq.zoo.data import load_cifar10
+from mixq.zoo.metrics import median_latency
+from mixq.zoo.models import create_model
+from mixq.zoo.tutorial import MnistTask, trainer
 
 ALL8 = [
     {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_types": ["Conv2d"]},

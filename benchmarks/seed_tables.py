@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import mixq
-from mixq.data import load_cifar10
-from mixq.metrics import accuracy, average_bits, layer_costs, median_latency
-from mixq.models import create_model
 from mixq.nni import ModelSpeedup, QAT_Quantizer
+from mixq.zoo.data import load_cifar10
+from mixq.zoo.metrics import accuracy, average_bits, layer_costs, median_latency
+from mixq.zoo.models import create_model
 
 
 def _cifar_configs():
@@ -59,7 +59,7 @@ def _cifar_configs():
 
 
 def cmd_mnist(args):
-    from mixq.demo import DemoOptions, run_demo
+    from mixq.zoo.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(data_dir=args.data_dir, out=args.out, epochs=args.epochs or 3))
 

@@ -21,9 +21,9 @@ import torch
 
 import mixq
 from mixq.backends import load_engine
-from mixq.models import TorchModel
 from mixq.nni import ModelSpeedup, QAT_Quantizer
-from mixq.tutorial import ALL_8BIT_CONFIG_LIST
+from mixq.zoo.models import TorchModel
+from mixq.zoo.tutorial import ALL_8BIT_CONFIG_LIST
 
 
 def rss_mb() -> float:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim import SGD
 
-from mixq.nni_assets import TorchModel, device, evaluator, trainer  # was: from nni_assets.compression.mnist_model
+from mixq.zoo.nni_assets import TorchModel, device, evaluator, trainer  # was: from nni_assets.compression.mnist_model
 
 config_list = [
     {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 8}, "op_types": ["Conv2d"]},

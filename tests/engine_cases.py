@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixq.models import TorchModel
 from mixq.nni import ModelSpeedup, QAT_Quantizer
-from mixq.tutorial import MnistTask, trainer
+from mixq.zoo.models import TorchModel
+from mixq.zoo.tutorial import MnistTask, trainer
 
 ALL8_WITH_LOGITS = [
     {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},

@@ -6,9 +6,9 @@ import torch
 
 import mixq
 from mixq import CalibrationFileError, load_calibration_config, save_calibration_config
-from mixq.models import TorchModel
 from mixq.nni import QAT_Quantizer
-from mixq.tutorial import TUTORIAL_CONFIG_LIST
+from mixq.zoo.models import TorchModel
+from mixq.zoo.tutorial import TUTORIAL_CONFIG_LIST
 
 
 @pytest.fixture

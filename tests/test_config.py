@@ -2,8 +2,8 @@ import pytest
 from torch import nn
 
 from mixq import ConfigError, IntType, PerChannel, PerTensor, QuantSpec, resolve_config
-from mixq.models import TorchModel, create_model
-from mixq.tutorial import TUTORIAL_CONFIG_LIST
+from mixq.zoo.models import TorchModel, create_model
+from mixq.zoo.tutorial import TUTORIAL_CONFIG_LIST
 
 
 def summary(specs):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from mixq import ConfigError, resolve_config
 from mixq.config import KEYS as CONFIG_KEYS
-from mixq.models import TorchModel
+from mixq.zoo.models import TorchModel
 
 MODEL = TorchModel()
 NAMES = ["conv1", "conv2", "fc1", "fc2", "fc3", "relu1", "relu3", "pool1", "fc9", "", "conv1.weight"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mixq import DataError
-from mixq.data import load_cifar10_arrays, load_mnist, load_mnist_arrays
+from mixq.zoo.data import load_cifar10_arrays, load_mnist, load_mnist_arrays
 
 
 def test_mnist_real_files(data_dir):

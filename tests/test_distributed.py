@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mixq
-from mixq.models import TorchModel, create_model
 from mixq.nni import QAT_Quantizer
+from mixq.zoo.models import TorchModel, create_model
 
 WORLD = 2
 CONFIG = [

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from mixq import DataError
-from mixq.data import load_cifar10_arrays, load_mnist_arrays
-from mixq.download import download_cifar10, download_mnist, fetch
+from mixq.zoo.data import load_cifar10_arrays, load_mnist_arrays
+from mixq.zoo.download import download_cifar10, download_mnist, fetch
 
 
 class RangeHandler(SimpleHTTPRequestHandler):

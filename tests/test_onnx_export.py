@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import mixq
+from mixq.export import export_qdq_onnx, layer_precisions
 from mixq.nni import ModelSpeedup, QAT_Quantizer
-from mixq.onnx_export import export_qdq_onnx, layer_precisions
 
 
 class Zoo(nn.Module):
@@ -44,7 +44,7 @@ def test_tricky_model_exports_and_engine_matches_fake_quant_model():
     for _ in range(3):
         model(torch.randn(16, 3, 16, 16))
     model.eval()
-    qdq = export_qdq_onnx(model, (1, 3, 16, 16))
+    qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 3, 16, 16), mixq.export_calibration(model))
     ops = {n.op_type for n in qdq.model.graph.node}
     assert {"Concat", "Sigmoid", "Add", "AveragePool"} <= ops and "BatchNormalization" not in ops
     s = ModelSpeedup(model, (4, 3, 16, 16)).compress()
@@ -71,8 +71,10 @@ def test_layer_precisions_rules():
 
 
 def test_plain_model_without_config_is_a_clear_error():
-    with pytest.raises(mixq.ConfigError, match="not quantized: pass config"):
-        export_qdq_onnx(nn.Sequential(nn.Linear(2, 2)), (1, 2))
+    with pytest.raises(mixq.ConfigError, match="needs its calibration config"):
+        export_qdq_onnx(nn.Sequential(nn.Linear(2, 2)), (1, 2), None)
+    with pytest.raises(mixq.ConfigError, match="nothing to build: pass config="):
+        ModelSpeedup(nn.Sequential(nn.Linear(2, 2)), (1, 2)).compress()
 
 
 def test_op_type_mismatch_between_config_and_model_names_the_layer():

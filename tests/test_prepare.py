@@ -7,10 +7,10 @@ from torch import nn
 
 import mixq
 from mixq import LSQ, PTQ, QAT, ConfigError, ModelStructureError, fake_quantize
-from mixq.models import TorchModel, create_model
 from mixq.nni import DoReFaQuantizer, LsqQuantizer, ObserverQuantizer, QAT_Quantizer
 from mixq.primitives import choose_qparams, choose_qparams_from_tensor
-from mixq.tutorial import TUTORIAL_CONFIG_LIST
+from mixq.zoo.models import TorchModel, create_model
+from mixq.zoo.tutorial import TUTORIAL_CONFIG_LIST
 
 ALL8 = [
     {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},

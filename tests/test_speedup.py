@@ -8,11 +8,12 @@ from torch import nn
 
 import mixq
 from mixq.backends import BuildOptions, EngineError, get_backend, load_engine
-from mixq.backends.onnxruntime import cpu_has_vnni, layer_of_node, weights_to_uint8
-from mixq.models import TorchModel, create_model
+from mixq.backends.base import layer_of_node
+from mixq.backends.onnxruntime import cpu_has_vnni, weights_to_uint8
+from mixq.export import export_qdq_onnx
 from mixq.nni import ModelSpeedup, ModelSpeedupTensorRT, QAT_Quantizer
-from mixq.onnx_export import export_qdq_onnx
-from mixq.tutorial import TUTORIAL_CONFIG_LIST
+from mixq.zoo.models import TorchModel, create_model
+from mixq.zoo.tutorial import TUTORIAL_CONFIG_LIST
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_dynamic_batch_and_inference_returns_seconds(engine):
 
 
 def test_qdq_model_structure(lenet):
-    qdq = export_qdq_onnx(lenet, (1, 1, 28, 28))
+    qdq = export_qdq_onnx(mixq.deploy_model(lenet), (1, 1, 28, 28), mixq.export_calibration(lenet))
     ops = [n.op_type for n in qdq.model.graph.node]
     assert ops.count("QuantizeLinear") == 8  # 4 layer inputs + 4 ReLU outputs; weights are initializers
     weights = [i for i in qdq.model.graph.initializer if i.data_type == 3 and len(i.dims) > 1]  # int8 tensors
@@ -262,7 +263,7 @@ def test_layer_of_node_handles_both_scope_styles():
 def test_uint8_weight_rewrite_keeps_the_grid(lenet):
     from onnx import numpy_helper
 
-    qdq = export_qdq_onnx(lenet, (1, 1, 28, 28))
+    qdq = export_qdq_onnx(mixq.deploy_model(lenet), (1, 1, 28, 28), mixq.export_calibration(lenet))
     before = {
         i.name: numpy_helper.to_array(i).astype(np.int32)
         for i in qdq.model.graph.initializer
@@ -275,7 +276,9 @@ def test_uint8_weight_rewrite_keeps_the_grid(lenet):
     assert isinstance(cpu_has_vnni(), bool)
     both = [
         get_backend("onnxruntime").build(
-            export_qdq_onnx(lenet, (1, 1, 28, 28)), (1, 1, 28, 28), BuildOptions(uint8_weights=u)
+            export_qdq_onnx(mixq.deploy_model(lenet), (1, 1, 28, 28), mixq.export_calibration(lenet)),
+            (1, 1, 28, 28),
+            BuildOptions(uint8_weights=u),
         )
         for u in (True, False)
     ]
@@ -294,7 +297,7 @@ def test_residual_model_with_bn_folding_exports_without_batchnorm():
     model.train()
     model(torch.randn(8, 3, 32, 32))
     model.eval()
-    qdq = export_qdq_onnx(model, (1, 3, 32, 32))
+    qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 3, 32, 32), mixq.export_calibration(model))
     ops = {n.op_type for n in qdq.model.graph.node}
     assert "BatchNormalization" not in ops and "Add" in ops
     s = ModelSpeedup(model, (8, 3, 32, 32)).compress()

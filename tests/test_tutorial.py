@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch.optim import SGD
 
 import mixq
-from mixq.models import TorchModel
 from mixq.nni import QAT_Quantizer
-from mixq.tutorial import TUTORIAL_CONFIG_LIST, MnistTask, evaluator, trainer
+from mixq.zoo.models import TorchModel
+from mixq.zoo.tutorial import TUTORIAL_CONFIG_LIST, MnistTask, evaluator, trainer
 
 
 @pytest.mark.slow

@@ -1,12 +1,18 @@
 """mixq: mixed-precision quantization that really runs faster.
 
 Importing mixq loads torch only: no CUDA initialisation, no ONNX Runtime or TensorRT import.
+
+Layers, bottom up: ``spec``/``primitives`` (pure math) <- ``observers`` <- ``config`` <- ``quantization``
+(fake-quant modules, layer wrappers, the model verbs) -> ``calibration`` (file format) <- ``export`` (float
+model + calibration -> Q/DQ ONNX) <- ``backends`` <- ``speedup`` <- ``report``; faces: ``nni``, ``cli``.
+Demo and benchmark support (models, data sets, download, demo, tutorial assets, metrics): ``mixq.zoo``.
 """
 
 from ._errors import CalibrationFileError, ConfigError, DataError, MixqError, ModelStructureError
 from .calibration import load_calibration_config, save_calibration_config, validate_calibration_config
 from .config import resolve_config
-from .prepare import (
+from .primitives import choose_qparams, choose_qparams_from_tensor, dequantize, fake_quantize, quantize
+from .quantization import (
     LSQ,
     PTQ,
     QAT,
@@ -19,7 +25,6 @@ from .prepare import (
     prepare_,
     quantized_layers,
 )
-from .primitives import choose_qparams, choose_qparams_from_tensor, dequantize, fake_quantize, quantize
 from .spec import IntType, LayerSpec, PerChannel, PerTensor, QuantSpec
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import torch
 
 from ._errors import CalibrationFileError
 from ._io import atomic_write
-from .spec import QUANT_TYPES, QuantSpec
+from .spec import MAX_BITS, MIN_BITS, QUANT_TYPES, QuantSpec
 
 __all__ = ["save_calibration_config", "load_calibration_config", "validate_calibration_config", "FORMAT_KEY"]
 
@@ -86,8 +86,8 @@ def validate_calibration_config(config: dict, source: str = "calibration config"
             if f"{t}_bits" not in entry:
                 continue
             bits = entry[f"{t}_bits"]
-            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-                raise CalibrationFileError(f"{where}: {t}_bits must be an int in 2..16, got {bits!r}")
+            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+                raise CalibrationFileError(f"{where}: {t}_bits must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
             spec = _spec_of(entry, t, where)
             if t == "weight":
                 _check_qparams(entry, t, spec, where, require=True)

@@ -59,7 +59,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def load_model(spec: str):
     """A registered example model name, or ``path/to/file.py:Name`` (a class or factory taking no arguments)."""
-    from .models import create_model, list_models
+    from .zoo.models import create_model, list_models
 
     if ":" not in spec:
         return create_model(spec)
@@ -96,7 +96,7 @@ def load_config(path: str) -> list:
 
 
 def _dataset(name: str, data_dir, train: bool, limit=None):
-    from .data import load_cifar10, load_mnist
+    from .zoo.data import load_cifar10, load_mnist
 
     if name == "mnist":
         return load_mnist(train, data_dir, limit)
@@ -106,7 +106,7 @@ def _dataset(name: str, data_dir, train: bool, limit=None):
 
 
 def cmd_demo(args) -> int:
-    from .demo import DemoOptions, run_demo
+    from .zoo.demo import DemoOptions, run_demo
 
     opts = DemoOptions(
         data_dir=args.data_dir, out=args.out, epochs=args.epochs, quick=args.quick, seed=args.seed, backend=args.backend
@@ -116,8 +116,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .data import data_dir
-    from .download import download_cifar10, download_mnist
+    from .zoo.data import data_dir
+    from .zoo.download import download_cifar10, download_mnist
 
     root = Path(args.data_dir) if args.data_dir else data_dir(None)
     for name in args.datasets:
@@ -131,8 +131,8 @@ def cmd_quantize(args) -> int:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from .metrics import accuracy
     from .nni import ObserverQuantizer, QAT_Quantizer
+    from .zoo.metrics import accuracy
 
     model = load_model(args.model)
     if args.weights:
@@ -257,7 +257,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from .backends import load_engine
-    from .metrics import median_latency
+    from .zoo.metrics import median_latency
 
     engine = load_engine(args.engine)
     print(f"{args.engine}: backend {engine.backend}; {platform.machine()}, torch threads {torch.get_num_threads()}")
@@ -274,7 +274,7 @@ def cmd_report(args) -> int:
     import torch
 
     from .backends import load_engine
-    from .speedup import PlacementReport
+    from .report import PlacementReport
 
     path = Path(args.path)
     if path.is_dir():

@@ -164,9 +164,7 @@ class HistogramObserver(Observer):
         if hi == lo:
             hi = lo + 1e-12
         if self.initialized and (lo < float(self.lo) or hi > float(self.hi)):
-            edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)
-            centers = (edges[:-1] + edges[1:]) / 2
-            self.hist = torch.histogram(centers, bins=self.bins, range=(lo, hi), weight=self.hist).hist
+            self._rebin(lo, hi)
         self.lo.fill_(lo)
         self.hi.fill_(hi)
         self.hist += torch.histogram(x, bins=self.bins, range=(lo, hi)).hist
@@ -192,9 +190,7 @@ class HistogramObserver(Observer):
         counts are first moved into the common range by bin centre (the usual approximation)."""
         lo, hi = all_reduce_range(self.lo, self.hi)
         if not self.fixed and (float(lo) < float(self.lo) or float(hi) > float(self.hi)) and self.initialized:
-            edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)
-            centers = (edges[:-1] + edges[1:]) / 2
-            self.hist = torch.histogram(centers, bins=self.bins, range=(float(lo), float(hi)), weight=self.hist).hist
+            self._rebin(float(lo), float(hi))
         self.lo.copy_(lo)
         self.hi.copy_(hi)
         self.hist = all_reduce_sum(self.hist)
@@ -202,6 +198,10 @@ class HistogramObserver(Observer):
     def bin_centers(self) -> torch.Tensor:
         edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)
         return (edges[:-1] + edges[1:]) / 2
+
+    def _rebin(self, lo: float, hi: float) -> None:
+        """Move the counts into ``bins`` bins over the wider range [lo, hi], each by its bin centre."""
+        self.hist = torch.histogram(self.bin_centers(), bins=self.bins, range=(lo, hi), weight=self.hist).hist
 
     def range(self):
         return self.lo.float(), self.hi.float()

@@ -31,6 +31,9 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_lsq",
+    "symmetric_zero_point",
+    "channels_first",
+    "fold_batchnorm",
 ]
 
 SCALE_EPS = float(torch.finfo(torch.float32).eps)
@@ -41,9 +44,33 @@ def tensor_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     x = x.detach()
     if not spec.per_channel:
         return x.min(), x.max()
-    axis = _normalize_axis(spec.axis, x.dim())
-    flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
+    flat = channels_first(x, spec.axis)
     return flat.min(dim=1).values, flat.max(dim=1).values
+
+
+def channels_first(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x`` as a 2-D ``[channels, everything else]`` view, channels taken along ``axis``."""
+    axis = _normalize_axis(axis, x.dim())
+    return x.transpose(0, axis).reshape(x.shape[axis], -1)
+
+
+def fold_batchnorm(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a conv followed by an eval-mode BatchNorm, as one conv (output channels on axis 0).
+
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+    The one BN fold of mixq: the QAT wrapper and the export use it, so exported weights match their scales.
+    """
+    factor = bn_weight / torch.sqrt(running_var + eps)
+    shifted = (bias if bias is not None else torch.zeros_like(running_mean)) - running_mean
+    return weight * factor.reshape(-1, *([1] * (weight.dim() - 1))), shifted * factor + bn_bias
 
 
 def choose_qparams(
@@ -67,7 +94,7 @@ def choose_qparams(
     hi = torch.clamp(max_val, min=0.0)
     qmin, qmax = spec.dtype.qmin, spec.dtype.qmax
     if spec.symmetric:
-        zp_value = _symmetric_zero_point(spec.dtype)
+        zp_value = symmetric_zero_point(spec.dtype)
         amax = torch.maximum(-lo, hi)
         scale = amax / (qmax - zp_value)
         zero_point = torch.full_like(scale, zp_value)
@@ -151,7 +178,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
-def _symmetric_zero_point(dtype: IntType) -> int:
+def symmetric_zero_point(dtype: IntType) -> int:
+    """The fixed zero point of a symmetric scheme: 0 for signed types, ``2**(bits-1)`` for unsigned ones."""
     return 0 if dtype.signed else 1 << (dtype.bits - 1)
 
 

@@ -1,5 +1,5 @@
-"""The speedup half of the NNI tutorial: model + calibration config -> a real engine, and a report of what
-each layer actually runs as. ``ModelSpeedup`` picks the backend; ``ModelSpeedupTensorRT`` is NNI's name."""
+"""Orchestration, the speedup half of the NNI tutorial: model + calibration config -> Q/DQ export -> an
+engine from the backend registry, and the placement report of what each layer actually runs as."""
 
 from __future__ import annotations
 
@@ -7,32 +7,19 @@ import copy
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ._errors import ConfigError
-from .backends import BuildOptions, Engine, EngineError, LayerPlacement, LayerTime, get_backend, load_engine
-from .backends.tensorrt import TensorRTBackend
+from .backends import BuildOptions, Engine, EngineError, get_backend, load_engine
 from .calibration import load_calibration_config, save_calibration_config
-from .onnx_export import export_qdq_onnx
-from .prepare import PTQ, calibrate_, export_calibration, prepare_, quantized_layers
+from .export import export_qdq_onnx
+from .quantization import PTQ, calibrate_, deploy_model, export_calibration, prepare_, quantized_layers
+from .report import PlacementReport, fusion_groups, group_times
 
-__all__ = ["ModelSpeedup", "ModelSpeedupTensorRT", "CalibrateType", "PlacementReport", "all_int8_config"]
-
-
-class CalibrateType:
-    """NNI's calibrator names, mapped onto mixq observers (TensorRT 10 deprecates implicit calibrators, so
-    calibration happens in mixq and the engine gets explicit Q/DQ)."""
-
-    LEGACY = "minmax"
-    ENTROPY = "entropy"
-    ENTROPY2 = "entropy"
-    MINMAX = "minmax"
-    PERCENTILE = "percentile"
-    MSE = "mse"
+__all__ = ["ModelSpeedup", "all_int8_config"]
 
 
 def all_int8_config(observer: str = "minmax") -> list[dict]:
@@ -42,72 +29,6 @@ def all_int8_config(observer: str = "minmax") -> list[dict]:
         {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["default"], "observer": observer},
         {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"], "observer": observer},
     ]
-
-
-@dataclass
-class PlacementReport:
-    """Per layer: requested precision, what it runs as, the kernels, unfused Q/DQ nodes, and (with a float
-    comparison) its time in both forms, with a warning where int8 is slower."""
-
-    backend: str
-    rows: list[LayerPlacement]
-    times: dict[str, float] = field(default_factory=dict)
-    float_times: dict[str, float] = field(default_factory=dict)
-    batch: int | None = None
-    glue_qdq: int = 0
-    groups: dict[str, list[str]] = field(default_factory=dict)  # timed together: leader -> members
-
-    @property
-    def mismatches(self) -> list[LayerPlacement]:
-        return [r for r in self.rows if r.mismatch]
-
-    @property
-    def slower_than_float(self) -> list[str]:
-        return [
-            r.layer
-            for r in self.rows
-            if r.runs_as == "int8"
-            and r.layer in self.times
-            and r.layer in self.float_times
-            and self.times[r.layer] > 1.05 * self.float_times[r.layer]
-        ]
-
-    def __str__(self) -> str:
-        head = "| layer | op | requested | runs as | kernels | unfused Q/DQ |"
-        sep = "|---|---|---|---|---|---|"
-        timed = bool(self.times)
-        if timed:
-            head += " time us | float us |"
-            sep += "---|---|"
-        lines = [f"placement on {self.backend}" + (f" (times: batch {self.batch})" if timed else ""), head, sep]
-        for r in self.rows:
-            kernels = "+".join(r.kernels) or "-"
-            line = f"| {r.layer} | {r.op_type} | {r.requested} | {r.runs_as} | {kernels} | {r.unfused_qdq} |"
-            if timed:
-                t, f = self.times.get(r.layer), self.float_times.get(r.layer)
-                owner = next((k for k, v in self.groups.items() if r.layer in v and k != r.layer), None)
-                if owner is not None:
-                    line += f" in {owner} | in {owner} |"
-                else:
-                    line += f" {t:.1f} |" if t is not None else " - |"
-                    line += f" {f:.1f} |" if f is not None else " - |"
-            lines.append(line)
-        if timed:
-            g, fg = self.times.get("(glue)", 0.0), self.float_times.get("(glue)", 0.0)
-            lines.append(f"glue outside the layers (Q/DQ, layout, flatten, softmax): {g:.1f} us, float {fg:.1f} us")
-            total, ftotal = sum(self.times.values()), sum(self.float_times.values())
-            lines.append(f"total kernel time: {total:.1f} us, float engine {ftotal:.1f} us")
-        for r in self.mismatches:
-            lines.append(f"WARNING: {r.layer} asked for {r.requested} but runs as {r.runs_as}: {r.note}")
-        for layer in self.slower_than_float:
-            lines.append(
-                f"WARNING: {layer} is slower in int8 ({self.times[layer]:.1f} us) than in float "
-                f"({self.float_times[layer]:.1f} us) on {self.backend}; consider leaving it out of the config"
-            )
-        for r in self.rows:
-            if r.note and r.requested == "fp16":
-                lines.append(f"note: {r.layer}: {r.note}")
-        return "\n".join(lines)
 
 
 class ModelSpeedup:
@@ -128,7 +49,7 @@ class ModelSpeedup:
         onnx_path: str | os.PathLike | None = None,
         extra_layer_bits: int = 32,
         strict_datatype: bool = True,
-        calibrate_type: str = CalibrateType.MINMAX,
+        calibrate_type: str = "minmax",
         calib_data_loader: Iterable | None = None,
         calibration_cache: str | os.PathLike | None = None,
         batchsize: int = 1,
@@ -158,17 +79,26 @@ class ModelSpeedup:
         self.strict_datatype = strict_datatype
         top = max(batchsize, self.input_shape[0], max_batch or 0)
         self.options = BuildOptions(
-            max_batch=top, opt_batch=batchsize, threads=threads, keep_pools_float=keep_pools_float
+            max_batch=top,
+            opt_batch=batchsize,
+            threads=threads,
+            keep_pools_float=keep_pools_float,
+            strict_precision=strict_datatype,
         )
         self.engine: Engine | None = None
         self.qdq = None
         self._calibrated_model: nn.Module | None = None  # PTQ straight from the backend
 
     def _backend(self):
-        backend = get_backend(self.backend_name)
-        if isinstance(backend, TensorRTBackend):
-            backend.strict_datatype = self.strict_datatype
-        return backend
+        return get_backend(self.backend_name)
+
+    def _float_model_and_calibration(self) -> tuple[nn.Module, dict]:
+        """The float model and calibration the export takes: a prepared model gives its deploy copy (BN
+        folded, DoReFa applied) and its own calibration unless ``config`` overrides it."""
+        model = self._calibrated_model if self._calibrated_model is not None else self.model
+        if quantized_layers(model):
+            return deploy_model(model), self.config if self.config is not None else export_calibration(model)
+        return model, self._calibration()
 
     def _calibration(self) -> dict | None:
         if self.config is not None or quantized_layers(self.model):
@@ -198,8 +128,8 @@ class ModelSpeedup:
     def compress(self) -> ModelSpeedup:
         """Export the Q/DQ ONNX model and build the engine. A failure leaves any previous engine in place."""
         backend = self._backend()
-        calibration = self._calibration()
-        model = self._calibrated_model if self._calibrated_model is not None else self.model
+        self._calibration()  # PTQ straight from the backend, when asked, before the export
+        model, calibration = self._float_model_and_calibration()
         qdq = export_qdq_onnx(
             model,
             self.input_shape,
@@ -242,70 +172,12 @@ class ModelSpeedup:
         if compare_float:
             b = batch or self.options.opt_batch
             x = torch.randn(b, *self.input_shape[1:])
-            float_qdq = export_qdq_onnx(self.model, self.input_shape, {}, 32, None, self.input_name, self.output_name)
+            float_model, _ = self._float_model_and_calibration()
+            float_qdq = export_qdq_onnx(float_model, self.input_shape, {}, 32, None, self.input_name, self.output_name)
             float_engine = self._backend().build(float_qdq, self.input_shape, self.options)
-            groups = _fusion_groups(self.model, engine.layers, x[:1])
-            report.times = _group_times(engine.profile(x, runs), groups)
-            report.float_times = _group_times(float_engine.profile(x, runs), groups)
+            groups = fusion_groups(self.model, engine.layers, x[:1])
+            report.times = group_times(engine.profile(x, runs), groups)
+            report.float_times = group_times(float_engine.profile(x, runs), groups)
             report.groups = {k: v for k, v in groups.items() if len(v) > 1}
             report.batch = b
         return report
-
-
-def _execution_order(model: nn.Module, layers: dict, example: torch.Tensor) -> list[str]:
-    order: list[str] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
-        for n, m in model.named_modules()
-        if n in layers
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return order + [n for n in layers if n not in order]
-
-
-def _fusion_groups(model: nn.Module, layers: dict, example: torch.Tensor) -> dict[str, list[str]]:
-    """Each weighted layer with the ReLU/ReLU6 that directly follows it in execution order: backends fuse
-    the pair (float: FusedConv/FusedGemm; int8: the ReLU becomes the quantized range), so they are timed
-    as one."""
-    names = _execution_order(model, layers, example)
-    groups: dict[str, list[str]] = {}
-    leader = None
-    for n in names:
-        op = layers[n]["op_type"]
-        if op in ("ReLU", "ReLU6") and leader is not None:
-            groups[leader].append(n)
-            leader = None
-            continue
-        groups[n] = [n]
-        leader = n if op in ("Conv1d", "Conv2d", "Linear") else None
-    return groups
-
-
-def _group_times(rows: list[LayerTime], groups: dict[str, list[str]]) -> dict[str, float]:
-    times = {r.layer: r.microseconds for r in rows}
-    out = {leader: sum(times.get(m, 0.0) for m in members) for leader, members in groups.items()}
-    if "(glue)" in times:
-        out["(glue)"] = times["(glue)"]
-    return out
-
-
-class ModelSpeedupTensorRT(ModelSpeedup):
-    """NNI's ``ModelSpeedupTensorRT``: :class:`ModelSpeedup` on the TensorRT backend. Without TensorRT it
-    raises a clear error pointing to ``ModelSpeedup(..., backend="onnxruntime")``."""
-
-    def __init__(self, model, input_shape, config=None, **kwargs):
-        backend = kwargs.pop("backend", "tensorrt")
-        if backend == "tensorrt" and not TensorRTBackend().is_available():
-            raise EngineError(
-                "ModelSpeedupTensorRT needs TensorRT 10+ and a CUDA GPU, which this machine lacks; use "
-                "mixq.nni.ModelSpeedup(model, input_shape, config=..., backend='onnxruntime') for the CPU engine"
-            )
-        super().__init__(model, input_shape, config, backend=backend, **kwargs)

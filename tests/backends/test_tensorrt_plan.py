@@ -6,8 +6,8 @@ import torch
 import mixq
 from mixq.backends import BuildOptions, EngineError
 from mixq.backends.tensorrt import TensorRTBackend, plan_network
-from mixq.models import TorchModel
-from mixq.onnx_export import export_qdq_onnx
+from mixq.export import export_qdq_onnx
+from mixq.zoo.models import TorchModel
 
 
 def _lenet(config, extra_layer_bits=32):
@@ -16,7 +16,9 @@ def _lenet(config, extra_layer_bits=32):
     mixq.prepare_(model, config, mixq.QAT())
     model.train()
     model(torch.randn(8, 1, 28, 28))
-    return export_qdq_onnx(model.eval(), (1, 1, 28, 28), extra_layer_bits=extra_layer_bits)
+    return export_qdq_onnx(
+        mixq.deploy_model(model.eval()), (1, 1, 28, 28), mixq.export_calibration(model), extra_layer_bits
+    )
 
 
 INT8 = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]}]
@@ -38,7 +40,7 @@ def test_fp16_layers_get_precision_constraints():
     assert strict.flags == ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS")
     fc3_nodes = {n for n, p in strict.layer_precision.items() if p == "fp16"}
     assert fc3_nodes and all(n.startswith("/fc3/") for n in fc3_nodes)
-    loose = plan_network(qdq, (8, 1, 28, 28), BuildOptions(max_batch=64, opt_batch=8), strict_datatype=False)
+    loose = plan_network(qdq, (8, 1, 28, 28), BuildOptions(max_batch=64, opt_batch=8, strict_precision=False))
     assert "PREFER_PRECISION_CONSTRAINTS" in loose.flags
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import mixq
-from mixq.models import create_model
 from mixq.nni import QAT_Quantizer
+from mixq.zoo.models import create_model
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)

@@ -34,6 +34,7 @@ __all__ = [
     "get_backend",
     "list_backends",
     "ENGINE_FORMAT_VERSION",
+    "layer_of_node",
 ]
 
 ENGINE_FORMAT_VERSION = 1
@@ -57,6 +58,7 @@ class BuildOptions:
     keep_pools_float: bool = True
     workspace_bytes: int = 1 << 30
     uint8_weights: bool | None = None  # ONNX Runtime: None = decide from the CPU (see onnxruntime backend)
+    strict_precision: bool = True  # TensorRT: obey each layer's requested precision (NNI's strict_datatype)
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,25 @@ def read_engine_file(path: str | os.PathLike, backend: str | None = None) -> tup
     return manifest, members
 
 
+def layer_of_node(node_name: str, layers) -> str | None:
+    """Map an ONNX node name with the exporter's scope (``/layer1/layer1.0/conv1/Conv_token_3``) to the
+    deepest configured layer name it lies in. Scope parts are either attribute names or full dotted names."""
+    node_name = node_name.removeprefix("fused ")  # ORT's Conv/Gemm+activation fusion
+    parts = [p for p in node_name.split("/") if p][:-1]
+    dotted, last, best = "", "", None
+    for p in parts:
+        if not dotted or p.startswith(dotted + "."):  # full dotted name
+            dotted = p
+        elif last and p.startswith(last + "."):  # container child written as "<container>.<index>"
+            dotted += p[len(last) :]
+        else:  # attribute name
+            dotted = f"{dotted}.{p}"
+        last = p
+        if dotted in layers:
+            best = dotted
+    return best
+
+
 class Backend(ABC):
     name: str
 
@@ -197,7 +218,7 @@ class Backend(ABC):
 
     @abstractmethod
     def build(self, qdq, input_shape: tuple[int, ...], options: BuildOptions) -> Engine:
-        """Build from a :class:`mixq.onnx_export.QDQExport`."""
+        """Build from a :class:`mixq.export.QDQExport`."""
 
     @abstractmethod
     def load(self, path: str | os.PathLike) -> Engine: ...

@@ -19,11 +19,12 @@ from .base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    layer_of_node,
     read_engine_file,
     register_backend,
 )
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeEngine", "INT8_KERNELS", "layer_of_node"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeEngine", "INT8_KERNELS"]
 
 INT8_KERNELS = frozenset(
     {
@@ -51,25 +52,6 @@ GLUE_KERNELS = frozenset(
 )
 
 
-def layer_of_node(node_name: str, layers) -> str | None:
-    """Map an ONNX node name with the exporter's scope (``/layer1/layer1.0/conv1/Conv_token_3``) to the
-    deepest configured layer name it lies in. Scope parts are either attribute names or full dotted names."""
-    node_name = node_name.removeprefix("fused ")  # ORT's Conv/Gemm+activation fusion
-    parts = [p for p in node_name.split("/") if p][:-1]
-    dotted, last, best = "", "", None
-    for p in parts:
-        if not dotted or p.startswith(dotted + "."):  # full dotted name
-            dotted = p
-        elif last and p.startswith(last + "."):  # container child written as "<container>.<index>"
-            dotted += p[len(last) :]
-        else:  # attribute name
-            dotted = f"{dotted}.{p}"
-        last = p
-        if dotted in layers:
-            best = dotted
-    return best
-
-
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI); non-x86 CPUs count as having it."""
     import platform
@@ -95,7 +77,7 @@ def weights_to_uint8(model) -> int:
     import onnx
     from onnx import numpy_helper
 
-    from ..onnx_export import constant_resolver
+    from ..export import constant_resolver
 
     inits = {i.name: i for i in model.graph.initializer}
     const = constant_resolver(model, required=True)

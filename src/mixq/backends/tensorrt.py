@@ -20,10 +20,10 @@ from .base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    layer_of_node,
     read_engine_file,
     register_backend,
 )
-from .onnxruntime import layer_of_node
 
 __all__ = ["TensorRTBackend", "TensorRTEngine", "NetworkPlan", "plan_network"]
 
@@ -39,12 +39,12 @@ class NetworkPlan:
     workspace_bytes: int
 
 
-def plan_network(qdq, input_shape, options: BuildOptions, strict_datatype: bool = True) -> NetworkPlan:
+def plan_network(qdq, input_shape, options: BuildOptions) -> NetworkPlan:
     """Flags, profile and per-node precision constraints for ``qdq`` (a :class:`QDQExport`).
 
     Explicit quantization: INT8 comes from the Q/DQ nodes (the INT8 flag lets TensorRT use int8 kernels
     for them). FP16 is enabled when any layer asks for 16 bits or ``extra_layer_bits`` was 16; then each
-    layer's nodes get their requested precision, and ``strict_datatype`` makes TensorRT obey it rather than
+    layer's nodes get their requested precision, and ``options.strict_precision`` makes TensorRT obey it rather than
     prefer it.
     """
     if options.max_batch < 1 or not 1 <= options.opt_batch <= options.max_batch:
@@ -59,7 +59,7 @@ def plan_network(qdq, input_shape, options: BuildOptions, strict_datatype: bool 
     flags = ["INT8"]
     if any(p == "fp16" for p in precisions.values()):
         flags.append("FP16")
-        flags.append("OBEY_PRECISION_CONSTRAINTS" if strict_datatype else "PREFER_PRECISION_CONSTRAINTS")
+        flags.append("OBEY_PRECISION_CONSTRAINTS" if options.strict_precision else "PREFER_PRECISION_CONSTRAINTS")
     return NetworkPlan(qdq.model.graph.input[0].name, profile, tuple(flags), precisions, options.workspace_bytes)
 
 
@@ -162,9 +162,6 @@ class TensorRTEngine(Engine):
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, strict_datatype: bool = True):
-        self.strict_datatype = strict_datatype
-
     def is_available(self) -> bool:
         try:
             import tensorrt  # noqa: F401
@@ -180,7 +177,7 @@ class TensorRTBackend(Backend):
 
     def build(self, qdq, input_shape, options: BuildOptions) -> TensorRTEngine:
         trt = _trt()
-        plan = plan_network(qdq, input_shape, options, self.strict_datatype)
+        plan = plan_network(qdq, input_shape, options)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10

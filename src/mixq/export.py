@@ -1,4 +1,4 @@
-"""Model + calibration config -> ONNX with explicit QuantizeLinear/DequantizeLinear (the one intermediate form).
+"""Float model + calibration config -> ONNX with explicit QuantizeLinear/DequantizeLinear (the one intermediate form).
 
 Per configured layer: a Q/DQ pair on its input and output where the config quantizes them, and the weight
 stored as an int8 initializer (per channel where the config says so) feeding a DequantizeLinear, with the
@@ -10,6 +10,7 @@ dimension is dynamic.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -28,13 +29,13 @@ from ._errors import CalibrationFileError, ConfigError, MixqError
 from ._io import atomic_write
 from .calibration import validate_calibration_config
 from .config import QUANTIZABLE_OP_TYPES, WEIGHTED_OP_TYPES
-from .prepare import _set_submodule, deploy_model, export_calibration, quantized_layers
-from .primitives import choose_qparams
+from .primitives import choose_qparams, fold_batchnorm
 from .spec import QuantSpec
 
 __all__ = [
     "QDQExport",
     "export_qdq_onnx",
+    "export_float_onnx",
     "layer_precisions",
     "constant_resolver",
     "LAYERS_METADATA_KEY",
@@ -164,21 +165,40 @@ def _act_qdq(entry: dict, t: str, name: str) -> _ActQDQ | None:
     return _ActQDQ(scale, zp, spec.dtype.signed)
 
 
-def _float_model_and_calibration(model: nn.Module, calibration: dict | None) -> tuple[nn.Module, dict]:
-    if quantized_layers(model):
-        return deploy_model(model), (calibration if calibration is not None else export_calibration(model))
-    if calibration is None:
-        raise ConfigError(
-            f"{type(model).__name__} is not quantized: pass config=<calibration config> "
-            "(from export_model) or a model prepared with a mixq quantizer"
-        )
-    return copy.deepcopy(model), calibration
+def export_float_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], device=None) -> Path:
+    """Export a float model to ONNX (dynamic batch dimension) atomically."""
+    path = Path(path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model = model.to(device).eval()
+    dummy = torch.randn(*input_shape, device=device)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        # The TorchScript exporter needs no onnxscript; torch 2.9+ warns that it is the legacy path.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(tmp),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    except Exception as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(e, MixqError):
+            raise
+        raise MixqError(f"ONNX export of {type(model).__name__} to {path} failed: {type(e).__name__}: {e}") from e
+    return path
 
 
 def export_qdq_onnx(
     model: nn.Module,
     input_shape: Sequence[int],
-    calibration: dict | None = None,
+    calibration: dict,
     extra_layer_bits: int = 32,
     path: str | os.PathLike | None = None,
     input_name: str = INPUT_NAME,
@@ -186,12 +206,17 @@ def export_qdq_onnx(
 ) -> QDQExport:
     """Build the Q/DQ ONNX model of ``model`` for inputs of ``input_shape`` (batch dimension dynamic).
 
-    ``model`` is either a mixq-prepared model (its calibration is exported unless given) or a float model
-    with the calibration config from ``export_model``. Every configured layer must exist in the model.
+    ``model`` is the float model (e.g. the state dict ``export_model`` wrote, loaded into the original
+    architecture) and ``calibration`` its calibration config; nothing here knows about quantizer wrappers
+    (``mixq.speedup`` turns a prepared model into this pair). Every configured layer must exist in the model.
     """
     import onnx
 
-    float_model, calibration = _float_model_and_calibration(model, calibration)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if calibration is None:
+        raise ConfigError(f"{type(model).__name__}: export_qdq_onnx needs its calibration config")
+    float_model = copy.deepcopy(model)
     validate_calibration_config(calibration)
     precisions = layer_precisions(calibration, extra_layer_bits)
     modules = dict(float_model.named_modules())
@@ -212,7 +237,7 @@ def export_qdq_onnx(
         _absorb_folded_bn(float_model, modules, name, entry)
         layers[name] = {"op_type": op_type, "precision": precisions[name]}
         if precisions[name] == "int8":
-            _set_submodule(float_model, name, _QDQLayer(module, entry, name))
+            float_model.set_submodule(name, _QDQLayer(module, entry, name))
     extra = "fp16" if extra_layer_bits == 16 else "fp32"
     for name, module in modules.items():
         if name and name not in layers and type(module).__name__ in QUANTIZABLE_OP_TYPES:
@@ -266,11 +291,12 @@ def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -
         raise CalibrationFileError(f"layer {name!r}: folded_bn {bn_name!r} is not a BatchNorm in the model")
     conv = modules[name]
     with torch.no_grad():
-        sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        bias = (conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)) - bn.running_mean
-        conv.weight.copy_(conv.weight * sf.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-        conv.bias = nn.Parameter(bias * sf + bn.bias)
-    _set_submodule(model, bn_name, nn.Identity())
+        weight, bias = fold_batchnorm(
+            conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+        )
+        conv.weight.copy_(weight)
+        conv.bias = nn.Parameter(bias)
+    model.set_submodule(bn_name, nn.Identity())
 
 
 def constant_resolver(model, required: bool = False):

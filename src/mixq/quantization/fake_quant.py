@@ -1,4 +1,5 @@
-"""Fake-quantization modules: one per quantized tensor, owned by a :class:`QuantWrapper`."""
+"""Tensor level: one fake-quantization module per quantized tensor (input, weight or output of a layer),
+owned by the layer's :class:`~mixq.quantization.wrapper.QuantWrapper`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import math
 import torch
 from torch import nn
 
-from .observers import Observer
-from .primitives import choose_qparams_from_tensor, fake_quantize, fake_quantize_lsq
-from .spec import QuantSpec
+from ..observers import Observer
+from ..primitives import (
+    channels_first,
+    choose_qparams_from_tensor,
+    fake_quantize,
+    fake_quantize_lsq,
+    symmetric_zero_point,
+)
+from ..spec import QuantSpec
 
 __all__ = ["ActivationQuant", "LSQActivationQuant", "WeightQuant", "LSQWeightQuant", "DoReFaWeightQuant"]
 
@@ -165,16 +172,10 @@ def _positive_qmax(spec: QuantSpec) -> int:
 
 
 def _lsq_zero_point(spec: QuantSpec) -> int:
-    if spec.symmetric:
-        return 0 if spec.dtype.signed else 1 << (spec.dtype.bits - 1)
-    return spec.dtype.qmin
+    return symmetric_zero_point(spec.dtype) if spec.symmetric else spec.dtype.qmin
 
 
 def _lsq_init_scale(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     x = x.detach().float()
-    if spec.per_channel:
-        axis = spec.axis % x.dim()
-        mean_abs = x.abs().transpose(0, axis).reshape(x.shape[axis], -1).mean(dim=1)
-    else:
-        mean_abs = x.abs().mean()
+    mean_abs = channels_first(x.abs(), spec.axis).mean(dim=1) if spec.per_channel else x.abs().mean()
     return (2 * mean_abs / math.sqrt(_positive_qmax(spec))).clamp(min=1e-8)

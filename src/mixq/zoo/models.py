@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["register_model", "create_model", "list_models", "TorchModel", "resnet18_cifar"]
 

@@ -11,8 +11,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._errors import DataError
-from ._io import atomic_write
+from .._errors import DataError
+from .._io import atomic_write
 from .data import CIFAR10_FILES, MNIST_FILES
 
 __all__ = ["MNIST_MIRRORS", "CIFAR10_MIRRORS", "download_mnist", "download_cifar10", "fetch"]

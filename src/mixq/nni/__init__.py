@@ -3,9 +3,10 @@
 from mixq.nni import QAT_Quantizer          # was: from nni.compression.pytorch.quantization import ...
 """
 
-from .calibration import load_calibration_config
+from ..calibration import load_calibration_config
+from ..speedup import ModelSpeedup
 from .quantizers import DoReFaQuantizer, LsqQuantizer, ObserverQuantizer, QAT_Quantizer
-from .speedup import CalibrateType, ModelSpeedup, ModelSpeedupTensorRT
+from .speedup import CalibrateType, ModelSpeedupTensorRT
 
 __all__ = [
     "QAT_Quantizer",

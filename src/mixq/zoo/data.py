@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._errors import DataError
+from .._errors import DataError
 
 __all__ = ["data_dir", "load_mnist", "load_cifar10", "MNIST_FILES", "CIFAR10_FILES", "MNIST_MEAN", "MNIST_STD"]
 

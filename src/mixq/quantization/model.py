@@ -1,4 +1,5 @@
-"""The native API: prepare a model for QAT/PTQ/LSQ/DoReFa, calibrate it, export its calibration config.
+"""Model level, the native API's verbs: prepare a model for QAT/PTQ/LSQ/DoReFa, calibrate it, export its
+calibration config.
 
     specs = mixq.prepare_(model, config_list, mixq.QAT(), example_input=x)   # wraps configured modules
     ... train with your own loop ...
@@ -12,33 +13,20 @@ a BatchNorm that directly follows a configured conv moves into that conv's wrapp
 from __future__ import annotations
 
 import copy
-import enum
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._errors import ConfigError, ModelStructureError
-from ._fake_quant import (
-    ActivationQuant,
-    DoReFaWeightQuant,
-    LSQActivationQuant,
-    LSQWeightQuant,
-    WeightQuant,
-)
-from .config import WEIGHTED_OP_TYPES, resolve_config
-from .distributed import broadcast_
-from .observers import EMAMinMaxObserver, HistogramObserver, make_observer
-from .spec import LayerSpec, QuantSpec
+from .._errors import ConfigError, ModelStructureError
+from ..config import resolve_config
+from ..distributed import broadcast_
+from ..observers import HistogramObserver
+from ..spec import LayerSpec
+from .fake_quant import ActivationQuant
+from .wrapper import QAT, Method, Mode, QuantWrapper
 
 __all__ = [
-    "QAT",
-    "PTQ",
-    "LSQ",
-    "DoReFa",
-    "QuantWrapper",
     "prepare_",
     "calibrate_",
     "freeze_",
@@ -46,158 +34,9 @@ __all__ = [
     "export_calibration",
     "deploy_model",
     "find_conv_bn_pairs",
-    "CALIBRATION_FORMAT_VERSION",
 ]
 
-CALIBRATION_FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class QAT:
-    """Quantization-aware training: min/max weights, EMA activation ranges (NNI's QAT_Quantizer)."""
-
-    ema_decay: float = 0.99
-
-
-@dataclass(frozen=True)
-class PTQ:
-    """Post-training: observers (chosen per config entry with ``observer``) collect ranges during calibration."""
-
-
-@dataclass(frozen=True)
-class LSQ:
-    """Learned step size quantization (Esser et al., 2020) for weights and activations."""
-
-
-@dataclass(frozen=True)
-class DoReFa:
-    """DoReFa-Net weight quantization; weights only."""
-
-
-Method = QAT | PTQ | LSQ | DoReFa
-
-
-class Mode(enum.Enum):
-    CALIBRATE = "calibrate"  # observe activations, compute in float
-    QUANTIZE = "quantize"  # fake-quantize as configured
-
-
-class QuantWrapper(nn.Module):
-    """A configured module with fake-quantized input, weight and output (and a folded BatchNorm)."""
-
-    def __init__(self, module: nn.Module, spec: LayerSpec, method: Method, bn: nn.Module | None, bn_name: str | None):
-        super().__init__()
-        self.module = module
-        self.layer_spec = spec
-        self.method = method
-        self.bn = bn
-        self.bn_name = bn_name
-        self.mode = Mode.CALIBRATE if isinstance(method, PTQ) else Mode.QUANTIZE
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self._steps = 0  # host mirror of `steps`, so forward needs no device sync
-        self.input_quantizer = _activation_quant(spec.input, spec, method)
-        self.output_quantizer = _activation_quant(spec.output, spec, method)
-        self.weight_quantizer = _weight_quant(spec.weight, method, module)
-
-    def forward(self, x, *args, **kwargs):
-        calibrating = self.mode is Mode.CALIBRATE
-        quant = not calibrating and self._steps >= self.layer_spec.quant_start_step
-        if self.training and not calibrating:
-            self.steps += 1
-            self._steps += 1
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x, quant, calibrating)
-        if self.layer_spec.op_type in WEIGHTED_OP_TYPES:
-            out = self._weighted_forward(x, quant and self.weight_quantizer is not None)
-        else:
-            out = self.module(x, *args, **kwargs)
-        if self.output_quantizer is not None:
-            out = self.output_quantizer(out, quant, calibrating)
-        return out
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._steps = int(self.steps)
-
-    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight and bias with the BatchNorm folded in using its running statistics."""
-        w, b = self.module.weight, self.module.bias
-        if self.bn is None:
-            return w, b
-        sf = self._bn_factor()
-        mean = self.bn.running_mean
-        bias = (b if b is not None else torch.zeros_like(mean)) - mean
-        bias = bias * sf + self.bn.bias
-        return w * sf.reshape(-1, *([1] * (w.dim() - 1))), bias
-
-    def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What an engine should use: folded, and DoReFa-transformed where DoReFa is on."""
-        w, b = self.folded_weight_and_bias()
-        if self.weight_quantizer is not None:
-            w = self.weight_quantizer.deploy_weight(w)
-        return w.detach(), None if b is None else b.detach()
-
-    def _bn_factor(self) -> torch.Tensor:
-        std = torch.sqrt(self.bn.running_var + self.bn.eps)
-        return self.bn.weight / std
-
-    def _weighted_forward(self, x, quantize_weight: bool):
-        m = self.module
-        if self.bn is None:
-            w = self.weight_quantizer(m.weight) if quantize_weight else m.weight
-            return _apply_weighted(m, x, w, m.bias)
-        # BN folding as in Krishnamoorthi 2018 / torch's ConvBn: quantize the weight folded with the running
-        # statistics; in training rescale and let the BN normalise with batch statistics.
-        sf = self._bn_factor()
-        shape = (-1, *([1] * (m.weight.dim() - 1)))
-        w = m.weight * sf.reshape(shape)
-        w = self.weight_quantizer(w) if quantize_weight else w
-        y = _apply_weighted(m, x, w, None)
-        out_shape = (1, -1, *([1] * (y.dim() - 2)))
-        if self.bn.training:
-            y = y / sf.reshape(out_shape)
-            if m.bias is not None:
-                y = y + m.bias.reshape(out_shape)
-            return self.bn(y)
-        _, bias = self.folded_weight_and_bias()
-        return y + bias.reshape(out_shape)
-
-    def extra_repr(self) -> str:
-        spec = self.layer_spec
-        parts = [f"{t}={spec.spec(t).dtype.name}/{spec.spec(t).scheme}" for t in spec.quant_types]
-        if self.bn_name:
-            parts.append(f"folded_bn={self.bn_name}")
-        return f"{type(self.method).__name__}: " + ", ".join(parts)
-
-
-def _apply_weighted(m: nn.Module, x, w, b):
-    if isinstance(m, nn.Linear):
-        return F.linear(x, w, b)
-    return m._conv_forward(x, w, b)
-
-
-def _activation_quant(spec: QuantSpec | None, layer: LayerSpec, method: Method):
-    if spec is None:
-        return None
-    if isinstance(method, LSQ):
-        return LSQActivationQuant(spec)
-    if isinstance(method, QAT):
-        return ActivationQuant(spec, EMAMinMaxObserver(spec, method.ema_decay), observe_in_training=True)
-    if isinstance(method, DoReFa):
-        raise ConfigError(
-            f"layer {layer.name!r}: DoReFa quantizes weights only; remove 'input'/'output' from quant_types"
-        )
-    return ActivationQuant(spec, make_observer(layer.observer, spec), observe_in_training=False)
-
-
-def _weight_quant(spec: QuantSpec | None, method: Method, module: nn.Module):
-    if spec is None:
-        return None
-    if isinstance(method, LSQ):
-        return LSQWeightQuant(spec, module.weight)
-    if isinstance(method, DoReFa):
-        return DoReFaWeightQuant(spec)
-    return WeightQuant(spec)
+DEFAULT_METHOD = QAT()
 
 
 def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
@@ -228,7 +67,7 @@ def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
 def prepare_(
     model: nn.Module,
     config: Sequence[Mapping] | Mapping[str, LayerSpec],
-    method: Method = QAT(),
+    method: Method = DEFAULT_METHOD,
     example_input: torch.Tensor | None = None,
 ) -> dict[str, LayerSpec]:
     """Replace each configured module of ``model`` (in place) by a :class:`QuantWrapper`.
@@ -262,9 +101,9 @@ def prepare_(
         device = next((t.device for t in (*modules[name].parameters(), *modules[name].buffers())), model_device)
         if device is not None:
             wrapper.to(device)
-        _set_submodule(model, name, wrapper)
+        model.set_submodule(name, wrapper)
         if bn_name:
-            _set_submodule(model, bn_name, nn.Identity())
+            model.set_submodule(bn_name, nn.Identity())
     return specs
 
 
@@ -409,9 +248,9 @@ def deploy_model(model: nn.Module) -> nn.Module:
                     if module.bias is not None:
                         module.bias.zero_()
                     _make_identity_bn(w.bn, bias)
-        _set_submodule(clone, name, module)
+        clone.set_submodule(name, module)
         if w.bn is not None:
-            _set_submodule(clone, w.bn_name, w.bn)
+            clone.set_submodule(w.bn_name, w.bn)
     return clone
 
 
@@ -428,9 +267,3 @@ def _make_identity_bn(bn: nn.Module, bias: torch.Tensor) -> None:
         bn.running_var.fill_(float(var))
         bn.weight.fill_(1.0)
         bn.bias.copy_(bias)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, module)

@@ -111,7 +111,7 @@ def train_variants(task: MnistTask, configs: dict, epochs: int = 3, seed: int = 
     """Train the tutorial's LeNet from the same initial weights once per entry of ``configs``
     (``{name: config_list}``; ``None`` = plain fp32 training), each for ``epochs`` epochs with the tutorial's
     optimizer (SGD lr 0.01 momentum 0.5) and ``QAT_Quantizer`` where a config is given."""
-    from .nni import QAT_Quantizer
+    from ..nni import QAT_Quantizer
 
     torch.manual_seed(seed)
     init = TorchModel()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import WEIGHTED_OP_TYPES
+from ..config import WEIGHTED_OP_TYPES
 
 __all__ = ["layer_costs", "average_bits", "accuracy", "median_latency"]
 

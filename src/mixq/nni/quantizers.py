@@ -1,21 +1,20 @@
-"""Quantizer objects: the NNI-shaped front end over :mod:`mixq.prepare` (``mixq.nni`` re-exports them)."""
+"""NNI-shaped quantizer objects (``QAT_Quantizer(model, config_list, optimizer, dummy_input)``) over the
+native verbs in :mod:`mixq.quantization`; ``mixq.nni`` re-exports them."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._errors import ConfigError, MixqError
-from ._io import atomic_write
-from .calibration import save_calibration_config
-from .distributed import barrier, is_main_process
-from .prepare import (
+from .._errors import ConfigError
+from .._io import atomic_write
+from ..calibration import save_calibration_config
+from ..distributed import barrier, is_main_process
+from ..export import export_float_onnx
+from ..quantization import (
     LSQ,
     PTQ,
     QAT,
@@ -28,7 +27,7 @@ from .prepare import (
     quantized_layers,
 )
 
-__all__ = ["Quantizer", "QAT_Quantizer", "ObserverQuantizer", "LsqQuantizer", "DoReFaQuantizer", "export_onnx"]
+__all__ = ["Quantizer", "QAT_Quantizer", "ObserverQuantizer", "LsqQuantizer", "DoReFaQuantizer"]
 
 
 class Quantizer:
@@ -73,39 +72,9 @@ class Quantizer:
             if calibration_path is not None:
                 save_calibration_config(calibration, calibration_path)
             if onnx_path is not None:
-                export_onnx(deploy, onnx_path, input_shape, device)
+                export_float_onnx(deploy, onnx_path, input_shape, device)
         barrier()
         return calibration
-
-
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], device=None) -> Path:
-    """Export a float model to ONNX (dynamic batch dimension) atomically."""
-    path = Path(path)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    model = model.to(device).eval()
-    dummy = torch.randn(*input_shape, device=device)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        # The TorchScript exporter needs no onnxscript; torch 2.9+ warns that it is the legacy path.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (dummy,),
-                str(tmp),
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                dynamo=False,
-            )
-        os.replace(tmp, path)
-    except Exception as e:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if isinstance(e, MixqError):
-            raise
-        raise MixqError(f"ONNX export of {type(model).__name__} to {path} failed: {type(e).__name__}: {e}") from e
-    return path
 
 
 class QAT_Quantizer(Quantizer):  # noqa: N801 - NNI's name

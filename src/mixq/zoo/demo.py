@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write
+from .._io import atomic_write
+from ..speedup import ModelSpeedup
 from .metrics import accuracy, average_bits, layer_costs, median_latency
-from .speedup import ModelSpeedup
 from .tutorial import (
     ALL_8BIT_CONFIG_LIST,
     FAST_MIXED_CONFIG_LIST,
@@ -49,7 +49,7 @@ class DemoOptions:
 def _machine(backend: str) -> str:
     import onnxruntime
 
-    from . import __version__
+    from .. import __version__
 
     cpu = platform.processor() or platform.machine()
     try:
