@@ -168,3 +168,29 @@ def test_op_names_on_a_container_is_rejected_by_name():
     model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ConfigError, match=r"module '0' is a Sequential, which cannot be quantized"):
         resolve_config(model, [{"quant_types": ["output"], "quant_bits": 8, "op_names": ["0"]}])
+
+
+CALIBRATION_MSG = (
+    "this is a calibration config (as export_model returns), not a config_list{entry}; pass it to "
+    "ModelSpeedup(config=...) / mixq build --calibration"
+)
+
+
+def test_a_bare_dict_says_to_wrap_it_in_a_list():
+    entry = {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d"], "observer": "ema", "x": 1}
+    with pytest.raises(ConfigError) as e:
+        resolve_config(TorchModel(), entry)
+    assert str(e.value) == (
+        "config_list must be a list of dicts (NNI's config_list), got a dict with keys "
+        "['quant_types', 'quant_bits', 'op_types', 'observer', ...]; wrap it in a list: [{...}]"
+    )
+
+
+def test_a_calibration_config_is_named_as_such():
+    calib = {"conv1": {"op_type": "Conv2d", "input_bits": 8, "tracked_min_input": 0.0, "tracked_max_input": 1.0}}
+    with pytest.raises(ConfigError) as e:
+        resolve_config(TorchModel(), calib)
+    assert str(e.value) == "config_list: " + CALIBRATION_MSG.format(entry="")
+    with pytest.raises(ConfigError) as e:
+        resolve_config(TorchModel(), [calib])
+    assert str(e.value) == "config_list[0]: " + CALIBRATION_MSG.format(entry=" entry")

@@ -5,6 +5,7 @@ from torch import nn
 import mixq
 from mixq.export import export_qdq_onnx, layer_precisions
 from mixq.nni import ModelSpeedup, QAT_Quantizer
+from mixq.zoo.models import create_model
 
 
 class Zoo(nn.Module):
@@ -88,3 +89,59 @@ def test_export_failure_is_wrapped_with_the_shape():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(mixq.MixqError, match=r"ONNX export of Sequential with input shape \(1, 5\) failed"):
         export_qdq_onnx(model, (1, 5), {})
+
+
+BN_CONFIG = [
+    {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d"]},
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+]
+
+
+def _tiny_resnet(dummy_input):
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet")
+    QAT_Quantizer(model, BN_CONFIG, None, dummy_input)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+def test_conv_feeding_an_unfolded_batchnorm_is_named_as_the_cause():
+    model = _tiny_resnet(None)  # no dummy_input: the BatchNorms stay after their convs
+    s = ModelSpeedup(model, (4, 3, 32, 32)).compress()
+    assert s.qdq.layers["conv1"] == {"op_type": "Conv2d", "precision": "int8", "unfolded_bn": "bn1"}
+    assert s.qdq.layers["layer2.0.shortcut.0"]["unfolded_bn"] == "layer2.0.shortcut.1"
+    report = s.report()
+    (row,) = [r for r in report.rows if r.layer == "conv1"]
+    assert row.runs_as == "fp32"
+    note = (
+        "BatchNorm 'bn1' after this conv was not folded (no dummy_input given to the quantizer), so the conv output "
+        "feeds a float BatchNorm; pass dummy_input=... to fold it"
+    )
+    assert row.note == note
+    assert f"WARNING: conv1 asked for int8 but runs as fp32: {note}" in str(report).splitlines()
+
+
+def test_folded_batchnorms_leave_no_unfolded_mark():
+    s = ModelSpeedup(_tiny_resnet(torch.randn(2, 3, 32, 32)), (4, 3, 32, 32)).compress()
+    assert not any("unfolded_bn" in info for info in s.qdq.layers.values())
+    assert {r.layer: r.runs_as for r in s.report().rows}["conv1"] == "int8"
+
+
+def test_calibration_of_another_model_names_every_mismatch_up_front():
+    calib = mixq.export_calibration(_tiny_resnet(torch.randn(2, 3, 32, 32)))
+    assert calib["conv1"]["folded_bn"] == "bn1"
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(3, 16, 3))
+    model.add_module("bn1", nn.ReLU())
+    with pytest.raises(mixq.CalibrationFileError) as e:
+        export_qdq_onnx(model, (1, 3, 32, 32), calib)
+    assert str(e.value) == (
+        "the calibration config does not match Sequential: layers 'relu', 'layer1.0.conv1', 'layer1.0.relu1', "
+        "'layer1.0.conv2' and 6 more are not in the model; layer 'conv1' has folded_bn 'bn1', which is a ReLU, not "
+        "a BatchNorm; it was made for a model with layers ['conv1', 'relu', 'layer1.0.conv1', 'layer1.0.relu1', "
+        "'layer1.0.conv2', 'layer1.0.relu2', ...]"
+    )
+    del model.bn1
+    with pytest.raises(mixq.CalibrationFileError, match="has folded_bn 'bn1', which the model lacks;"):
+        export_qdq_onnx(model, (1, 3, 32, 32), {"conv1": calib["conv1"]})

@@ -276,3 +276,47 @@ def test_interrupted_qat_resumes_from_a_checkpoint_exactly(method, tmp_path):
     resumed.eval()
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(resumed(x), straight(x))
+
+
+def test_config_list_given_as_a_dict_says_to_wrap_it():
+    entry = {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d"]}
+    msg = (
+        "config_list must be a list of dicts (NNI's config_list), got a dict with keys "
+        "['quant_types', 'quant_bits', 'op_types']; wrap it in a list: [{...}]"
+    )
+    with pytest.raises(ConfigError) as e:
+        mixq.prepare_(TorchModel(), entry)
+    assert str(e.value) == msg
+    model = TorchModel()
+    with pytest.raises(ConfigError) as e:
+        QAT_Quantizer(model, entry, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert str(e.value) == msg
+
+
+def test_calibration_config_given_as_config_list_says_where_it_goes(tmp_path):
+    model = TorchModel()
+    QAT_Quantizer(model, ALL8, None)
+    model.train()
+    model(torch.randn(4, 1, 28, 28))
+    calib = mixq.export_calibration(model)
+    msg = (
+        "config_list: this is a calibration config (as export_model returns), not a config_list; pass it to "
+        "ModelSpeedup(config=...) / mixq build --calibration"
+    )
+    with pytest.raises(ConfigError) as e:
+        QAT_Quantizer(TorchModel(), calib)
+    assert str(e.value) == msg
+    mixq.save_calibration_config(calib, tmp_path / "c.pth")
+    with pytest.raises(ConfigError) as e:  # the raw file contents, format key included
+        mixq.prepare_(TorchModel(), torch.load(tmp_path / "c.pth", weights_only=True))
+    assert str(e.value) == msg
+
+
+def test_resolved_specs_for_another_model_name_the_missing_layers():
+    specs = mixq.resolve_config(create_model("tiny_resnet"), ALL8)
+    with pytest.raises(ConfigError) as e:
+        mixq.prepare_(TorchModel(), specs)
+    assert str(e.value) == (
+        "the layer specs name 'relu', 'layer1.0.conv1', 'layer1.0.relu1', 'layer1.0.conv2' and 7 more, "
+        "which TorchModel lacks"
+    )

@@ -9,11 +9,12 @@ from torch import nn
 import mixq
 from mixq.backends import BuildOptions, EngineError, get_backend, load_engine
 from mixq.backends.base import layer_of_node
-from mixq.backends.onnxruntime import cpu_has_vnni, weights_to_uint8
+from mixq.backends.onnxruntime import INT8_KERNELS, cpu_has_vnni, weights_to_uint8
 from mixq.export import export_qdq_onnx
 from mixq.nni import ModelSpeedup, ModelSpeedupTensorRT, QAT_Quantizer
+from mixq.report import PlacementReport
 from mixq.zoo.models import TorchModel, create_model
-from mixq.zoo.tutorial import TUTORIAL_CONFIG_LIST
+from mixq.zoo.tutorial import ALL_8BIT_CONFIG_LIST, FAST_MIXED_CONFIG_LIST, TUTORIAL_CONFIG_LIST
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,26 @@ def lenet():
     for _ in range(3):
         model(torch.randn(32, 1, 28, 28))
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def all8():
+    """The demo's all-8-bit LeNet after a few QAT steps on random data."""
+    torch.manual_seed(0)
+    model = TorchModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+    QAT_Quantizer(model, ALL_8BIT_CONFIG_LIST, opt, torch.rand(8, 1, 28, 28))
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.nll_loss(model(torch.randn(32, 1, 28, 28)), torch.randint(0, 10, (32,))).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def all8_speedup(all8):
+    return ModelSpeedup(all8, (16, 1, 28, 28), batchsize=16).compress()
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +106,95 @@ def test_report_compares_with_float_per_layer(engine):
     assert report.times["conv1"] > 0 and report.float_times["conv1"] > 0
     assert report.groups["conv1"] == ["conv1", "relu1"]
     assert "total kernel time" in str(report)
+
+
+def _check_times_belong_to_rows(report, profile):
+    """Each profiled layer time is of kernels its row lists; Q/DQ only under glue; rows plus glue add up."""
+    rows = {r.layer: r for r in report.rows}
+    for t in profile:
+        if t.layer == "(glue)":
+            continue
+        assert rows[t.layer].kernels and set(t.kernels) <= set(rows[t.layer].kernels), t
+        assert not {"QuantizeLinear", "DequantizeLinear"} & set(t.kernels), t
+    total = sum(t.microseconds for t in profile)
+    assert report.total(report.times) == pytest.approx(total)
+    shown = sum(report.row_times(report.times).values())
+    assert shown + report.glue(report.times) == pytest.approx(total)
+
+
+def test_all_int8_report_with_float_comparison(all8_speedup, monkeypatch):
+    engine = all8_speedup.engine
+    profiles = []
+
+    def recording_profile(x, runs=20):
+        profiles.append(type(engine).profile(engine, x, runs))
+        return profiles[-1]
+
+    monkeypatch.setattr(engine, "profile", recording_profile)
+    report = all8_speedup.report(compare_float=True, batch=8, runs=2)
+    rows = {r.layer: r for r in report.rows}
+    text = str(report)
+    assert rows["relu1"].runs_as == "fused" and rows["relu1"].kernels == ()
+    assert f"| relu1 | ReLU | int8 | fused | - | {rows['relu1'].unfused_qdq} | in conv1 | in conv1 |" in text
+    assert (
+        f"| conv1 | Conv2d | int8 | int8 | QLinearConv | {rows['conv1'].unfused_qdq} | {report.times['conv1']:.1f} |"
+        in text
+    )
+    _check_times_belong_to_rows(report, profiles[0])
+    assert report.glue(report.times) > 0  # the Q/DQ nodes
+    assert (
+        f"glue: {report.glue(report.times):.1f} us, float {report.glue(report.float_times, own=False):.1f} us" in text
+    )
+    assert "not measured" not in text
+
+
+def test_all_int8_report_times_only_as_the_cli_builds_it(all8_speedup):
+    engine = all8_speedup.engine
+    profile = engine.profile(torch.randn(8, 1, 28, 28), 2)
+    report = PlacementReport(engine.backend, engine.placement())
+    report.times = {t.layer: t.microseconds for t in profile}
+    report.batch = 8
+    text = str(report)
+    rows = {r.layer: r for r in report.rows}
+    assert f"| relu1 | ReLU | int8 | fused | - | {rows['relu1'].unfused_qdq} | fused | - |" in text
+    assert "relu1" not in report.times  # its DequantizeLinear is glue
+    _check_times_belong_to_rows(report, profile)
+    total = sum(t.microseconds for t in profile)
+    assert text.splitlines()[-2:] == [
+        f"glue: {report.glue(report.times):.1f} us, float not measured",
+        f"total kernel time: {total:.1f} us, float engine not measured",
+    ]
+    assert "WARNING" not in text and "0.0 us" not in text
+
+
+def test_all_int8_report_without_times(all8_speedup):
+    report = all8_speedup.report()
+    text = str(report)
+    assert report.times == {} and report.float_times == {}
+    assert "time us" not in text and "glue" not in text and "total" not in text
+    assert all(r.runs_as == "int8" for r in report.rows if r.op_type in ("Conv2d", "Linear"))
+    assert all(set(r.kernels) & INT8_KERNELS for r in report.rows if r.runs_as == "int8")  # int8 means int8 kernels
+    unfused = sum(r.unfused_qdq for r in report.rows)
+    assert (
+        text.splitlines()[-1]
+        == f"unfused Q/DQ nodes: {unfused} in the layers above, {report.glue_qdq} outside any layer"
+    )
+
+
+def test_float_conv_fused_with_its_relu_is_the_convs_kernel():
+    # ORT names a float Conv+ReLU (NCHWc) after the ReLU's output; the kernel is the conv's all the same.
+    torch.manual_seed(0)
+    model = TorchModel()
+    QAT_Quantizer(model, FAST_MIXED_CONFIG_LIST)
+    model.train()
+    model(torch.randn(8, 1, 28, 28))
+    model.eval()
+    s = ModelSpeedup(model, (8, 1, 28, 28), batchsize=8).compress()
+    rows = {r.layer: r for r in s.report().rows}
+    assert rows["conv1"].runs_as == "fp32" and set(rows["conv1"].kernels) <= {"Conv", "FusedConv"}
+    assert rows["relu1"].runs_as == "fused" and rows["relu1"].kernels == ()
+    times = {t.layer: t for t in s.engine.profile(torch.randn(8, 1, 28, 28), 2)}
+    assert "relu1" not in times and set(times["conv1"].kernels) <= {"Conv", "FusedConv"}
 
 
 def test_engine_save_load_round_trip_is_identical(engine, tmp_path):
@@ -182,8 +292,39 @@ def test_non_contiguous_and_numpy_inputs_work(engine):
 
 def test_config_naming_a_missing_layer_is_an_error():
     calib = {"conv9": {"input_bits": 8, "tracked_min_input": 0.0, "tracked_max_input": 1.0}}
-    with pytest.raises(mixq.CalibrationFileError, match="names layer 'conv9', which the model"):
+    with pytest.raises(mixq.CalibrationFileError) as e:
         ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=calib).compress()
+    assert str(e.value) == (
+        "the calibration config does not match TorchModel: layer 'conv9' is not in the model; "
+        "it was made for a model with layers ['conv9']"
+    )
+
+
+def test_another_models_calibration_names_every_missing_layer(all8):
+    calib = mixq.export_calibration(all8)
+    with pytest.raises(mixq.CalibrationFileError) as e:
+        ModelSpeedup(create_model("tiny_resnet"), (1, 3, 32, 32), config=calib).compress()
+    assert str(e.value) == (
+        "the calibration config does not match ResNetCifar: layers 'conv2', 'fc1', 'fc2', 'fc3' and 4 more are "
+        "not in the model; it was made for a model with layers ['conv1', 'conv2', 'fc1', 'fc2', 'fc3', 'relu1', ...]"
+    )
+
+
+@pytest.mark.parametrize(
+    "config, what",
+    [
+        (ALL_8BIT_CONFIG_LIST, "a list (a config_list?)"),
+        ({"quant_types": ["weight"]}, "a config_list entry"),
+    ],
+)
+def test_config_list_given_as_calibration_says_what_to_do(config, what):
+    with pytest.raises(mixq.ConfigError) as e:
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=config)
+    assert str(e.value) == (
+        f"config must be a calibration config (as export_model returns), got {what}; quantize with the config_list "
+        "first (QAT_Quantizer(model, config_list, ...)) and pass the quantized model, or pass calib_data_loader=... "
+        "for post-training calibration"
+    )
 
 
 def test_unbuildable_bits_name_the_layer():

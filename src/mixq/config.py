@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from ._errors import ConfigError
+from .calibration import FORMAT_KEY
 from .observers import OBSERVERS
 from .spec import MAX_BITS, MIN_BITS, QUANT_TYPES, SCHEMES, LayerSpec, QuantSpec
 
@@ -23,6 +24,8 @@ __all__ = [
     "DEFAULT_SCHEME",
     "DEFAULT_DTYPE",
     "resolve_config",
+    "check_config_list",
+    "is_calibration_config",
 ]
 
 WEIGHTED_OP_TYPES = ("Conv1d", "Conv2d", "Linear")
@@ -50,8 +53,7 @@ KEYS = (
 
 def resolve_config(model: nn.Module, config_list: Sequence[Mapping]) -> dict[str, LayerSpec]:
     """Validate ``config_list`` against ``model`` and return ``{module_name: LayerSpec}`` in module order."""
-    if isinstance(config_list, Mapping) or not isinstance(config_list, Sequence) or isinstance(config_list, str):
-        raise ConfigError(f"config_list must be a list of dicts, got {type(config_list).__name__}")
+    check_config_list(config_list)
     modules = {name: m for name, m in model.named_modules() if name}
     entries = [_validate_entry(i, entry, modules) for i, entry in enumerate(config_list)]
 
@@ -67,6 +69,37 @@ def resolve_config(model: nn.Module, config_list: Sequence[Mapping]) -> dict[str
     return specs
 
 
+CALIBRATION_KEYS = ("weight_scale", "tracked_min_input", "tracked_min_output", "folded_bn")
+
+
+def is_calibration_config(value) -> bool:
+    """Whether ``value`` looks like a calibration config (as ``export_model`` returns): layer entries with
+    scales or tracked ranges, or the calibration file's format key."""
+    if not isinstance(value, Mapping):
+        return False
+    if FORMAT_KEY in value:
+        return True
+    return any(isinstance(e, Mapping) and any(k in e for k in CALIBRATION_KEYS) for e in value.values())
+
+
+def check_config_list(config_list) -> None:
+    """An error naming what was passed when ``config_list`` is not a list (a bare dict, a calibration config)."""
+    if is_calibration_config(config_list):
+        raise ConfigError(
+            "config_list: this is a calibration config (as export_model returns), not a config_list; pass it to "
+            "ModelSpeedup(config=...) / mixq build --calibration"
+        )
+    if isinstance(config_list, Mapping):
+        keys = list(config_list)
+        shown = ", ".join(repr(str(k)) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
+        raise ConfigError(
+            f"config_list must be a list of dicts (NNI's config_list), got a dict with keys [{shown}]; "
+            "wrap it in a list: [{...}]"
+        )
+    if not isinstance(config_list, Sequence) or isinstance(config_list, str | bytes):
+        raise ConfigError(f"config_list must be a list of dicts (NNI's config_list), got {type(config_list).__name__}")
+
+
 def _err(i: int, key: str | None, msg: str) -> ConfigError:
     where = f"config_list[{i}]" + (f"[{key!r}]" if key else "")
     return ConfigError(f"{where}: {msg}")
@@ -75,6 +108,13 @@ def _err(i: int, key: str | None, msg: str) -> ConfigError:
 def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
     if not isinstance(entry, Mapping):
         raise _err(i, None, f"each entry must be a dict, got {type(entry).__name__}")
+    if is_calibration_config(entry):
+        raise _err(
+            i,
+            None,
+            "this is a calibration config (as export_model returns), not a config_list entry; pass it to "
+            "ModelSpeedup(config=...) / mixq build --calibration",
+        )
     for key in entry:
         if key not in KEYS:
             hint = difflib.get_close_matches(str(key), KEYS, n=1)

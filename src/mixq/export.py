@@ -220,20 +220,13 @@ def export_qdq_onnx(
     validate_calibration_config(calibration)
     precisions = layer_precisions(calibration, extra_layer_bits)
     modules = dict(float_model.named_modules())
+    _check_calibration_matches(type(model).__name__, modules, calibration)
     layers = {}
     for name, entry in calibration.items():
-        if name not in modules or not name:
-            raise CalibrationFileError(
-                f"the calibration config names layer {name!r}, which the model ({type(model).__name__}) lacks"
-            )
         module = modules[name]
         op_type = type(module).__name__
         if op_type not in QUANTIZABLE_OP_TYPES:
             raise CalibrationFileError(f"layer {name!r} is a {op_type}, which cannot be quantized")
-        if entry.get("op_type", op_type) != op_type:
-            raise CalibrationFileError(
-                f"layer {name!r} is a {op_type} in the model but a {entry['op_type']} in the calibration config"
-            )
         _absorb_folded_bn(float_model, modules, name, entry)
         layers[name] = {"op_type": op_type, "precision": precisions[name]}
         if precisions[name] == "int8":
@@ -247,6 +240,9 @@ def export_qdq_onnx(
     dummy = torch.randn(*input_shape)
     buffer = io.BytesIO()
     try:
+        unfolded = [n for n, info in layers.items() if info["precision"] == "int8" and "Conv" in info["op_type"]]
+        for conv, bn in _convs_feeding_batchnorm(float_model, unfolded, dummy[:1]).items():
+            layers[conv]["unfolded_bn"] = bn  # the placement note names the cause when the conv runs float
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -279,6 +275,75 @@ def export_qdq_onnx(
     return result
 
 
+def _names(names: list[str], limit: int) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_calibration_matches(model_name: str, modules: dict, calibration: dict) -> None:
+    """One error naming every layer (up to a few) where the calibration config and the model disagree:
+    a layer the model lacks, another op type, a folded_bn that is not a BatchNorm."""
+    missing = [n for n in calibration if not n or n not in modules]
+    problems = []
+    if missing:
+        problems.append(
+            f"layer {_names(missing, 4)} is not in the model"
+            if len(missing) == 1
+            else f"layers {_names(missing, 4)} are not in the model"
+        )
+    for name, entry in calibration.items():
+        if name in missing:
+            continue
+        op_type = type(modules[name]).__name__
+        if entry.get("op_type", op_type) != op_type:
+            problems.append(f"layer {name!r} is a {op_type} in the model but a {entry['op_type']} in the config")
+        bn = entry.get("folded_bn")
+        if bn and not isinstance(modules.get(bn), nn.modules.batchnorm._BatchNorm):
+            what = f"is a {type(modules[bn]).__name__}, not a BatchNorm" if bn in modules else "the model lacks"
+            problems.append(f"layer {name!r} has folded_bn {bn!r}, which {what}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        made_for = list(dict.fromkeys([*calibration, *(e.get("folded_bn") for e in calibration.values())]))
+        made_for = [n for n in made_for if n]
+        listed = ", ".join(repr(n) for n in made_for[:6]) + (", ..." if len(made_for) > 6 else "")
+        raise CalibrationFileError(
+            f"the calibration config does not match {model_name}: {shown}; "
+            f"it was made for a model with layers [{listed}]"
+        )
+
+
+def _convs_feeding_batchnorm(model: nn.Module, convs: list[str], example: torch.Tensor) -> dict[str, str]:
+    """``{conv: bn}`` for each of ``convs`` whose output goes straight into a BatchNorm (one forward pass with
+    hooks, so any model that runs works): an unfolded BatchNorm keeps a backend from running the conv in int8."""
+    modules = dict(model.named_modules())
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    found: dict[str, str] = {}
+
+    def after_conv(name):
+        return lambda _m, _args, out: outputs.__setitem__(id(out), (name, out))
+
+    def before_bn(name):
+        def hook(_m, args):
+            hit = outputs.get(id(args[0])) if args else None
+            if hit is not None and hit[1] is args[0]:
+                found.setdefault(hit[0], name)
+
+        return hook
+
+    bns = {n: m for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not convs or not bns:
+        return {}
+    hooks = [modules[c].register_forward_hook(after_conv(c)) for c in convs]
+    hooks += [m.register_forward_pre_hook(before_bn(n)) for n, m in bns.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
 def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -> None:
     """Fold the BatchNorm named by ``folded_bn`` into the conv (same arithmetic as the quantizer's folding,
     so the weights match the exported weight scales) and replace it by an identity. Works for the
@@ -286,9 +351,7 @@ def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -
     bn_name = entry.get("folded_bn")
     if not bn_name:
         return
-    bn = modules.get(bn_name)
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise CalibrationFileError(f"layer {name!r}: folded_bn {bn_name!r} is not a BatchNorm in the model")
+    bn = modules[bn_name]  # checked by _check_calibration_matches
     conv = modules[name]
     with torch.no_grad():
         weight, bias = fold_batchnorm(

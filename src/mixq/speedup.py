@@ -15,6 +15,8 @@ from torch import nn
 from ._errors import ConfigError
 from .backends import BuildOptions, Engine, EngineError, get_backend, load_engine
 from .calibration import load_calibration_config, save_calibration_config
+from .config import KEYS as CONFIG_LIST_KEYS
+from .config import is_calibration_config
 from .export import export_qdq_onnx
 from .quantization import PTQ, calibrate_, deploy_model, export_calibration, prepare_, quantized_layers
 from .report import PlacementReport, fusion_groups, group_times
@@ -29,6 +31,25 @@ def all_int8_config(observer: str = "minmax") -> list[dict]:
         {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["default"], "observer": observer},
         {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"], "observer": observer},
     ]
+
+
+def _check_calibration_type(config) -> None:
+    """``config`` must be a calibration config; a config_list (or one of its entries) says what to do instead."""
+    looks_like_config_list = isinstance(config, list) or (
+        isinstance(config, dict) and not is_calibration_config(config) and any(k in CONFIG_LIST_KEYS for k in config)
+    )
+    if looks_like_config_list:
+        what = "a config_list entry" if isinstance(config, dict) else "a list (a config_list?)"
+        raise ConfigError(
+            f"config must be a calibration config (as export_model returns), got {what}; quantize with the "
+            "config_list first (QAT_Quantizer(model, config_list, ...)) and pass the quantized model, or pass "
+            "calib_data_loader=... for post-training calibration"
+        )
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(
+            f"config must be a calibration config (a dict, as export_model returns) or its file path, "
+            f"got {type(config).__name__}"
+        )
 
 
 class ModelSpeedup:
@@ -69,6 +90,7 @@ class ModelSpeedup:
         self.model = model
         self.input_shape = tuple(int(d) for d in input_shape)
         self.config = load_calibration_config(config) if isinstance(config, str | os.PathLike) else config
+        _check_calibration_type(self.config)
         self.onnx_path = onnx_path
         self.extra_layer_bits = extra_layer_bits
         self.calibrate_type = calibrate_type

@@ -3,15 +3,18 @@ and reads back what each layer became in ORT's optimized graph (QLinearConv/QGem
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from ..config import WEIGHTED_OP_TYPES
 from .base import (
     Backend,
     BuildOptions,
@@ -47,9 +50,26 @@ INT8_KERNELS = frozenset(
         "NhwcMaxPool",
     }
 )
-GLUE_KERNELS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "Transpose", "ReorderInput", "ReorderOutput", "Constant"}
-)
+QDQ_KERNELS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+GLUE_KERNELS = QDQ_KERNELS | {"Transpose", "ReorderInput", "ReorderOutput", "Constant"}
+ACTIVATION_KERNELS = frozenset({"Relu", "Clip"})
+
+
+def _note(info: dict, runs_as: str) -> str:
+    """Why a layer runs other than asked, naming the cause where the export recorded it."""
+    if info["precision"] == "fp16":
+        return "ORT CPU has no fast fp16 kernels: runs fp32"
+    if info["precision"] == "int8" and runs_as == "fp32":
+        bn = info.get("unfolded_bn")
+        if bn:
+            return (
+                f"BatchNorm {bn!r} after this conv was not folded (no dummy_input given to the quantizer), so the "
+                "conv output feeds a float BatchNorm; pass dummy_input=... to fold it"
+            )
+        return "asked int8, runs float (ORT found no int8 kernel for this Q/DQ pattern)"
+    if runs_as == "fused":
+        return "no kernel of its own: fused into a neighbour (Conv+ReLU, or ReLU into a quantized range)"
+    return ""
 
 
 def cpu_has_vnni() -> bool:
@@ -169,6 +189,39 @@ class OnnxRuntimeEngine(Engine):
         out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
         return torch.from_numpy(out)
 
+    def _owners(self) -> dict[str, str]:
+        """``{activation layer: weighted layer}`` for each ReLU/ReLU6 fed directly by a configured conv or
+        linear in the Q/DQ model: ORT names a fused Conv+ReLU after the ReLU's output (NCHWc), but the kernel
+        is the conv's."""
+        if getattr(self, "_owner_map", None) is None:
+            import onnx
+
+            graph = onnx.load_from_string(self.qdq_bytes).graph
+            producer = {o: n for n in graph.node for o in n.output}
+            owners = {}
+            for node in graph.node:
+                act = layer_of_node(node.name, self.layers)
+                if act is None or node.op_type not in ACTIVATION_KERNELS or not node.input:
+                    continue
+                p = producer.get(node.input[0])
+                while p is not None and p.op_type in QDQ_KERNELS:
+                    p = producer.get(p.input[0])
+                owner = layer_of_node(p.name, self.layers) if p is not None else None
+                if owner is not None and self.layers[owner]["op_type"] in WEIGHTED_OP_TYPES:
+                    owners[act] = owner
+            self._owner_map = owners
+        return self._owner_map
+
+    def layer_of_kernel(self, node_name: str, op_type: str) -> str | None:
+        """The layer whose kernel an optimized-graph node is, or None for glue (Q/DQ, layout, nodes outside
+        every layer). A conv/gemm kernel named after a fused ReLU belongs to the conv."""
+        if op_type in GLUE_KERNELS:
+            return None
+        layer = layer_of_node(node_name, self.layers)
+        if layer is not None and op_type not in ACTIVATION_KERNELS:
+            layer = self._owners().get(layer, layer)
+        return layer
+
     def placement(self) -> list[LayerPlacement]:
         import onnx
 
@@ -176,10 +229,10 @@ class OnnxRuntimeEngine(Engine):
         kernels: dict[str, list[str]] = defaultdict(list)
         qdq: dict[str, int] = defaultdict(int)
         for node in graph.node:
-            layer = layer_of_node(node.name, self.layers)
-            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-                qdq[layer or ""] += 1
-            elif layer is not None and node.op_type not in GLUE_KERNELS:
+            if node.op_type in QDQ_KERNELS:
+                qdq[layer_of_node(node.name, self.layers) or ""] += 1
+            layer = self.layer_of_kernel(node.name, node.op_type)
+            if layer is not None:
                 kernels[layer].append(node.op_type)
         out = []
         for layer, info in self.layers.items():
@@ -190,30 +243,26 @@ class OnnxRuntimeEngine(Engine):
                 runs_as = "int8"
             else:
                 runs_as = "fp32"
-            note = ""
-            if info["precision"] == "fp16":
-                note = "ORT CPU has no fast fp16 kernels: runs fp32"
-            elif info["precision"] == "int8" and runs_as == "fp32":
-                note = "asked int8, runs float (ORT found no int8 kernel for this Q/DQ pattern)"
-            elif runs_as == "fused":
-                note = "no kernel of its own: fused into a neighbour (Conv+ReLU, or ReLU into a quantized range)"
-            out.append(LayerPlacement(layer, info["op_type"], info["precision"], runs_as, ks, qdq.get(layer, 0), note))
+            out.append(
+                LayerPlacement(
+                    layer, info["op_type"], info["precision"], runs_as, ks, qdq.get(layer, 0), _note(info, runs_as)
+                )
+            )
         return out
 
     def unattributed_qdq(self) -> int:
         import onnx
 
         graph = onnx.load_from_string(self.optimized_bytes).graph
-        return sum(
-            1
-            for n in graph.node
-            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and layer_of_node(n.name, self.layers) is None
-        )
+        return sum(1 for n in graph.node if n.op_type in QDQ_KERNELS and layer_of_node(n.name, self.layers) is None)
 
     def profile(self, x: torch.Tensor, runs: int = 20) -> list[LayerTime]:
-        """Per-layer time (median over ``runs`` of ORT's own per-node profile), glue nodes under ``(glue)``."""
+        """Per-layer time of the layer's own kernels (as :meth:`placement` lists them): the median over
+        ``runs`` (after 3 warm-up runs) of ORT's per-node profile. Q/DQ, layout and every node outside the
+        layers are under ``(glue)``; the rows add up to the profiled time of all nodes."""
         import onnxruntime as ort
 
+        runs = max(1, int(runs))
         so = self._session_options(ort)
         so.enable_profiling = True
         with tempfile.TemporaryDirectory() as d:
@@ -221,25 +270,22 @@ class OnnxRuntimeEngine(Engine):
             kwargs = {"disabled_optimizers": ["QDQPropagationTransformer"]} if self.options.keep_pools_float else {}
             sess = ort.InferenceSession(self.qdq_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
             feed = {self.input_name: self.check_input(x).cpu().numpy()}
-            for _ in range(3):
-                sess.run(None, feed)
-            for _ in range(runs):
+            for _ in range(3 + runs):
                 sess.run(None, feed)
             trace = json.loads(Path(sess.end_profiling()).read_text())
-        per_run: dict[str, list[float]] = defaultdict(list)
+        starts = sorted(ev["ts"] for ev in trace if ev.get("cat") == "Session" and ev.get("name") == "model_run")
+        per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * max(1, len(starts)))
         kernels: dict[str, set] = defaultdict(set)
         for ev in trace:
             if ev.get("cat") != "Node" or not ev["name"].endswith("_kernel_time"):
                 continue
-            node = ev["name"][: -len("_kernel_time")]
-            layer = layer_of_node(node, self.layers) or "(glue)"
-            per_run[layer].append(float(ev["dur"]))
-            kernels[layer].add(ev.get("args", {}).get("op_name", "?"))
-        total_runs = runs + 3
-        return [
-            LayerTime(layer, sum(v) / total_runs, tuple(sorted(kernels[layer])))
-            for layer, v in sorted(per_run.items(), key=lambda kv: -sum(kv[1]))
-        ]
+            op = ev.get("args", {}).get("op_name", "?")
+            layer = self.layer_of_kernel(ev["name"][: -len("_kernel_time")], op) or "(glue)"
+            per_run[layer][max(0, bisect.bisect_right(starts, ev["ts"]) - 1)] += float(ev["dur"])
+            kernels[layer].add(op)
+        scale = 1.0 if starts else 1.0 / (3 + runs)  # no run boundaries in the trace: the mean over all runs
+        timed = {layer: scale * statistics.median(v[-runs:]) for layer, v in per_run.items()}
+        return [LayerTime(k, v, tuple(sorted(kernels[k]))) for k, v in sorted(timed.items(), key=lambda kv: -kv[1])]
 
     def members(self) -> dict[str, bytes]:
         return {

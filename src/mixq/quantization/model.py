@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._errors import ConfigError, ModelStructureError
-from ..config import resolve_config
+from ..config import check_config_list, resolve_config
 from ..distributed import broadcast_
 from ..observers import HistogramObserver
 from ..spec import LayerSpec
@@ -77,11 +77,16 @@ def prepare_(
     """
     if any(isinstance(m, QuantWrapper) for m in model.modules()):
         raise ModelStructureError(f"{type(model).__name__} is already prepared for quantization")
+    if isinstance(config, Mapping) and not all(isinstance(v, LayerSpec) for v in config.values()):
+        check_config_list(config)  # a bare config_list entry or a calibration config: the error says which
     specs = dict(config) if isinstance(config, Mapping) else resolve_config(model, config)
     modules = dict(model.named_modules())
-    for name in specs:
-        if name not in modules:
-            raise ConfigError(f"spec for {name!r}: no module of that name in the model")
+    missing = [name for name in specs if name not in modules]
+    if missing:
+        raise ConfigError(
+            f"the layer specs name {', '.join(repr(n) for n in missing[:4])}"
+            f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}, which {type(model).__name__} lacks"
+        )
     pairs = find_conv_bn_pairs(model) if example_input is not None else {}
     folded = {conv: bn for conv, bn in pairs.items() if conv in specs}
     for conv, bn in folded.items():
