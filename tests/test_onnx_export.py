@@ -1,9 +1,10 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import mixq
-from mixq.export import export_qdq_onnx, layer_precisions
+from mixq.export import constant_resolver, export_qdq_onnx, layer_precisions
 from mixq.nni import ModelSpeedup, QAT_Quantizer
 from mixq.zoo.models import create_model
 
@@ -145,3 +146,32 @@ def test_calibration_of_another_model_names_every_mismatch_up_front():
     del model.bn1
     with pytest.raises(mixq.CalibrationFileError, match="has folded_bn 'bn1', which the model lacks;"):
         export_qdq_onnx(model, (1, 3, 32, 32), {"conv1": calib["conv1"]})
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_dorefa_weights_are_stored_exactly(bits):
+    """DoReFa's k-bit levels {2i/(2^k-1) - 1} are odd multiples of 1/(2^k-1): the export stores them on a
+    (k+1)-bit grid with that scale, so the engine's weights are exactly the trained levels (a k-bit
+    re-quantization would merge some of them)."""
+    from mixq.nni import DoReFaQuantizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    DoReFaQuantizer(model, [{"quant_types": ["weight"], "quant_bits": bits, "op_types": ["Linear"]}])
+    calib = mixq.export_calibration(model)
+    assert calib["0"]["weight_bits"] == bits + 1
+    assert calib["0"]["weight_scale"] == pytest.approx(1 / (2**bits - 1))
+    deploy = mixq.deploy_model(model)
+    trained_levels = torch.unique(deploy[0].weight.detach())
+    assert len(trained_levels) == 2**bits  # every level in use
+    qdq = export_qdq_onnx(deploy, (1, 16), calib)
+    inits = {i.name for i in qdq.model.graph.initializer}
+    const = constant_resolver(qdq.model, required=True)
+    dq = next(n for n in qdq.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    q, scale = const(dq.input[0]).astype(np.int32), const(dq.input[1])
+    assert sorted(set(np.unique(q).tolist())) == list(range(-(2**bits - 1), 2**bits, 2))
+    np.testing.assert_allclose(np.unique(q * scale), trained_levels.numpy(), rtol=0, atol=1e-6)
+    x = torch.randn(64, 16)
+    engine = mixq.nni.ModelSpeedup(model, (64, 16), batchsize=64).compress()
+    with torch.no_grad():
+        np.testing.assert_allclose(engine.inference(x)[0].numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)

@@ -462,7 +462,7 @@ def test_seven_bit_weights_keep_int8_layout_and_match_the_model():
     model(torch.randn(32, 1, 28, 28))
     model.eval()
     s = ModelSpeedup(model, (16, 1, 28, 28)).compress()
-    assert s.engine.options.uint8_weights is False  # |q| <= 63: u8 x s8 kernels cannot saturate
+    assert s.engine.uint8_weights is False  # |q| <= 63: u8 x s8 kernels cannot saturate
     assert all(r.runs_as == "int8" for r in s.report().rows if r.op_type == "Conv2d")
     x = torch.randn(64, 1, 28, 28)
     with torch.no_grad():

@@ -3,6 +3,7 @@
 TensorRT are imported when an engine is built or loaded."""
 
 from . import onnxruntime as _onnxruntime  # noqa: F401  (registers the backend)
+from . import openvino as _openvino  # noqa: F401
 from . import tensorrt as _tensorrt  # noqa: F401
 from .base import (
     Backend,

@@ -4,7 +4,6 @@ and reads back what each layer became in ORT's optimized graph (QLinearConv/QGem
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import json
 import os
 import statistics
@@ -142,30 +141,36 @@ def max_abs_int8_weight(model) -> int:
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
-    def __init__(
-        self, qdq_bytes: bytes, input_shape, layers: dict, options: BuildOptions, optimized: bytes | None = None
-    ):
+    def __init__(self, qdq_bytes: bytes, input_shape, layers: dict, options: BuildOptions):
+        """``qdq_bytes``: the backend-neutral Q/DQ model (int8 weights). The weight layout for this CPU
+        (int8, or uint8 + 128 where the CPU lacks VNNI) is decided here, where the session runs, so an
+        engine file built on one CPU class runs right on another."""
         super().__init__(input_shape, layers, max_batch=None)
+        import onnx
         import onnxruntime as ort
 
         self.options = options
         self.qdq_bytes = qdq_bytes
+        model = onnx.load_from_string(qdq_bytes)
+        uint8 = options.uint8_weights
+        if uint8 is None:
+            uint8 = not cpu_has_vnni() and max_abs_int8_weight(model) > SAFE_U8S8_WEIGHT
+        self.uint8_weights = bool(uint8)
+        if self.uint8_weights:
+            weights_to_uint8(model)
+        self.session_bytes = model.SerializeToString()
         so = self._session_options(ort)
-        opt_path = None
-        if optimized is None:
-            fd, opt_path = tempfile.mkstemp(suffix=".onnx")
-            os.close(fd)
-            so.optimized_model_filepath = opt_path
+        fd, opt_path = tempfile.mkstemp(suffix=".onnx")
+        os.close(fd)
+        so.optimized_model_filepath = opt_path
         kwargs = {"disabled_optimizers": ["QDQPropagationTransformer"]} if options.keep_pools_float else {}
         try:
-            self.session = ort.InferenceSession(qdq_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
-            if opt_path is not None:
-                optimized = Path(opt_path).read_bytes()
+            self.session = ort.InferenceSession(self.session_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
+            optimized = Path(opt_path).read_bytes()
         except Exception as e:
             raise EngineError(f"ONNX Runtime could not build the engine: {type(e).__name__}: {e}") from e
         finally:
-            if opt_path is not None:
-                Path(opt_path).unlink(missing_ok=True)
+            Path(opt_path).unlink(missing_ok=True)
         self.optimized_bytes = optimized
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
@@ -268,7 +273,7 @@ class OnnxRuntimeEngine(Engine):
         with tempfile.TemporaryDirectory() as d:
             so.profile_file_prefix = str(Path(d) / "prof")
             kwargs = {"disabled_optimizers": ["QDQPropagationTransformer"]} if self.options.keep_pools_float else {}
-            sess = ort.InferenceSession(self.qdq_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
+            sess = ort.InferenceSession(self.session_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
             feed = {self.input_name: self.check_input(x).cpu().numpy()}
             for _ in range(3 + runs):
                 sess.run(None, feed)
@@ -288,17 +293,13 @@ class OnnxRuntimeEngine(Engine):
         return [LayerTime(k, v, tuple(sorted(kernels[k]))) for k, v in sorted(timed.items(), key=lambda kv: -kv[1])]
 
     def members(self) -> dict[str, bytes]:
-        return {
-            "model.onnx": self.qdq_bytes,
-            "optimized.onnx": self.optimized_bytes,
-            "options.json": json.dumps(
-                {
-                    "threads": self.options.threads,
-                    "keep_pools_float": self.options.keep_pools_float,
-                    "uint8_weights": self.options.uint8_weights,
-                }
-            ).encode(),
+        # The canonical int8 model only: the layout for the CPU is re-decided on load.
+        options = {
+            "threads": self.options.threads,
+            "keep_pools_float": self.options.keep_pools_float,
+            "uint8_weights": self.options.uint8_weights,
         }
+        return {"model.onnx": self.qdq_bytes, "options.json": json.dumps(options).encode()}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -315,18 +316,7 @@ class OnnxRuntimeBackend(Backend):
         return "backend 'onnxruntime' needs the onnxruntime package (pip install onnxruntime)"
 
     def build(self, qdq, input_shape, options: BuildOptions) -> OnnxRuntimeEngine:
-        import onnx
-
-        model = qdq.model
-        uint8 = options.uint8_weights
-        if uint8 is None:
-            uint8 = not cpu_has_vnni() and max_abs_int8_weight(model) > SAFE_U8S8_WEIGHT
-        if uint8:
-            model = onnx.ModelProto()
-            model.CopyFrom(qdq.model)
-            weights_to_uint8(model)
-        options = dataclasses.replace(options, uint8_weights=bool(uint8))
-        return OnnxRuntimeEngine(model.SerializeToString(), input_shape, qdq.layers, options)
+        return OnnxRuntimeEngine(qdq.model.SerializeToString(), input_shape, qdq.layers, options)
 
     def load(self, path) -> OnnxRuntimeEngine:
         manifest, members = read_engine_file(path, self.name)
@@ -335,13 +325,7 @@ class OnnxRuntimeBackend(Backend):
             options = BuildOptions(
                 threads=opts["threads"], keep_pools_float=opts["keep_pools_float"], uint8_weights=opts["uint8_weights"]
             )
-            return OnnxRuntimeEngine(
-                members["model.onnx"],
-                tuple(manifest["input_shape"]),
-                manifest["layers"],
-                options,
-                members["optimized.onnx"],
-            )
+            return OnnxRuntimeEngine(members["model.onnx"], tuple(manifest["input_shape"]), manifest["layers"], options)
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
 

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from .._errors import ConfigError
 from ..observers import Observer
 from ..primitives import (
     channels_first,
@@ -16,7 +17,7 @@ from ..primitives import (
     fake_quantize_lsq,
     symmetric_zero_point,
 )
-from ..spec import QuantSpec
+from ..spec import MAX_BITS, IntType, PerTensor, QuantSpec
 
 __all__ = ["ActivationQuant", "LSQActivationQuant", "WeightQuant", "LSQWeightQuant", "DoReFaWeightQuant"]
 
@@ -115,6 +116,10 @@ class WeightQuant(nn.Module):
     def qparams(self, w: torch.Tensor):
         return choose_qparams_from_tensor(w, self.spec)
 
+    def export_spec(self) -> QuantSpec:
+        """The spec an engine stores the weight with (the configured one)."""
+        return self.spec
+
 
 class LSQWeightQuant(nn.Module):
     """LSQ for weights: learned step size per tensor or per output channel."""
@@ -139,17 +144,26 @@ class LSQWeightQuant(nn.Module):
     def qparams(self, w: torch.Tensor):
         return self.scale.detach().abs().clamp(min=1e-8).float().cpu(), self.zero_point.cpu()
 
+    def export_spec(self) -> QuantSpec:
+        return self.spec
+
 
 class DoReFaWeightQuant(nn.Module):
     """DoReFa-Net weights: ``2 * round_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1`` with k = spec bits.
 
-    DoReFa's grid ``{2i / (2^k - 1) - 1}`` has a half-integer zero point, which no integer engine can
-    represent exactly. The exported weight is the DoReFa weight itself (values in [-1, 1]); its qparams
-    are chosen by the spec over that weight, so an engine re-quantizes it with at most half a step of error.
+    DoReFa's grid ``{2i / (2^k - 1) - 1}`` has a half-integer zero point on a k-bit grid, but times
+    ``2^k - 1`` its levels are the odd integers ``2i - (2^k - 1)``, which a signed (k+1)-bit integer holds
+    exactly. So the weight is exported with scale ``1 / (2^k - 1)``, zero point 0 and k+1 bits: the engine
+    computes with exactly the trained levels (a k-bit re-quantization would merge some of them).
     """
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
+        if spec.dtype.bits >= MAX_BITS:
+            raise ConfigError(
+                f"DoReFa weights are exported exactly on a (bits + 1)-bit grid; use at most {MAX_BITS - 1} bits, "
+                f"got {spec.dtype.bits}"
+            )
         self.spec = spec
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -164,7 +178,11 @@ class DoReFaWeightQuant(nn.Module):
         return self.forward(w).detach()
 
     def qparams(self, w: torch.Tensor):
-        return choose_qparams_from_tensor(self.deploy_weight(w), self.spec)
+        levels = (1 << self.spec.dtype.bits) - 1
+        return torch.tensor(1.0 / levels, dtype=torch.float32), torch.tensor(0, dtype=torch.int32)
+
+    def export_spec(self) -> QuantSpec:
+        return QuantSpec(IntType(self.spec.dtype.bits + 1, signed=True), symmetric=True, granularity=PerTensor())
 
 
 def _positive_qmax(spec: QuantSpec) -> int:

@@ -205,10 +205,11 @@ def export_calibration(model: nn.Module) -> dict:
         if spec.weight is not None:
             weight, _ = w.folded_weight_and_bias()
             scale, zp = w.weight_quantizer.qparams(weight.detach())
-            entry["weight_bits"] = spec.weight.dtype.bits
+            stored = w.weight_quantizer.export_spec()  # DoReFa: k+1 bits hold its k-bit levels exactly
+            entry["weight_bits"] = stored.dtype.bits
             entry["weight_scale"] = _py(scale)
             entry["weight_zero_point"] = _py(zp)
-            entry["weight_qspec"] = spec.weight.to_dict()
+            entry["weight_qspec"] = stored.to_dict()
         for t in ("input", "output"):
             q = getattr(w, f"{t}_quantizer")
             if q is None:

@@ -1,0 +1,231 @@
+"""OpenVINO (CPU) backend: reads the same Q/DQ ONNX and lets OpenVINO's low-precision transformations
+legalize it (BatchNorm folded into per-channel scales, residual adds and ReLUs fused into int8 convs).
+
+The engine file holds the Q/DQ ONNX, not a compiled blob: a blob is specific to the CPU it was compiled on,
+so the model is compiled where it is loaded and an engine built on one CPU class runs right on another.
+Each batch size gets its own static-shape compilation (OpenVINO's CPU plugin is fastest on static shapes),
+made on first use and kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import (
+    Backend,
+    BuildOptions,
+    Engine,
+    EngineError,
+    LayerPlacement,
+    LayerTime,
+    layer_of_node,
+    read_engine_file,
+    register_backend,
+)
+
+__all__ = ["OpenVINOBackend", "OpenVINOEngine"]
+
+# Runtime layer types that do a layer's arithmetic; everything else (Reorder, standalone FakeQuantize,
+# Reshape, Input/Output) is glue between layers.
+COMPUTE_TYPES = frozenset(
+    {
+        "Convolution",
+        "Deconvolution",
+        "FullyConnected",
+        "FullyConnectedQuantizedLegacy",
+        "MatMul",
+        "Pooling",
+        "Eltwise",
+        "Reduce",
+        "Subgraph",
+    }
+)
+INT_PRECISIONS = frozenset({"u8", "i8", "U8", "I8"})
+MAX_COMPILED_SHAPES = 8
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError as e:
+        raise EngineError("backend 'openvino' needs the openvino package (pip install 'mixq[openvino]')") from e
+    return openvino
+
+
+class OpenVINOEngine(Engine):
+    backend = "openvino"
+
+    def __init__(self, onnx_bytes: bytes, input_shape, layers: dict, options: BuildOptions):
+        super().__init__(input_shape, layers, max_batch=None)
+        ov = _ov()
+        self.options = options
+        self.onnx_bytes = onnx_bytes
+        self.core = ov.Core()
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "model.onnx"
+            path.write_bytes(onnx_bytes)
+            try:
+                self.model = self.core.read_model(str(path))
+            except Exception as e:
+                raise EngineError(f"OpenVINO could not read the model: {type(e).__name__}: {e}") from e
+        if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
+            raise EngineError(
+                f"the model has {len(self.model.inputs)} inputs and {len(self.model.outputs)} outputs; mixq engines "
+                "take one input tensor and return one output tensor (wrap the model to combine them)"
+            )
+        self._compiled: dict[tuple[int, bool], tuple[object, object]] = {}
+        self._request(self.input_shape[0])  # compile now, so a build error surfaces at build time
+
+    def _config(self, profiling: bool) -> dict:
+        config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            # Float layers stay float32 (the default on CPUs with bf16 support would be bf16, which changes
+            # the results of layers the user asked to keep in full precision).
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        if self.options.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.options.threads)
+        if profiling:
+            config["PERF_COUNT"] = "YES"
+        return config
+
+    def _request(self, batch: int, profiling: bool = False):
+        key = (batch, profiling)
+        if key not in self._compiled:
+            if len(self._compiled) >= MAX_COMPILED_SHAPES:
+                self._compiled.pop(next(iter(self._compiled)))
+            model = self.model.clone()
+            model.reshape({0: [batch, *self.input_shape[1:]]})
+            try:
+                compiled = self.core.compile_model(model, "CPU", self._config(profiling))
+            except Exception as e:
+                raise EngineError(f"OpenVINO could not compile the model: {type(e).__name__}: {e}") from e
+            self._compiled[key] = (compiled, compiled.create_infer_request())
+        return self._compiled[key]
+
+    def run(self, x, check_finite: bool = True) -> torch.Tensor:
+        x = self.check_input(x, check_finite).cpu()
+        _, request = self._request(x.shape[0])
+        request.infer({0: x.numpy()})
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
+
+    def _runtime_ops(self):
+        compiled, _ = self._request(self.input_shape[0])
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            fields = {k: info[k].astype(str) for k in ("layerType", "runtimePrecision", "originalLayersNames")}
+            yield op.get_friendly_name(), fields
+
+    def placement(self) -> list[LayerPlacement]:
+        kernels: dict[str, list[str]] = defaultdict(list)
+        precisions: dict[str, set[str]] = defaultdict(set)
+        fused_into: dict[str, str] = {}
+        for name, f in self._runtime_ops():
+            if f["layerType"] not in COMPUTE_TYPES:
+                continue
+            owner = layer_of_node(name, self.layers)
+            if owner is None:
+                continue
+            kernels[owner].append(f"{f['layerType']}({f['runtimePrecision']})")
+            precisions[owner].add(f["runtimePrecision"])
+            for original in filter(None, f["originalLayersNames"].split(",")):
+                other = layer_of_node(original, self.layers)
+                if other is not None and other != owner:
+                    fused_into.setdefault(other, owner)
+        rows = []
+        for layer, info in self.layers.items():
+            ks = tuple(kernels.get(layer, ()))
+            requested = info["precision"]
+            if ks:
+                runs_as = "int8" if precisions[layer] & INT_PRECISIONS else "fp32"
+                note = (
+                    "asked int8, runs float (OpenVINO kept this layer in float)"
+                    if (requested == "int8" and runs_as == "fp32")
+                    else ""
+                )
+                if requested == "fp16":
+                    note = "OpenVINO CPU runs fp16 requests in float32 here (INFERENCE_PRECISION_HINT f32)"
+            elif layer in fused_into:
+                runs_as, note = "fused", f"no kernel of its own: fused into {fused_into[layer]}"
+            else:
+                runs_as, note = "fused", "no kernel of its own: folded or removed by OpenVINO"
+            rows.append(LayerPlacement(layer, info["op_type"], requested, runs_as, ks, 0, note))
+        return rows
+
+    def profile(self, x: torch.Tensor, runs: int = 20) -> list[LayerTime]:
+        """Per-layer time: median over ``runs`` (after 3 warm-up runs) of OpenVINO's performance counters.
+        Compute nodes count for the layer they belong to; reorders and standalone quantize nodes under
+        ``(glue)``."""
+        x = self.check_input(x).cpu()
+        compiled, request = self._request(x.shape[0], profiling=True)
+        types = {
+            op.get_friendly_name(): op.get_rt_info()["layerType"].astype(str)
+            for op in compiled.get_runtime_model().get_ordered_ops()
+        }
+        feed = {0: x.numpy()}
+        for _ in range(3):
+            request.infer(feed)
+        per_run: dict[str, list[float]] = defaultdict(list)
+        kernels: dict[str, set[str]] = defaultdict(set)
+        for _ in range(max(1, runs)):
+            request.infer(feed)
+            totals: dict[str, float] = defaultdict(float)
+            for info in request.get_profiling_info():
+                us = info.real_time.total_seconds() * 1e6
+                if us <= 0:
+                    continue
+                owner = (
+                    layer_of_node(info.node_name, self.layers) if types.get(info.node_name) in COMPUTE_TYPES else None
+                )
+                owner = owner or "(glue)"
+                totals[owner] += us
+                kernels[owner].add(info.exec_type)
+            for layer, us in totals.items():
+                per_run[layer].append(us)
+        rows = [LayerTime(k, statistics.median(v), tuple(sorted(kernels[k]))) for k, v in per_run.items()]
+        return sorted(rows, key=lambda r: -r.microseconds)
+
+    def members(self) -> dict[str, bytes]:
+        options = {"threads": self.options.threads}
+        return {"model.onnx": self.onnx_bytes, "options.json": json.dumps(options).encode()}
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+
+    def is_available(self) -> bool:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def unavailable_reason(self) -> str:
+        return "backend 'openvino' needs the openvino package (pip install 'mixq[openvino]')"
+
+    def build(self, qdq, input_shape, options: BuildOptions) -> OpenVINOEngine:
+        return OpenVINOEngine(qdq.model.SerializeToString(), tuple(input_shape), qdq.layers, options)
+
+    def load(self, path: str | os.PathLike) -> OpenVINOEngine:
+        manifest, members = read_engine_file(path, self.name)
+        try:
+            opts = json.loads(members["options.json"])
+            return OpenVINOEngine(
+                members["model.onnx"],
+                tuple(manifest["input_shape"]),
+                manifest["layers"],
+                BuildOptions(threads=opts["threads"]),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
+
+
+register_backend("openvino", OpenVINOBackend)
