@@ -216,11 +216,14 @@ def export_qdq_onnx(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if calibration is None:
         raise ConfigError(f"{type(model).__name__}: export_qdq_onnx needs its calibration config")
-    float_model = copy.deepcopy(model)
+    float_model = copy.deepcopy(model).eval()
     validate_calibration_config(calibration)
     precisions = layer_precisions(calibration, extra_layer_bits)
     modules = dict(float_model.named_modules())
     _check_calibration_matches(type(model).__name__, modules, calibration)
+    dummy = torch.randn(*input_shape)
+    calibration = _fold_remaining_batchnorms(float_model, calibration, precisions, dummy[:1])
+    modules = dict(float_model.named_modules())
     layers = {}
     for name, entry in calibration.items():
         module = modules[name]
@@ -236,8 +239,6 @@ def export_qdq_onnx(
         if name and name not in layers and type(module).__name__ in QUANTIZABLE_OP_TYPES:
             layers[name] = {"op_type": type(module).__name__, "precision": extra}
 
-    float_model.eval()
-    dummy = torch.randn(*input_shape)
     buffer = io.BytesIO()
     try:
         unfolded = [n for n, info in layers.items() if info["precision"] == "int8" and "Conv" in info["op_type"]]
@@ -344,6 +345,71 @@ def _convs_feeding_batchnorm(model: nn.Module, convs: list[str], example: torch.
     return found
 
 
+def _fold_remaining_batchnorms(model: nn.Module, calibration: dict, precisions: dict, example) -> dict:
+    """Fold each BatchNorm that directly follows an int8 conv the quantizer did not fold (no ``dummy_input``):
+    the conv's integer weights stay as trained and each output channel's weight scale is multiplied by
+    ``|gamma / sqrt(var + eps)|`` (a negative factor flips the integers' sign, exact for symmetric weights);
+    the BatchNorm's shift goes into the bias. The result computes what the fake-quant model computes, so
+    the engine no longer depends on whether the user passed ``dummy_input``. Returns the calibration with
+    those entries updated (the caller's dict is not changed); ``model`` is changed in place.
+
+    Not folded (the conv then feeds a float BatchNorm, and the placement report says why): a conv whose
+    output is quantized (the quantizer rounded before the BatchNorm), affine weights with a negative factor,
+    a BatchNorm without running statistics, and any fold that would change the float model's output (the
+    conv's output also feeds something else)."""
+    modules = dict(model.named_modules())
+    candidates = [
+        n
+        for n, e in calibration.items()
+        if precisions.get(n) == "int8"
+        and isinstance(modules[n], nn.Conv1d | nn.Conv2d)
+        and "weight_bits" in e
+        and "output_bits" not in e
+        and not e.get("folded_bn")
+    ]
+    pairs = _convs_feeding_batchnorm(model, candidates, example)
+    if not pairs:
+        return calibration
+    with torch.no_grad():
+        reference = model(example)
+    saved = {n: copy.deepcopy(modules[n]) for pair in pairs.items() for n in pair}
+    folded = dict(calibration)
+    for conv, bn_name in pairs.items():
+        entry = _folded_entry(calibration[conv], modules[conv], modules[bn_name], bn_name)
+        if entry is not None:
+            folded[conv] = entry
+            _absorb_folded_bn(model, modules, conv, entry)
+    with torch.no_grad():
+        after = model(example)
+    if not torch.allclose(after, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
+        for name, module in saved.items():  # a conv output with another user: undo every fold
+            model.set_submodule(name, module)
+        return calibration
+    return folded
+
+
+def _folded_entry(entry: dict, conv: nn.Module, bn: nn.Module, bn_name: str) -> dict | None:
+    if not (bn.track_running_stats and bn.affine and bn.running_var is not None):
+        return None
+    factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+    channels = conv.weight.shape[0]
+    spec = QuantSpec.from_dict(entry.get("weight_qspec") or {**_WEIGHT_DEFAULT, "bits": entry["weight_bits"]})
+    scales = torch.tensor(entry["weight_scale"], dtype=torch.float64).reshape(-1).expand(channels)
+    zps = torch.tensor(entry["weight_zero_point"], dtype=torch.int64).reshape(-1).expand(channels)
+    if (factor < 0).any() and bool((zps != 0).any()):
+        return None  # an affine grid does not flip onto itself
+    if (factor == 0).any():
+        return None
+    qspec = {**spec.to_dict(), "scheme": spec.scheme.replace("per_tensor", "per_channel"), "axis": 0}
+    return {
+        **entry,
+        "folded_bn": bn_name,
+        "weight_scale": (scales * factor.abs()).float().tolist(),
+        "weight_zero_point": zps.tolist(),
+        "weight_qspec": qspec,
+    }
+
+
 def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -> None:
     """Fold the BatchNorm named by ``folded_bn`` into the conv (same arithmetic as the quantizer's folding,
     so the weights match the exported weight scales) and replace it by an identity. Works for the
@@ -352,6 +418,8 @@ def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -
     if not bn_name:
         return
     bn = modules[bn_name]  # checked by _check_calibration_matches
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        return  # folded already, by _fold_remaining_batchnorms
     conv = modules[name]
     with torch.no_grad():
         weight, bias = fold_batchnorm(

@@ -62,8 +62,8 @@ def _note(info: dict, runs_as: str) -> str:
         bn = info.get("unfolded_bn")
         if bn:
             return (
-                f"BatchNorm {bn!r} after this conv was not folded (no dummy_input given to the quantizer), so the "
-                "conv output feeds a float BatchNorm; pass dummy_input=... to fold it"
+                f"BatchNorm {bn!r} after this conv could not be folded (the conv's output is quantized before it, "
+                "or also used elsewhere), so the conv output feeds a float BatchNorm"
             )
         return "asked int8, runs float (ORT found no int8 kernel for this Q/DQ pattern)"
     if runs_as == "fused":
