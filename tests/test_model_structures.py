@@ -42,7 +42,7 @@ def test_shared_module_inplace_and_functional_relu_build_and_match():
     ]
     QAT_Quantizer(model, config)
     _train(model, (16, 8))
-    s = ModelSpeedup(model, (4, 8)).compress()
+    s = ModelSpeedup(model, (4, 8), backend="onnxruntime").compress()
     x = torch.randn(32, 8)
     with torch.no_grad():
         ref = model(x)
@@ -71,12 +71,12 @@ class TwoOutputs(nn.Module):
 
 def test_multiple_inputs_are_rejected_naming_the_model():
     with pytest.raises(mixq.MixqError, match=r"ONNX export of TwoInputs with input shape \(2, 4\) failed"):
-        ModelSpeedup(TwoInputs(), (2, 4), config={}).compress()
+        ModelSpeedup(TwoInputs(), (2, 4), config={}, backend="onnxruntime").compress()
 
 
 def test_multiple_outputs_are_rejected_clearly():
     with pytest.raises(mixq.backends.EngineError, match="1 inputs and 2 outputs; mixq engines take one input"):
-        ModelSpeedup(TwoOutputs(), (2, 4), config={}).compress()
+        ModelSpeedup(TwoOutputs(), (2, 4), config={}, backend="onnxruntime").compress()
 
 
 def test_functional_relu_cannot_be_configured_by_name():

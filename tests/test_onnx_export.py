@@ -49,7 +49,7 @@ def test_tricky_model_exports_and_engine_matches_fake_quant_model():
     qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 3, 16, 16), mixq.export_calibration(model))
     ops = {n.op_type for n in qdq.model.graph.node}
     assert {"Concat", "Sigmoid", "Add", "AveragePool"} <= ops and "BatchNormalization" not in ops
-    s = ModelSpeedup(model, (4, 3, 16, 16)).compress()
+    s = ModelSpeedup(model, (4, 3, 16, 16), backend="onnxruntime").compress()
     x = torch.randn(32, 3, 16, 16)
     with torch.no_grad():
         ref = model(x)
@@ -75,8 +75,8 @@ def test_layer_precisions_rules():
 def test_plain_model_without_config_is_a_clear_error():
     with pytest.raises(mixq.ConfigError, match="needs its calibration config"):
         export_qdq_onnx(nn.Sequential(nn.Linear(2, 2)), (1, 2), None)
-    with pytest.raises(mixq.ConfigError, match="nothing to build: pass config="):
-        ModelSpeedup(nn.Sequential(nn.Linear(2, 2)), (1, 2)).compress()
+    with pytest.raises(mixq.ConfigError, match="extra_layer_bits=8 without a config quantizes every layer"):
+        ModelSpeedup(nn.Sequential(nn.Linear(2, 2)), (1, 2), extra_layer_bits=8, backend="onnxruntime").compress()
 
 
 def test_op_type_mismatch_between_config_and_model_names_the_layer():
@@ -109,7 +109,7 @@ def _tiny_resnet(dummy_input):
 
 def test_conv_feeding_an_unfolded_batchnorm_is_named_as_the_cause():
     model = _tiny_resnet(None)  # no dummy_input: the quantizer leaves the BatchNorms after their convs
-    s = ModelSpeedup(model, (4, 3, 32, 32)).compress()
+    s = ModelSpeedup(model, (4, 3, 32, 32), backend="onnxruntime").compress()
     assert s.qdq.layers["conv1"] == {"op_type": "Conv2d", "precision": "int8"}  # the export folded bn1
     assert [r.runs_as for r in s.report().rows if r.layer == "conv1"] == ["int8"]
     # A conv whose output is quantized before its BatchNorm cannot be folded exactly: the note says so.
@@ -119,7 +119,7 @@ def test_conv_feeding_an_unfolded_batchnorm_is_named_as_the_cause():
     QAT_Quantizer(model, config)
     model.train()
     model(torch.randn(4, 3, 32, 32))
-    s = ModelSpeedup(model.eval(), (4, 3, 32, 32)).compress()
+    s = ModelSpeedup(model.eval(), (4, 3, 32, 32), backend="onnxruntime").compress()
     assert s.qdq.layers["conv1"]["unfolded_bn"] == "bn1"
     (row,) = [r for r in s.report().rows if r.layer == "conv1"]
     assert row.runs_as == "int8"  # DQ -> Conv -> Q runs as QLinearConv; the BatchNorm after it stays float
@@ -133,7 +133,7 @@ def test_conv_feeding_an_unfolded_batchnorm_is_named_as_the_cause():
 
 
 def test_folded_batchnorms_leave_no_unfolded_mark():
-    s = ModelSpeedup(_tiny_resnet(torch.randn(2, 3, 32, 32)), (4, 3, 32, 32)).compress()
+    s = ModelSpeedup(_tiny_resnet(torch.randn(2, 3, 32, 32)), (4, 3, 32, 32), backend="onnxruntime").compress()
     assert not any("unfolded_bn" in info for info in s.qdq.layers.values())
     assert {r.layer: r.runs_as for r in s.report().rows}["conv1"] == "int8"
 
@@ -181,7 +181,7 @@ def test_dorefa_weights_are_stored_exactly(bits):
     assert sorted(set(np.unique(q).tolist())) == list(range(-(2**bits - 1), 2**bits, 2))
     np.testing.assert_allclose(np.unique(q * scale), trained_levels.numpy(), rtol=0, atol=1e-6)
     x = torch.randn(64, 16)
-    engine = mixq.nni.ModelSpeedup(model, (64, 16), batchsize=64).compress()
+    engine = mixq.nni.ModelSpeedup(model, (64, 16), batchsize=64, backend="onnxruntime").compress()
     with torch.no_grad():
         np.testing.assert_allclose(engine.inference(x)[0].numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
 
@@ -216,7 +216,7 @@ def test_batchnorm_is_folded_at_export_with_or_without_dummy_input(dummy_input):
     qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 3, 32, 32), calib)
     assert not [n for n in qdq.model.graph.node if n.op_type == "BatchNormalization"]
     assert "folded_bn" not in calib["conv1"] or dummy_input  # the caller's config is not changed
-    engine = ModelSpeedup(model, (32, 3, 32, 32), batchsize=32).compress()
+    engine = ModelSpeedup(model, (32, 3, 32, 32), batchsize=32, backend="onnxruntime").compress()
     fresh = torch.randn(32, 3, 32, 32)
     with torch.no_grad():
         for inputs in (x, fresh):
@@ -246,6 +246,6 @@ def test_batchnorm_fold_is_skipped_when_the_conv_output_is_also_used_elsewhere()
     mixq.calibrate_(model, lambda m: m(x))
     qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 3, 8, 8), mixq.export_calibration(model))
     assert [n for n in qdq.model.graph.node if n.op_type == "BatchNormalization"]
-    engine = ModelSpeedup(model, (8, 3, 8, 8), batchsize=8).compress()
+    engine = ModelSpeedup(model, (8, 3, 8, 8), batchsize=8, backend="onnxruntime").compress()
     with torch.no_grad():
         torch.testing.assert_close(engine.inference(x)[0], model(x), rtol=1e-4, atol=1e-4)

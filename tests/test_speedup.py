@@ -45,19 +45,19 @@ def all8():
 
 @pytest.fixture(scope="module")
 def all8_speedup(all8):
-    return ModelSpeedup(all8, (16, 1, 28, 28), batchsize=16).compress()
+    return ModelSpeedup(all8, (16, 1, 28, 28), batchsize=16, backend="onnxruntime").compress()
 
 
 @pytest.fixture(scope="module")
 def engine(lenet):
-    return ModelSpeedup(lenet, (32, 1, 28, 28), batchsize=32).compress()
+    return ModelSpeedup(lenet, (32, 1, 28, 28), batchsize=32, backend="onnxruntime").compress()
 
 
 def test_float_model_plus_exported_config_builds_the_same_engine(lenet, engine, tmp_path):
     calib = QAT_Quantizer.export_model.__get__(type("Q", (), {"bound_model": lenet})())(tmp_path / "m.pth")
     plain = TorchModel()
     plain.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
-    other = ModelSpeedup(plain, (32, 1, 28, 28), config=calib, batchsize=32).compress()
+    other = ModelSpeedup(plain, (32, 1, 28, 28), config=calib, batchsize=32, backend="onnxruntime").compress()
     x = torch.randn(16, 1, 28, 28)
     assert torch.equal(other.inference(x)[0], engine.inference(x)[0])
 
@@ -94,7 +94,7 @@ def test_report_shows_int8_request_running_in_float():
     # Weight-only int8 on fc1: ORT has no int8 kernel for a float input, so the layer runs as float.
     config = [{"quant_types": ["weight"], "quant_bits": 8, "op_names": ["fc1"]}]
     mixq.prepare_(model, config, mixq.QAT())
-    report = ModelSpeedup(model, (4, 1, 28, 28)).compress().report()
+    report = ModelSpeedup(model, (4, 1, 28, 28), backend="onnxruntime").compress().report()
     (row,) = [r for r in report.rows if r.layer == "fc1"]
     assert row.mismatch and row.runs_as == "fp32"
     assert "WARNING: fc1 asked for int8 but runs as fp32" in str(report)
@@ -189,7 +189,7 @@ def test_float_conv_fused_with_its_relu_is_the_convs_kernel():
     model.train()
     model(torch.randn(8, 1, 28, 28))
     model.eval()
-    s = ModelSpeedup(model, (8, 1, 28, 28), batchsize=8).compress()
+    s = ModelSpeedup(model, (8, 1, 28, 28), batchsize=8, backend="onnxruntime").compress()
     rows = {r.layer: r for r in s.report().rows}
     assert rows["conv1"].runs_as == "fp32" and set(rows["conv1"].kernels) <= {"Conv", "FusedConv"}
     assert rows["relu1"].runs_as == "fused" and rows["relu1"].kernels == ()
@@ -199,7 +199,7 @@ def test_float_conv_fused_with_its_relu_is_the_convs_kernel():
 
 def test_engine_save_load_round_trip_is_identical(engine, tmp_path):
     path = engine.export_quantized_model(tmp_path / "lenet.mixq")
-    loaded = ModelSpeedup(TorchModel(), (32, 1, 28, 28)).load_quantized_model(path)
+    loaded = ModelSpeedup(TorchModel(), (32, 1, 28, 28), backend="onnxruntime").load_quantized_model(path)
     x = torch.randn(32, 1, 28, 28)
     assert torch.equal(loaded.inference(x)[0], engine.inference(x)[0])
     assert [r.runs_as for r in loaded.report().rows] == [r.runs_as for r in engine.report().rows]
@@ -293,7 +293,7 @@ def test_non_contiguous_and_numpy_inputs_work(engine):
 def test_config_naming_a_missing_layer_is_an_error():
     calib = {"conv9": {"input_bits": 8, "tracked_min_input": 0.0, "tracked_max_input": 1.0}}
     with pytest.raises(mixq.CalibrationFileError) as e:
-        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=calib).compress()
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=calib, backend="onnxruntime").compress()
     assert str(e.value) == (
         "the calibration config does not match TorchModel: layer 'conv9' is not in the model; "
         "it was made for a model with layers ['conv9']"
@@ -303,7 +303,7 @@ def test_config_naming_a_missing_layer_is_an_error():
 def test_another_models_calibration_names_every_missing_layer(all8):
     calib = mixq.export_calibration(all8)
     with pytest.raises(mixq.CalibrationFileError) as e:
-        ModelSpeedup(create_model("tiny_resnet"), (1, 3, 32, 32), config=calib).compress()
+        ModelSpeedup(create_model("tiny_resnet"), (1, 3, 32, 32), config=calib, backend="onnxruntime").compress()
     assert str(e.value) == (
         "the calibration config does not match ResNetCifar: layers 'conv2', 'fc1', 'fc2', 'fc3' and 4 more are "
         "not in the model; it was made for a model with layers ['conv1', 'conv2', 'fc1', 'fc2', 'fc3', 'relu1', ...]"
@@ -319,7 +319,7 @@ def test_another_models_calibration_names_every_missing_layer(all8):
 )
 def test_config_list_given_as_calibration_says_what_to_do(config, what):
     with pytest.raises(mixq.ConfigError) as e:
-        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=config)
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=config, backend="onnxruntime")
     assert str(e.value) == (
         f"config must be a calibration config (as export_model returns), got {what}; quantize with the config_list "
         "first (QAT_Quantizer(model, config_list, ...)) and pass the quantized model, or pass calib_data_loader=... "
@@ -330,7 +330,7 @@ def test_config_list_given_as_calibration_says_what_to_do(config, what):
 def test_unbuildable_bits_name_the_layer():
     calib = {"fc1": {"input_bits": 4, "tracked_min_input": 0.0, "tracked_max_input": 1.0}}
     with pytest.raises(mixq.CalibrationFileError, match=r"layer 'fc1' asks for \[4\] bits"):
-        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=calib).compress()
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28), config=calib, backend="onnxruntime").compress()
 
 
 def test_sixteen_bit_layers_stay_float_on_ort_and_say_so():
@@ -339,16 +339,30 @@ def test_sixteen_bit_layers_stay_float_on_ort_and_say_so():
     model.train()
     model(torch.randn(8, 1, 28, 28))
     model.eval()
-    report = ModelSpeedup(model, (4, 1, 28, 28)).compress().report()
+    report = ModelSpeedup(model, (4, 1, 28, 28), backend="onnxruntime").compress().report()
     (row,) = [r for r in report.rows if r.layer == "fc1"]
     assert row.requested == "fp16" and row.runs_as == "fp32" and "no fast fp16" in row.note
 
 
-def test_model_without_config_or_calibration_data_is_an_error():
-    with pytest.raises(mixq.ConfigError, match="nothing to build"):
-        ModelSpeedup(TorchModel(), (1, 1, 28, 28)).compress()
+def test_model_without_config_follows_nnis_extra_layer_bits():
+    """NNI: without a config every layer runs at extra_layer_bits: 32 float, 8 int8 from calib_data_loader
+    (an error without it), 16 fp16 where the backend has fp16 kernels (ORT's CPU provider has none)."""
+    model = TorchModel().eval()
+    s = ModelSpeedup(model, (4, 1, 28, 28), backend="onnxruntime").compress()
+    assert {r.requested for r in s.report().rows} == {"fp32"}
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(s.inference(x)[0], model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(mixq.ConfigError, match=r"extra_layer_bits=8 without a config .* needs calib_data_loader"):
+        ModelSpeedup(model, (1, 1, 28, 28), extra_layer_bits=8, backend="onnxruntime").compress()
+    with pytest.raises(mixq.ConfigError, match="extra_layer_bits must be 8, 16 or 32, got 4"):
+        ModelSpeedup(model, (1, 1, 28, 28), extra_layer_bits=4)
+    fp16 = ModelSpeedup(model, (4, 1, 28, 28), extra_layer_bits=16, backend="onnxruntime").compress()
+    rows = fp16.report().rows
+    assert {r.requested for r in rows if r.op_type == "Conv2d"} == {"fp16"}
+    assert all(r.note == "ORT CPU has no fast fp16 kernels: runs fp32" for r in rows if r.op_type == "Conv2d")
     with pytest.raises(EngineError, match="call compress"):
-        ModelSpeedup(TorchModel(), (1, 1, 28, 28)).inference(torch.randn(1, 1, 28, 28))
+        ModelSpeedup(TorchModel(), (1, 1, 28, 28), backend="onnxruntime").inference(torch.randn(1, 1, 28, 28))
 
 
 def test_ptq_straight_from_the_backend_with_calibration_cache(tmp_path):
@@ -357,7 +371,13 @@ def test_ptq_straight_from_the_backend_with_calibration_cache(tmp_path):
     loader = [(torch.randn(8, 3, 32, 32), None) for _ in range(3)]
     cache = tmp_path / "calib.json"
     s = ModelSpeedup(
-        model, (8, 3, 32, 32), calib_data_loader=loader, calibration_cache=cache, calibrate_type="percentile"
+        model,
+        (8, 3, 32, 32),
+        calib_data_loader=loader,
+        calibration_cache=cache,
+        calibrate_type="percentile",
+        extra_layer_bits=8,
+        backend="onnxruntime",
     )
     s.compress()
     assert cache.is_file()
@@ -369,7 +389,7 @@ def test_ptq_straight_from_the_backend_with_calibration_cache(tmp_path):
     out, _ = s.inference(x)
     assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 15
     again = ModelSpeedup(
-        model, (8, 3, 32, 32), calib_data_loader=[], calibration_cache=cache
+        model, (8, 3, 32, 32), calib_data_loader=[], calibration_cache=cache, extra_layer_bits=8, backend="onnxruntime"
     ).compress()  # no data needed
     assert torch.equal(again.inference(x)[0], out)
 
@@ -441,7 +461,7 @@ def test_residual_model_with_bn_folding_exports_without_batchnorm():
     qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 3, 32, 32), mixq.export_calibration(model))
     ops = {n.op_type for n in qdq.model.graph.node}
     assert "BatchNormalization" not in ops and "Add" in ops
-    s = ModelSpeedup(model, (8, 3, 32, 32)).compress()
+    s = ModelSpeedup(model, (8, 3, 32, 32), backend="onnxruntime").compress()
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -461,7 +481,7 @@ def test_seven_bit_weights_keep_int8_layout_and_match_the_model():
     model.train()
     model(torch.randn(32, 1, 28, 28))
     model.eval()
-    s = ModelSpeedup(model, (16, 1, 28, 28)).compress()
+    s = ModelSpeedup(model, (16, 1, 28, 28), backend="onnxruntime").compress()
     assert s.engine.uint8_weights is False  # |q| <= 63: u8 x s8 kernels cannot saturate
     assert all(r.runs_as == "int8" for r in s.report().rows if r.op_type == "Conv2d")
     x = torch.randn(64, 1, 28, 28)

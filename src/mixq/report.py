@@ -41,6 +41,7 @@ class PlacementReport:
     batch: int | None = None
     glue_qdq: int | None = None
     groups: dict[str, list[str]] = field(default_factory=dict)  # timed together: leader -> members
+    selection: object | None = None  # mixq.auto.Selection: what backend="auto" tried and kept
 
     @property
     def mismatches(self) -> list[LayerPlacement]:
@@ -96,7 +97,7 @@ class PlacementReport:
             head += " time us | float us |"
             sep += "---|---|"
         title = f"placement on {self.backend}" + (f" (times: batch {self.batch})" if timed and self.batch else "")
-        lines = [title, head, sep]
+        lines = ([str(self.selection)] if self.selection is not None else []) + [title, head, sep]
         for r in self.rows:
             kernels = "+".join(r.kernels) or "-"
             line = f"| {r.layer} | {r.op_type} | {r.requested} | {r.runs_as} | {kernels} | {r.unfused_qdq} |"

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._errors import ConfigError
+from .auto import Selection, candidate_backends, select_engine
 from .backends import BuildOptions, Engine, EngineError, get_backend, load_engine
 from .calibration import load_calibration_config, save_calibration_config
 from .config import KEYS as CONFIG_LIST_KEYS
@@ -21,7 +22,9 @@ from .export import export_qdq_onnx
 from .quantization import PTQ, calibrate_, deploy_model, export_calibration, prepare_, quantized_layers
 from .report import PlacementReport, fusion_groups, group_times
 
-__all__ = ["ModelSpeedup", "all_int8_config"]
+__all__ = ["ModelSpeedup", "all_int8_config", "DEFAULT_BACKEND"]
+
+DEFAULT_BACKEND = "auto"  # build the engines this machine has, time them, keep the fastest (mixq.auto)
 
 
 def all_int8_config(observer: str = "minmax") -> list[dict]:
@@ -56,10 +59,16 @@ class ModelSpeedup:
     """Build a real engine from a model and its calibration config.
 
     ``model``: a mixq-quantized model (its calibration is used unless ``config`` is given), or the float
-    model saved by ``export_model`` plus ``config``. Without a config, ``calib_data_loader`` runs PTQ with
-    ``calibrate_type`` (an observer name) and builds an all-int8 engine; ``calibration_cache`` keeps that
-    calibration as JSON and reuses it when present. ``batchsize`` is the optimization batch; TensorRT
-    engines accept batches up to ``max(batchsize, input_shape[0])`` (or ``max_batch``).
+    model saved by ``export_model`` plus ``config``. Without either, NNI's meaning of ``extra_layer_bits``
+    applies to every layer: 32 builds the float engine, 16 an fp16 engine (backends with fp16 kernels
+    only), 8 an all-int8 engine calibrated from ``calib_data_loader`` with ``calibrate_type`` (an observer
+    name); ``calibration_cache`` keeps that calibration as JSON and reuses it when present.
+
+    ``backend``: ``"auto"`` (default) builds the candidate engines this machine can run, times them at
+    ``batchsize`` and keeps the fastest, never a quantized engine slower than the fastest float one
+    (``self.selection`` and the report say what was tried); or a backend name (``onnxruntime``,
+    ``openvino``, ``tensorrt``). ``batchsize`` is the optimization batch; TensorRT engines accept batches
+    up to ``max(batchsize, input_shape[0])`` (or ``max_batch``).
     """
 
     def __init__(
@@ -76,7 +85,7 @@ class ModelSpeedup:
         batchsize: int = 1,
         input_names: Sequence[str] = ("actual_input_1",),
         output_names: Sequence[str] = ("output1",),
-        backend: str = "onnxruntime",
+        backend: str = DEFAULT_BACKEND,
         threads: int | None = None,
         max_batch: int | None = None,
         keep_pools_float: bool = True,
@@ -87,6 +96,8 @@ class ModelSpeedup:
             raise ConfigError(f"input_shape must be (batch, ...) with positive sizes, got {tuple(input_shape)}")
         if isinstance(batchsize, bool) or not isinstance(batchsize, int) or batchsize < 1:
             raise ConfigError(f"batchsize must be a positive int, got {batchsize!r}")
+        if extra_layer_bits not in (8, 16, 32):
+            raise ConfigError(f"extra_layer_bits must be 8, 16 or 32, got {extra_layer_bits!r}")
         self.model = model
         self.input_shape = tuple(int(d) for d in input_shape)
         self.config = load_calibration_config(config) if isinstance(config, str | os.PathLike) else config
@@ -108,11 +119,17 @@ class ModelSpeedup:
             strict_precision=strict_datatype,
         )
         self.engine: Engine | None = None
+        self.selection: Selection | None = None  # what backend="auto" tried
         self.qdq = None
         self._calibrated_model: nn.Module | None = None  # PTQ straight from the backend
 
-    def _backend(self):
-        return get_backend(self.backend_name)
+    def _backend_names(self) -> list[str]:
+        """The backends to build on (checked before any work): every usable one for ``auto``."""
+        if self.backend_name != "auto":
+            get_backend(self.backend_name)
+            return [self.backend_name]
+        on_cuda = any(t.is_cuda for t in (*self.model.parameters(), *self.model.buffers()))
+        return candidate_backends(on_cuda)
 
     def _float_model_and_calibration(self) -> tuple[nn.Module, dict]:
         """The float model and calibration the export takes: a prepared model gives its deploy copy (BN
@@ -125,10 +142,12 @@ class ModelSpeedup:
     def _calibration(self) -> dict | None:
         if self.config is not None or quantized_layers(self.model):
             return self.config
+        if self.extra_layer_bits != 8:
+            return {}  # NNI: every layer at extra_layer_bits (32 float, 16 fp16)
         if self.calib_data_loader is None:
             raise ConfigError(
-                "nothing to build: pass config=<calibration config>, a model quantized with mixq, "
-                "or calib_data_loader=... for post-training calibration"
+                "extra_layer_bits=8 without a config quantizes every layer, which needs calib_data_loader=... "
+                "for post-training calibration (or pass config=<calibration config>, or a model quantized with mixq)"
             )
         cache = Path(self.calibration_cache) if self.calibration_cache else None
         if cache is not None and cache.is_file():
@@ -148,22 +167,35 @@ class ModelSpeedup:
         return config
 
     def compress(self) -> ModelSpeedup:
-        """Export the Q/DQ ONNX model and build the engine. A failure leaves any previous engine in place."""
-        backend = self._backend()
+        """Export the Q/DQ ONNX model and build the engine (with ``auto``: build the candidates, time them,
+        keep the fastest). A failure leaves any previous engine in place."""
+        backends = self._backend_names()
         self._calibration()  # PTQ straight from the backend, when asked, before the export
         model, calibration = self._float_model_and_calibration()
-        qdq = export_qdq_onnx(
-            model,
-            self.input_shape,
-            calibration,
-            self.extra_layer_bits,
-            self.onnx_path,
-            self.input_name,
-            self.output_name,
-        )
-        self.engine = backend.build(qdq, self.input_shape, self.options)
+        extra = 16 if self.extra_layer_bits == 16 else 32
+        qdq = self._export(model, calibration, extra, self.onnx_path)
+        if len(backends) == 1 and self.backend_name != "auto":
+            self.engine = get_backend(backends[0]).build(qdq, self.input_shape, self.options)
+        else:
+            self.engine, self.selection = self._select(model, qdq, calibration, backends)
         self.qdq = qdq
         return self
+
+    def _export(self, model, calibration: dict, extra_layer_bits: int, path=None):
+        return export_qdq_onnx(
+            model, self.input_shape, calibration, extra_layer_bits, path, self.input_name, self.output_name
+        )
+
+    def _select(self, model, qdq, calibration: dict, backends: list[str]) -> tuple[Engine, Selection]:
+        def build(name, graph):
+            return lambda: get_backend(name).build(graph, self.input_shape, self.options)
+
+        requested_quantized = any(info["precision"] != "fp32" for info in qdq.layers.values())
+        float_qdq = self._export(model, {}, 32) if requested_quantized else qdq
+        quantized = {n: build(n, qdq) for n in backends} if requested_quantized else {}
+        floats = {n: build(n, float_qdq) for n in backends}
+        x = torch.randn(self.options.opt_batch, *self.input_shape[1:])
+        return select_engine(quantized, floats, x)
 
     def _engine(self) -> Engine:
         if self.engine is None:
@@ -189,6 +221,7 @@ class ModelSpeedup:
         engine of the same model on the same backend, at ``batch`` (default: the optimization batch)."""
         engine = self._engine()
         report = PlacementReport(engine.backend, engine.placement())
+        report.selection = self.selection
         if hasattr(engine, "unattributed_qdq"):
             report.glue_qdq = engine.unattributed_qdq()
         if compare_float:
@@ -196,7 +229,7 @@ class ModelSpeedup:
             x = torch.randn(b, *self.input_shape[1:])
             float_model, _ = self._float_model_and_calibration()
             float_qdq = export_qdq_onnx(float_model, self.input_shape, {}, 32, None, self.input_name, self.output_name)
-            float_engine = self._backend().build(float_qdq, self.input_shape, self.options)
+            float_engine = get_backend(engine.backend).build(float_qdq, self.input_shape, self.options)
             groups = fusion_groups(self.model, engine.layers, x[:1])
             report.times = group_times(engine.profile(x, runs), groups)
             report.float_times = group_times(float_engine.profile(x, runs), groups)

@@ -56,7 +56,7 @@ def _ov():
     try:
         import openvino
     except ImportError as e:
-        raise EngineError("backend 'openvino' needs the openvino package (pip install 'mixq[openvino]')") from e
+        raise EngineError("backend 'openvino' needs the openvino package (pip install openvino)") from e
     return openvino
 
 
@@ -209,7 +209,7 @@ class OpenVINOBackend(Backend):
         return True
 
     def unavailable_reason(self) -> str:
-        return "backend 'openvino' needs the openvino package (pip install 'mixq[openvino]')"
+        return "backend 'openvino' needs the openvino package (pip install openvino)"
 
     def build(self, qdq, input_shape, options: BuildOptions) -> OpenVINOEngine:
         return OpenVINOEngine(qdq.model.SerializeToString(), tuple(input_shape), qdq.layers, options)
