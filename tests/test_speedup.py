@@ -1,4 +1,5 @@
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -164,7 +165,8 @@ def test_all_int8_report_times_only_as_the_cli_builds_it(all8_speedup):
         f"glue: {report.glue(report.times):.1f} us, float not measured",
         f"total kernel time: {total:.1f} us, float engine not measured",
     ]
-    assert "WARNING" not in text and "0.0 us" not in text
+    assert "WARNING" not in text
+    assert not re.search(r"(?<![\d.])0\.0 us", text)  # nothing unmeasured printed as zero
 
 
 def test_all_int8_report_without_times(all8_speedup):
@@ -389,9 +391,19 @@ def test_ptq_straight_from_the_backend_with_calibration_cache(tmp_path):
     out, _ = s.inference(x)
     assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 15
     again = ModelSpeedup(
+        model,
+        (8, 3, 32, 32),
+        calib_data_loader=loader,
+        calibration_cache=cache,
+        extra_layer_bits=8,
+        backend="onnxruntime",
+    ).compress()
+    assert torch.equal(again.inference(x)[0], out)  # the cached calibration, the same legalization data
+    without_data = ModelSpeedup(
         model, (8, 3, 32, 32), calib_data_loader=[], calibration_cache=cache, extra_layer_bits=8, backend="onnxruntime"
-    ).compress()  # no data needed
-    assert torch.equal(again.inference(x)[0], out)
+    ).compress()  # the cache is enough to build; ORT then leaves the convs before residual adds in float
+    out2 = without_data.inference(x)[0]
+    assert float(10 * torch.log10(out.pow(2).mean() / (out - out2).pow(2).mean())) > 25
 
 
 def test_tensorrt_speedup_without_tensorrt_points_to_onnxruntime():
@@ -489,3 +501,49 @@ def test_seven_bit_weights_keep_int8_layout_and_match_the_model():
         ref = model(x)
     out, _ = s.inference(x)
     assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 35
+
+
+def _tutorial_style_resnet():
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet").eval()
+    config = [
+        {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+    ]
+    x = torch.randn(32, 3, 32, 32)
+    mixq.prepare_(model, config, mixq.PTQ(), example_input=x[:1])
+    mixq.calibrate_(model, lambda m: m(x))
+    return model, x
+
+
+def test_ort_legalization_calibrates_conv_outputs_feeding_residual_adds():
+    """Conv inputs and weights quantized, outputs not (NNI's tutorial style): ORT would run the convs that
+    feed a residual add in float. With calibration data, the ORT build calibrates those outputs and every
+    conv runs int8; the report says which were calibrated; without data the note says what to do."""
+    model, x = _tutorial_style_resnet()
+    plain = ModelSpeedup(model, (32, 3, 32, 32), batchsize=32, backend="onnxruntime").compress()
+    convs = {r.layer: r for r in plain.report().rows if r.op_type == "Conv2d"}
+    floats = [r for r in convs.values() if r.runs_as == "fp32"]
+    assert floats and all("pass calib_data_loader=..." in r.note for r in floats)
+    legal = ModelSpeedup(
+        model, (32, 3, 32, 32), batchsize=32, backend="onnxruntime", calib_data_loader=torch.split(x, 8)
+    ).compress()
+    rows = {r.layer: r for r in legal.report().rows if r.op_type in ("Conv2d", "Linear")}
+    assert all(r.runs_as == "int8" for r in rows.values()), {k: r.runs_as for k, r in rows.items()}
+    for r in floats:
+        assert rows[r.layer].note.startswith("output calibrated at build time on 4 sample batches"), rows[r.layer]
+    fresh = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        for inputs in (x, fresh):
+            ref, out = model(inputs), legal.inference(inputs)[0]
+            assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 30
+
+
+def test_calibration_data_is_checked_and_a_tensor_is_split_into_batches():
+    model, x = _tutorial_style_resnet()
+    with pytest.raises(mixq.ConfigError, match=r"calib_data_loader batch 0: expected input batches shaped "):
+        ModelSpeedup(
+            model, (8, 3, 32, 32), batchsize=8, backend="onnxruntime", calib_data_loader=[torch.randn(8, 1, 28, 28)]
+        ).compress()
+    s = ModelSpeedup(model, (8, 3, 32, 32), batchsize=8, backend="onnxruntime", calib_data_loader=x)
+    assert [tuple(b.shape) for b in s._calibration_batches()] == [(8, 3, 32, 32)] * 4

@@ -4,6 +4,7 @@ engine from the backend registry, and the placement report of what each layer ac
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -156,8 +157,8 @@ class ModelSpeedup:
         prepare_(calibrated, all_int8_config(self.calibrate_type), PTQ(), example_input=torch.randn(*self.input_shape))
 
         def loop(m):
-            for batch in self.calib_data_loader:
-                m(batch[0] if isinstance(batch, list | tuple) else batch)
+            for batch in self._calibration_batches():
+                m(batch)
 
         calibrate_(calibrated, loop)
         self._calibrated_model = calibrated
@@ -165,6 +166,38 @@ class ModelSpeedup:
         if cache is not None:
             save_calibration_config(config, cache)
         return config
+
+    def _calibration_batches(self) -> list[torch.Tensor]:
+        """The batches of ``calib_data_loader`` (a DataLoader, any iterable of tensors or (input, label)
+        pairs, or one tensor, split into ``batchsize`` chunks), checked against ``input_shape``."""
+        data = self.calib_data_loader
+        if data is None:
+            return []
+        if isinstance(data, torch.Tensor):
+            data = list(torch.split(data, self.options.opt_batch))
+        batches = []
+        for i, batch in enumerate(data):
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            if (
+                not isinstance(x, torch.Tensor)
+                or x.dim() != len(self.input_shape)
+                or x.shape[1:] != self.input_shape[1:]
+            ):
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ConfigError(
+                    f"calib_data_loader batch {i}: expected input batches shaped {('batch', *self.input_shape[1:])}, "
+                    f"got {got}"
+                )
+            batches.append(x.detach().float().cpu())
+        return batches
+
+    def _build_options(self) -> BuildOptions:
+        """The build options, with up to 8 calibration batches for backends whose legalization calibrates
+        tensors the config leaves float (ONNX Runtime: conv outputs feeding residual adds)."""
+        batches = self._calibration_batches()[:8]
+        if not batches:
+            return self.options
+        return dataclasses.replace(self.options, calibration_data=tuple(b.numpy() for b in batches))
 
     def compress(self) -> ModelSpeedup:
         """Export the Q/DQ ONNX model and build the engine (with ``auto``: build the candidates, time them,
@@ -174,10 +207,11 @@ class ModelSpeedup:
         model, calibration = self._float_model_and_calibration()
         extra = 16 if self.extra_layer_bits == 16 else 32
         qdq = self._export(model, calibration, extra, self.onnx_path)
+        options = self._build_options()
         if len(backends) == 1 and self.backend_name != "auto":
-            self.engine = get_backend(backends[0]).build(qdq, self.input_shape, self.options)
+            self.engine = get_backend(backends[0]).build(qdq, self.input_shape, options)
         else:
-            self.engine, self.selection = self._select(model, qdq, calibration, backends)
+            self.engine, self.selection = self._select(model, qdq, backends, options)
         self.qdq = qdq
         return self
 
@@ -186,9 +220,9 @@ class ModelSpeedup:
             model, self.input_shape, calibration, extra_layer_bits, path, self.input_name, self.output_name
         )
 
-    def _select(self, model, qdq, calibration: dict, backends: list[str]) -> tuple[Engine, Selection]:
+    def _select(self, model, qdq, backends: list[str], options: BuildOptions) -> tuple[Engine, Selection]:
         def build(name, graph):
-            return lambda: get_backend(name).build(graph, self.input_shape, self.options)
+            return lambda: get_backend(name).build(graph, self.input_shape, options)
 
         requested_quantized = any(info["precision"] != "fp32" for info in qdq.layers.values())
         float_qdq = self._export(model, {}, 32) if requested_quantized else qdq

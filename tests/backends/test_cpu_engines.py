@@ -94,7 +94,7 @@ def test_onnxruntime_engine_is_portable_across_cpu_classes(trained, tmp_path, mo
     outputs = {}
     for built_vnni in (True, False):
         monkeypatch.setattr(ort_backend, "cpu_has_vnni", lambda v=built_vnni: v)
-        engine = mixq.nni.ModelSpeedup(model, (32, 1, 28, 28), batchsize=32).compress()
+        engine = mixq.nni.ModelSpeedup(model, (32, 1, 28, 28), batchsize=32, backend="onnxruntime").compress()
         path = engine.export_quantized_model(tmp_path / f"vnni_{built_vnni}.mixq")
         members = mixq.backends.read_engine_file(path)[1]
         stored = onnx.load_from_string(members["model.onnx"])

@@ -50,7 +50,9 @@ class BuildOptions:
     ``threads``: intra-op threads (ONNX Runtime; None = all cores). ``keep_pools_float``: stop ONNX Runtime's
     QDQ propagation from moving a QuantizeLinear above pooling/reshape nodes (uint8 pooling is slower than
     float on CPU; see docs/engines.md). ``uint8_weights``: store int8 weights as uint8 (zero point + 128, the
-    same grid) for ONNX Runtime; None decides from the CPU."""
+    same grid) for ONNX Runtime; None decides from the CPU. ``calibration_data``: sample input batches
+    (float32 arrays) a backend may run at build time to calibrate tensors its legalization must quantize
+    (ONNX Runtime: conv outputs feeding residual adds); not stored in engine files."""
 
     max_batch: int = 256
     opt_batch: int = 128
@@ -59,6 +61,7 @@ class BuildOptions:
     workspace_bytes: int = 1 << 30
     uint8_weights: bool | None = None  # ONNX Runtime: None = decide from the CPU (see onnxruntime backend)
     strict_precision: bool = True  # TensorRT: obey each layer's requested precision (NNI's strict_datatype)
+    calibration_data: tuple = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)

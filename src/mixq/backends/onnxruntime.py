@@ -25,6 +25,7 @@ from .base import (
     read_engine_file,
     register_backend,
 )
+from .ort_legalize import LEGALIZED_KEY, float_output_convs, quantize_conv_outputs
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeEngine", "INT8_KERNELS"]
 
@@ -58,12 +59,22 @@ def _note(info: dict, runs_as: str) -> str:
     """Why a layer runs other than asked, naming the cause where the export recorded it."""
     if info["precision"] == "fp16":
         return "ORT CPU has no fast fp16 kernels: runs fp32"
+    if info.get(LEGALIZED_KEY) and runs_as == "int8":
+        return (
+            f"output calibrated at build time on {info[LEGALIZED_KEY]} sample batches so that ORT runs it int8 "
+            "(the config leaves it float)"
+        )
     if info["precision"] == "int8" and runs_as == "fp32":
         bn = info.get("unfolded_bn")
         if bn:
             return (
                 f"BatchNorm {bn!r} after this conv could not be folded (the conv's output is quantized before it, "
                 "or also used elsewhere), so the conv output feeds a float BatchNorm"
+            )
+        if info["op_type"] in ("Conv1d", "Conv2d"):
+            return (
+                "asked int8, runs float: ORT runs a conv int8 only with a quantized output; quantize its output "
+                "in the config, pass calib_data_loader=... so the build calibrates it, or use backend openvino/auto"
             )
         return "asked int8, runs float (ORT found no int8 kernel for this Q/DQ pattern)"
     if runs_as == "fused":
@@ -316,7 +327,20 @@ class OnnxRuntimeBackend(Backend):
         return "backend 'onnxruntime' needs the onnxruntime package (pip install onnxruntime)"
 
     def build(self, qdq, input_shape, options: BuildOptions) -> OnnxRuntimeEngine:
-        return OnnxRuntimeEngine(qdq.model.SerializeToString(), input_shape, qdq.layers, options)
+        """Legalize (see :mod:`.ort_legalize`: conv outputs ORT needs quantized are calibrated on
+        ``options.calibration_data`` when given) and create the session."""
+        import copy
+
+        import onnx
+
+        model, layers = qdq.model, qdq.layers
+        if options.calibration_data and float_output_convs(model):
+            model = onnx.ModelProto()
+            model.CopyFrom(qdq.model)
+            layers = copy.deepcopy(qdq.layers)
+            for layer in quantize_conv_outputs(model, layers, options.calibration_data):
+                layers[layer][LEGALIZED_KEY] = len(options.calibration_data)
+        return OnnxRuntimeEngine(model.SerializeToString(), input_shape, layers, options)
 
     def load(self, path) -> OnnxRuntimeEngine:
         manifest, members = read_engine_file(path, self.name)
