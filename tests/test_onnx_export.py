@@ -249,3 +249,26 @@ def test_batchnorm_fold_is_skipped_when_the_conv_output_is_also_used_elsewhere()
     engine = ModelSpeedup(model, (8, 3, 8, 8), batchsize=8, backend="onnxruntime").compress()
     with torch.no_grad():
         torch.testing.assert_close(engine.inference(x)[0], model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bias_that_overflows_int32_steps_stays_float_and_exact():
+    """A pruned output channel (all-zero weights) gets a tiny weight scale; its bias in int32 steps of
+    input scale x weight scale would overflow and clip (10.0 became 6.58). The export keeps that Gemm's
+    bias float instead, and the report says why the layer may run float."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].weight[1].zero_()
+        model[2].bias[1] = 10.0
+    mixq.prepare_(model, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], mixq.PTQ())
+    x = torch.randn(64, 8)
+    mixq.calibrate_(model, lambda m: m(x))
+    qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 8), mixq.export_calibration(model))
+    assert qdq.layers["2"].get("float_bias") is True and "float_bias" not in qdq.layers["0"]
+    engine = ModelSpeedup(model, (64, 8), batchsize=64, backend="onnxruntime").compress()
+    out = engine.inference(x)[0]
+    torch.testing.assert_close(out[:, 1], torch.full((64,), 10.0))
+    with torch.no_grad():
+        assert float(10 * torch.log10(model(x).pow(2).mean() / (model(x) - out).pow(2).mean())) > 35
+    (row,) = [r for r in engine.report().rows if r.layer == "2"]
+    assert row.runs_as == "fp32" and row.note.startswith("asked int8, runs float: its bias does not fit int32")

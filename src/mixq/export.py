@@ -266,7 +266,11 @@ def export_qdq_onnx(
         ) from e
     proto = onnx.load_from_string(buffer.getvalue())
     _fold_weight_quantize(proto)
-    _quantize_gemm_bias(proto)
+    for node_name in _quantize_gemm_bias(proto):
+        scope = node_name.split("/")
+        for layer in layers:
+            if layer in scope:
+                layers[layer]["float_bias"] = True  # the report says why this layer may run float
     meta = proto.metadata_props.add()
     meta.key, meta.value = LAYERS_METADATA_KEY, json.dumps(layers)
     onnx.checker.check_model(proto)
@@ -487,7 +491,7 @@ def _fold_weight_quantize(model) -> None:
         model.graph.initializer.remove(i)
 
 
-def _quantize_gemm_bias(model) -> None:
+def _quantize_gemm_bias(model) -> list[str]:
     """Give each Gemm whose input and weight are dequantized an int32 bias behind a DequantizeLinear
     (scale = input scale x weight scale, zero point 0), the form ONNX Runtime needs to run a Gemm with a
     float output as QGemm. The bias moves by at most half an accumulator step (|error| <= s_in * s_w / 2)."""
@@ -497,6 +501,7 @@ def _quantize_gemm_bias(model) -> None:
     producers = {o: n for n in model.graph.node for o in n.output}
     const = constant_resolver(model)
 
+    float_bias: list[str] = []
     new_nodes = []
     for node in model.graph.node:
         if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
@@ -511,7 +516,13 @@ def _quantize_gemm_bias(model) -> None:
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
         scale = (np.float64(s_a.reshape(())) * s_b.astype(np.float64)).astype(np.float32)
         scale = np.broadcast_to(scale, bias.shape).copy() if scale.size > 1 or bias.size > 1 else scale
-        q = np.clip(np.rint(bias / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        steps = np.rint(bias / scale.astype(np.float64))
+        if np.abs(steps).max(initial=0) > 2**31 - 1:
+            # An output channel with (near) zero weights has a tiny weight scale: its bias does not fit an
+            # int32 accumulator step. Keep this Gemm's bias float (exact; the backend may run it in float).
+            float_bias.append(node.name)
+            continue
+        q = steps.astype(np.int32)
         base = node.input[2]
         model.graph.initializer.extend(
             [
@@ -535,3 +546,4 @@ def _quantize_gemm_bias(model) -> None:
     used = {i for n in model.graph.node for i in n.input}
     for init in [i for i in model.graph.initializer if i.name not in used]:
         model.graph.initializer.remove(init)
+    return float_bias

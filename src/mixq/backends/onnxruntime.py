@@ -71,6 +71,8 @@ def _note(info: dict, runs_as: str) -> str:
                 f"BatchNorm {bn!r} after this conv could not be folded (the conv's output is quantized before it, "
                 "or also used elsewhere), so the conv output feeds a float BatchNorm"
             )
+        if info.get("float_bias"):
+            return "asked int8, runs float: its bias does not fit int32 steps (an output channel with all-zero weights)"
         if info["op_type"] in ("Conv1d", "Conv2d"):
             return (
                 "asked int8, runs float: ORT runs a conv int8 only with a quantized output; quantize its output "
