@@ -1,5 +1,6 @@
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -53,3 +54,41 @@ def test_exception_mid_write_removes_temporary(tmp_path):
 def test_mode_is_checked(tmp_path):
     with pytest.raises(ValueError, match="modes"), atomic_write(tmp_path / "x", "a"):
         pass
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("mode", ["w", "wb"])
+def test_new_file_gets_the_permissions_open_would_give(tmp_path, umask_022, mode):
+    with atomic_write(tmp_path / "out", mode) as f:
+        f.write("x" if mode == "w" else b"x")
+    with open(tmp_path / "reference", mode) as f:
+        f.write("x" if mode == "w" else b"x")
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o644  # 0o666 & ~0o022, not mkstemp's 0o600
+    assert stat.S_IMODE((tmp_path / "reference").stat().st_mode) == 0o644
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_umask_is_honoured_and_left_alone(tmp_path, umask_022):
+    os.umask(0o077)
+    with atomic_write(tmp_path / "private") as f:
+        f.write(b"x")
+    assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o600
+    assert os.umask(0o022) == 0o077  # atomic_write did not change the umask
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_replacing_a_file_keeps_its_permissions(tmp_path, umask_022):
+    target = tmp_path / "shared.json"
+    target.write_text("old")
+    target.chmod(0o664)
+    with atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o664  # as open(target, "w") would leave it
