@@ -147,6 +147,7 @@ def test_cli_quantize_under_torchrun(method, data_dir, tmp_path):
         "--no-progress",
         "--out",
         str(out),
+        *(["--random-weights"] if method == "ptq" else []),  # PTQ without --weights is refused otherwise
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

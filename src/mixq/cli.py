@@ -1,16 +1,38 @@
-"""The ``mixq`` command line: a thin layer over the library. Errors are one line and exit status 2."""
+"""The ``mixq`` command line: a thin layer over the library.
+
+Every command checks all of its arguments first (files exist and parse, the model takes the data, the
+backend is available) and only then starts work. Errors are one line and exit status 2; argparse's own
+usage errors (a bad option value) keep argparse's usage line and also exit with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
+import re
 import sys
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import __version__
 from ._errors import ConfigError, MixqError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "DEFAULT_BACKEND"]
+
+# The engine backend of `demo` and `build` when --backend is not given.
+DEFAULT_BACKEND = "onnxruntime"
+
+# Image shape (channels, height, width) of each data set `quantize` can train on.
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+# Plain progress lines (stderr not a terminal): every this many steps or seconds, and at each epoch end.
+LOG_EVERY_STEPS = 100
+LOG_EVERY_SECONDS = 10.0
 
 EXAMPLES = {
     "demo": """examples:
@@ -19,12 +41,15 @@ EXAMPLES = {
   mixq demo --backend auto                       # TensorRT where installed, else ONNX Runtime""",
     "download": """examples:
   mixq download mnist cifar10 --data-dir ~/data  # official files, resumable, checksum-verified""",
-    "quantize": """examples:
-  mixq quantize --model lenet --config cfg.json --method qat --dataset mnist --epochs 3 --out runs/q
-  mixq quantize --model my_net.py:Net --weights fp32.pth --config cfg.yaml --method ptq \\
-                --dataset cifar10 --out runs/p
-  torchrun --nproc_per_node 2 -m mixq quantize --distributed --model resnet18_cifar --config cfg.json \\
-                --dataset cifar10 --epochs 1 --out runs/ddp""",
+    "quantize": """config lists ship in examples/configs/ (nni_tutorial.yaml, all_8bit.yaml, fast_mixed.yaml).
+
+examples:
+  mixq quantize --model lenet --config examples/configs/nni_tutorial.yaml --method qat --dataset mnist \\
+                --epochs 3 --out runs/q
+  mixq quantize --model my_net.py:Net --weights fp32.pth --config examples/configs/all_8bit.yaml \\
+                --method ptq --dataset cifar10 --out runs/p
+  torchrun --nproc_per_node 2 -m mixq quantize --distributed --model resnet18_cifar \\
+                --config examples/configs/all_8bit.yaml --dataset cifar10 --epochs 1 --out runs/ddp""",
     "build": """examples:
   mixq build --model lenet --weights runs/q/model.pth --calibration runs/q/calibration.json \\
              --input-shape 128,1,28,28 --out runs/q/lenet.mixq""",
@@ -38,13 +63,51 @@ EXAMPLES = {
   mixq inspect runs/q/calibration.json""",
 }
 
+WEIGHTS_HINT = "pass the trained float state dict, or --random-weights for a smoke test"
+INSPECT_TAKES = "inspect takes a calibration config (.json/.pth) or an engine file (.mixq)"
 
-def _progress_factory(enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
 
-    return lambda total, desc: tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+# --- argument types: argparse reports a bad value as a usage error before any work ----------------------
+
+
+def _int_at_least(low: int):
+    words = "a positive integer" if low == 1 else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
+        return value
+
+    parse.__name__ = "positive int" if low == 1 else f"int >= {low}"  # argparse names the type in some errors
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
+
+
+def _float_above(low: float, inclusive: bool = False):
+    words = f"a number >= {low:g}" if inclusive else ("a positive number" if low == 0 else f"a number > {low:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}") from None
+        if not (value >= low if inclusive else value > low) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+_positive_float = _float_above(0.0)
+_nonnegative_float = _float_above(0.0, inclusive=True)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -55,6 +118,142 @@ def _shape(text: str) -> tuple[int, ...]:
     if len(shape) < 2 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected (batch, ...) with positive sizes, got {text!r}")
     return shape
+
+
+# --- reading files by what they hold ---------------------------------------------------------------------
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line`` of an exception, ANSI codes removed, cut at a sentence end when long."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit and ". " in text[20:]:
+        text = text[: text.index(". ", 20) + 1]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+class _UnreadableError(Exception):
+    """A file that is neither a mixq engine, a PyTorch file, JSON nor YAML."""
+
+
+ENGINE = object()  # what _read_any returns for a mixq engine file
+
+
+def _is_engine(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "manifest.json" in z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _read_any(path: Path):
+    """The contents of ``path``, decided by content rather than suffix: a mixq engine (``ENGINE``), a
+    ``torch.save`` file (read with ``weights_only=True``: no code runs), else JSON or YAML text."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    try:
+        if head.startswith(b"PK\x03\x04"):  # zip: a mixq engine or torch.save's archive format
+            if _is_engine(path):
+                return ENGINE
+            return _torch_load(path)
+        if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
+            return _torch_load(path)
+        if b"\x00" in head:
+            raise _UnreadableError("unknown binary format")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            return _yaml_load(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            if path.suffix == ".json":
+                raise
+            return _yaml_load(text)
+    except _UnreadableError:
+        raise
+    except UnicodeDecodeError as e:
+        raise _UnreadableError("unknown binary format") from e
+    except Exception as e:
+        raise _UnreadableError(_one_line(e)) from e
+
+
+def _torch_load(path: Path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _yaml_load(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:  # its first line is the context; the problem and place follow
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise _UnreadableError(f"YAML: {e.problem or e.context}{where}") from e
+
+
+CALIBRATION_KEYS = ("weight_scale", "input_bits", "weight_bits", "output_bits", "tracked_min_input")
+
+
+def _is_calibration(data) -> bool:
+    from .calibration import FORMAT_KEY
+
+    if not isinstance(data, Mapping):
+        return False
+    return FORMAT_KEY in data or any(
+        isinstance(v, Mapping) and any(k in v for k in CALIBRATION_KEYS) for v in data.values()
+    )
+
+
+def _is_state_dict(data) -> bool:
+    import torch
+
+    return isinstance(data, Mapping) and bool(data) and all(isinstance(v, torch.Tensor) for v in data.values())
+
+
+def _keys(d: Mapping, n: int = 4) -> str:
+    keys = [repr(k) for k in list(d)[:n]]
+    return ", ".join(keys) + (", ..." if len(d) > n else "")
+
+
+def _describe(data) -> str:
+    """What a parsed file holds, in words: 'a PyTorch state dict of 10 tensors (e.g. conv1.weight)'."""
+    if data is ENGINE:
+        return "a mixq engine file"
+    if _is_calibration(data):
+        return "a calibration config (from export_model)"
+    if _is_state_dict(data):
+        return f"a PyTorch state dict of {len(data)} tensors (e.g. {next(iter(data))})"
+    if isinstance(data, list):
+        if data and all(isinstance(e, Mapping) for e in data):
+            return f"a config_list of {_plural(len(data), 'entry', 'entries')}"
+        return f"a list of {_plural(len(data), 'item')}"
+    if isinstance(data, Mapping):
+        return f"a dict with keys {_keys(data)}" if data else "an empty dict"
+    if data is None:
+        return "an empty file"
+    if isinstance(data, str):
+        return "plain text"
+    return f"a {type(data).__name__}"
+
+
+def _existing_file(option: str, path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {p}: is a folder, not a file")
+    if not p.is_file():
+        raise ConfigError(f"{option} {p}: file not found")
+    return p
+
+
+# --- models, weights, configs, data ----------------------------------------------------------------------
 
 
 def load_model(spec: str):
@@ -72,27 +271,168 @@ def load_model(spec: str):
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
-        raise ConfigError(f"--model {spec}: importing {path} failed: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"--model {spec}: importing {path} failed: {_one_line(e)}") from e
     if not hasattr(module, attr):
         raise ConfigError(f"--model {spec}: {path} has no {attr!r}")
-    return getattr(module, attr)()
+    try:
+        return getattr(module, attr)()
+    except Exception as e:
+        raise ConfigError(f"--model {spec}: calling {attr}() failed: {_one_line(e)}") from e
+
+
+def load_weights(model, path: str, model_spec: str) -> None:
+    """Load the state dict at ``path`` into ``model``; a file that is not a state dict, or one of another
+    model, is a one-line error naming the file, the model and the first keys that differ."""
+    p = _existing_file("--weights", path)
+    try:
+        state = _read_any(p)
+    except _UnreadableError as e:
+        if "Weights only load failed" in str(e):
+            raise ConfigError(
+                f"--weights {p} holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
+                "which mixq does not unpickle; save model.state_dict() instead"
+            ) from None
+        raise ConfigError(f"--weights {p}: cannot read as a PyTorch state dict ({e})") from None
+    if not _is_state_dict(state):
+        raise ConfigError(
+            f"--weights {p} is {_describe(state)}, not a PyTorch state dict (save model.state_dict() with torch.save)"
+        )
+    problem = _state_dict_mismatch(model.state_dict(), state)
+    if problem and all(k.startswith("module.") for k in state):
+        problem += " (saved from a DistributedDataParallel/DataParallel wrapper: strip the 'module.' prefix)"
+    if problem:
+        raise ConfigError(f"--weights {p} does not fit --model {model_spec} ({type(model).__name__}): {problem}")
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise ConfigError(f"--weights {p}: loading into --model {model_spec} failed ({_one_line(e)})") from e
+
+
+def _shape_text(t) -> str:
+    return str(list(t.shape))
+
+
+def _state_dict_mismatch(own: Mapping, theirs: Mapping, n: int = 2) -> str | None:
+    """None if ``theirs`` loads into a model whose state dict is ``own``, else the first differences."""
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    reshaped = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
+
+    def few(keys, text):
+        shown = ", ".join(text(k) for k in keys[:n])
+        return shown + (", ..." if len(keys) > n else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{_plural(len(missing), 'missing key')} ({few(missing, lambda k: f'{k} {_shape_text(own[k])}')})")
+    if unexpected:
+        shown = few(unexpected, lambda k: f"{k} {_shape_text(theirs[k])}")
+        parts.append(f"{_plural(len(unexpected), 'unexpected key')} ({shown})")
+    if reshaped:
+        shown = few(
+            reshaped, lambda k: f"{k}: {_shape_text(theirs[k])} in the file, {_shape_text(own[k])} in the model"
+        )
+        parts.append(f"{_plural(len(reshaped), 'shape mismatch', 'shape mismatches')} ({shown})")
+    return "; ".join(parts) or None
 
 
 def load_config(path: str) -> list:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config {p}: file not found")
-    text = p.read_text(encoding="utf-8")
+    """The config_list at ``path`` (.json or .yaml): a list of dicts, else a one-line error saying what the
+    file is instead."""
+    p = _existing_file("--config", path)
     try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+        data = _read_any(p)
+    except _UnreadableError as e:
+        raise ConfigError(f"--config {p}: cannot parse ({e})") from None
+    if _is_calibration(data):
+        raise ConfigError(
+            f"--config {p} is a calibration config (from export_model); --config takes a config_list (list of "
+            "dicts); pass calibration files to `mixq build --calibration`"
+        )
+    if isinstance(data, list):
+        return data
+    if data is ENGINE or _is_state_dict(data):
+        hint = "; pass state dicts as --weights" if data is not ENGINE else ""
+        raise ConfigError(f"--config {p} is {_describe(data)}; --config takes a config_list (list of dicts){hint}")
+    raise ConfigError(f"--config {p}: expected a config_list (a YAML/JSON list of dicts), found {_describe(data)}")
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+
+def _resolved_config(model, path: str) -> list:
+    import mixq
+
+    config = load_config(path)
+    try:
+        mixq.resolve_config(model, config)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from e
+    return config
+
+
+def load_calibration(path: str) -> dict:
+    """The calibration config at ``path``, checked; another kind of file is named as what it is."""
+    from .calibration import load_calibration_config
+
+    p = _existing_file("--calibration", path)
+    try:
+        data = _read_any(p)
+    except _UnreadableError:
+        data = None  # load_calibration_config names the parse error
+    if data is ENGINE or _is_state_dict(data) or isinstance(data, list):
+        hint = "; a config_list goes to `mixq quantize --config`" if isinstance(data, list) else ""
+        raise ConfigError(
+            f"--calibration {p} is {_describe(data)}, not a calibration config (pass the calibration.json "
+            f"written by `mixq quantize`){hint}"
+        )
+    return load_calibration_config(p)
+
+
+def _check_model_input(model, shape: tuple[int, ...], model_spec: str, what: str) -> None:
+    """Run one zero sample of ``shape`` through ``model``; if it fails, say which layer expects what."""
+    problem = _first_failure(model, shape)
+    if problem:
+        raise ConfigError(f"--model {model_spec} does not fit {what}: {problem}")
+
+
+def _first_failure(model, shape: tuple[int, ...]) -> str | None:
+    import torch
+
+    entered, done = [], set()
+    hooks = []
+    for name, m in model.named_modules():
+        if name and not any(True for _ in m.children()):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: entered.append((name, mod, inp))))
+            hooks.append(m.register_forward_hook(lambda mod, inp, out, name=name: done.add(name)))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+        return None
     except Exception as e:
-        raise ConfigError(f"--config {p}: cannot parse ({type(e).__name__}: {e})") from e
-    return data
+        failing = [(n, m, i) for n, m, i in entered if n not in done]
+        return _explain_failure(failing[-1] if failing else None, model, shape, e)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
+def _explain_failure(failing, model, shape, error: Exception) -> str:
+    if failing is None:
+        return f"{type(model).__name__} fails on a {list((1, *shape))} input ({_one_line(error)})"
+    name, module, inputs = failing
+    got = inputs[0].shape if inputs and hasattr(inputs[0], "shape") else None
+    kind = type(module).__name__
+    if hasattr(module, "in_channels") and got is not None and len(got) > 1:
+        return f"layer {name} ({kind}) expects {_plural(module.in_channels, 'input channel')}, got {got[1]}"
+    if hasattr(module, "in_features") and got is not None:
+        return f"layer {name} ({kind}) expects {_plural(module.in_features, 'input feature')}, got {got[-1]}"
+    return f"layer {name} ({kind}) fails on its input {list(got) if got is not None else '?'} ({_one_line(error)})"
+
+
+def _data_root(data_dir: str | None) -> Path:
+    from .zoo.data import data_dir as resolve
+
+    return resolve(data_dir)
 
 
 def _dataset(name: str, data_dir, train: bool, limit=None):
@@ -100,18 +440,97 @@ def _dataset(name: str, data_dir, train: bool, limit=None):
 
     if name == "mnist":
         return load_mnist(train, data_dir, limit)
-    if name == "cifar10":
-        return load_cifar10(train, data_dir, limit)
-    raise ConfigError(f"unknown dataset {name!r}; expected mnist or cifar10")
+    return load_cifar10(train, data_dir, limit)
+
+
+def _check_backend(name: str) -> None:
+    from .backends import get_backend
+
+    try:
+        get_backend(name)
+    except MixqError as e:
+        raise ConfigError(f"--backend {name}: {e}") from e
+
+
+# --- progress on stderr ----------------------------------------------------------------------------------
+
+
+class _LogProgress:
+    """Plain progress lines for a stderr that is not a terminal (a log file, CI): every ``LOG_EVERY_STEPS``
+    steps or ``LOG_EVERY_SECONDS`` seconds, whichever comes first, and a summary when the epoch closes."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc = total, desc
+        self.steps = self.images = 0
+        self.loss = self.loss_sum = None
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1, loss: float | None = None, images: int | None = None) -> None:
+        self.steps += n
+        self.images += images or 0
+        if loss is not None:
+            self.loss = loss
+            self.loss_sum = (self.loss_sum or 0.0) + loss * n
+        now = time.perf_counter()
+        if self.steps % LOG_EVERY_STEPS == 0 or now - self.last >= LOG_EVERY_SECONDS:
+            self.last = now
+            loss_text = f", loss {self.loss:.4f}" if self.loss is not None else ""
+            self._print(f"step {self.steps}/{self.total}{loss_text}", now)
+
+    def close(self) -> None:
+        now = time.perf_counter()
+        loss_text = f", mean loss {self.loss_sum / self.steps:.4f}" if self.loss_sum is not None else ""
+        self._print(f"done, {self.steps} steps in {now - self.start:.1f} s{loss_text}", now)
+
+    def _print(self, text: str, now: float) -> None:
+        seconds = max(now - self.start, 1e-9)
+        rate = f"{self.images / seconds:.0f} images/s" if self.images else f"{self.steps / seconds:.1f} steps/s"
+        print(f"{self.desc}: {text}, {rate}", file=sys.stderr, flush=True)
+
+
+class _BarProgress:
+    """A tqdm bar on a terminal, showing the last loss."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+
+    def update(self, n: int = 1, loss: float | None = None, images: int | None = None) -> None:
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_factory(enabled: bool):
+    """``factory(total=, desc=)`` -> an object with ``update(n, loss=, images=)`` and ``close()``, or None."""
+    if not enabled:
+        return None
+    return _BarProgress if sys.stderr.isatty() else _LogProgress
+
+
+def _note(progress, text: str) -> None:
+    """A one-off progress line (PTQ calibration, evaluation), shown wherever progress is."""
+    if progress is not None:
+        print(text, file=sys.stderr, flush=True)
+
+
+# --- commands --------------------------------------------------------------------------------------------
 
 
 def cmd_demo(args) -> int:
+    _data_root(args.data_dir)
+    _check_backend(args.backend)
+
     from .zoo.demo import DemoOptions, run_demo
 
     opts = DemoOptions(
         data_dir=args.data_dir, out=args.out, epochs=args.epochs, quick=args.quick, seed=args.seed, backend=args.backend
     )
-    run_demo(opts, progress_factory=_progress_factory(sys.stderr.isatty() and not args.no_progress))
+    run_demo(opts, progress_factory=_progress_factory(not args.no_progress))
     return 0
 
 
@@ -126,75 +545,58 @@ def cmd_download(args) -> int:
     return 0
 
 
-def cmd_quantize(args) -> int:
+@dataclass
+class _QuantizeJob:
+    model: object
+    config: list
+
+
+def _prepare_quantize(args) -> _QuantizeJob:
+    """Every check of `mixq quantize` before any data is loaded or any step is trained."""
+    if args.method == "ptq" and not args.weights and not args.random_weights:
+        raise ConfigError(
+            "--method ptq needs --weights: calibrating a model's random initial weights gives a useless model; "
+            f"{WEIGHTS_HINT} (QAT may start from scratch)"
+        )
+    if args.distributed and "RANK" not in os.environ:
+        raise ConfigError(
+            "--distributed needs torchrun: torchrun --nproc_per_node N -m mixq quantize --distributed ..."
+        )
     import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
 
-    from .nni import ObserverQuantizer, QAT_Quantizer
-    from .zoo.metrics import accuracy
-
+    torch.manual_seed(args.seed)
     model = load_model(args.model)
     if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    config = load_config(args.config)
+        load_weights(model, args.weights, args.model)
+    shape = IMAGE_SHAPES[args.dataset]
+    _check_model_input(model, shape, args.model, f"--dataset {args.dataset} (images {'x'.join(map(str, shape))})")
+    config = _resolved_config(model, args.config)
+    _data_root(args.data_dir)
+    return _QuantizeJob(model, config)
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from .zoo.metrics import accuracy
+
+    job = _prepare_quantize(args)
+    model = job.model
     train = _dataset(args.dataset, args.data_dir, True, args.train_limit)
     test = _dataset(args.dataset, args.data_dir, False, args.test_limit)
     rank, world, device = _init_distributed() if args.distributed else (0, 1, torch.device("cpu"))
     model.to(device)
-    example = train.tensors[0][:2].to(device)
-    progress = _progress_factory(sys.stderr.isatty() and not args.no_progress and rank == 0)
+    progress = _progress_factory(not args.no_progress and rank == 0)
     torch.manual_seed(args.seed)
     if args.method == "qat":
-        from torch.nn.parallel import DistributedDataParallel
-        from torch.utils.data.distributed import DistributedSampler
-
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-        quantizer = QAT_Quantizer(model, config, optimizer, example)
-        net = (
-            DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-            if world > 1
-            else model
-        )
-        sampler = DistributedSampler(train, world, rank, seed=args.seed, drop_last=True) if world > 1 else None
-        loss_fn = F.nll_loss if args.model == "lenet" else F.cross_entropy
-        for epoch in range(args.epochs):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            loader = DataLoader(
-                train,
-                batch_size=args.batch_size,
-                shuffle=sampler is None,
-                sampler=sampler,
-                drop_last=world > 1,
-                generator=torch.Generator().manual_seed(epoch),
-            )
-            bar = progress(total=len(loader), desc=f"QAT epoch {epoch + 1}/{args.epochs}") if progress else None
-            net.train()
-            for x, y in loader:
-                optimizer.zero_grad()
-                loss_fn(net(x.to(device)), y.to(device)).backward()
-                optimizer.step()
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
+        quantizer = _qat(model, job.config, train, args, (rank, world, device), progress)
     else:
-        import mixq
-
-        model.eval()
-        quantizer = ObserverQuantizer(model, config, None, example)
-        images = train.tensors[0][: args.calib_images]
-        per_rank = len(images) // world // args.batch_size * args.batch_size or len(images) // world
-        shard = images[rank * per_rank : (rank + 1) * per_rank]  # equal shards: the same batch count per rank
-        mixq.calibrate_(
-            model,
-            lambda m: [m(shard[i : i + args.batch_size].to(device)) for i in range(0, len(shard), args.batch_size)],
-        )
+        quantizer = _ptq(model, job.config, train, args, (rank, world, device), progress)
     model.eval().cpu()
     out = Path(args.out)
     quantizer.export_model(out / "model.pth", out / "calibration.json")  # rank 0 writes
     if rank == 0:
+        _note(progress, f"evaluating the fake-quant model on {len(test.tensors[0])} test images")
         with torch.no_grad():
             acc = accuracy(model, test)
         print(
@@ -209,17 +611,70 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _qat(model, config, train, args, placement, progress):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .nni import QAT_Quantizer
+
+    rank, world, device = placement
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    quantizer = QAT_Quantizer(model, config, optimizer, train.tensors[0][:2].to(device))
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    sampler = DistributedSampler(train, world, rank, seed=args.seed, drop_last=True) if world > 1 else None
+    loss_fn = F.nll_loss if args.model == "lenet" else F.cross_entropy
+    for epoch in range(args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(
+            train,
+            batch_size=args.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=world > 1,
+            generator=torch.Generator().manual_seed(epoch),
+        )
+        bar = progress(total=len(loader), desc=f"QAT epoch {epoch + 1}/{args.epochs}") if progress else None
+        net.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(net(x.to(device)), y.to(device))
+            loss.backward()
+            optimizer.step()
+            if bar is not None:
+                bar.update(1, loss=loss.detach().item(), images=len(x))
+        if bar is not None:
+            bar.close()
+    return quantizer
+
+
+def _ptq(model, config, train, args, placement, progress):
+    import mixq
+
+    from .nni import ObserverQuantizer
+
+    rank, world, device = placement
+    model.eval()
+    quantizer = ObserverQuantizer(model, config, None, train.tensors[0][:2].to(device))
+    images = train.tensors[0][: args.calib_images]
+    per_rank = len(images) // world // args.batch_size * args.batch_size or len(images) // world
+    shard = images[rank * per_rank : (rank + 1) * per_rank]  # equal shards: the same batch count per rank
+    _note(progress, f"PTQ: calibrating on {len(shard)} images in batches of {args.batch_size}")
+    mixq.calibrate_(
+        model,
+        lambda m: [m(shard[i : i + args.batch_size].to(device)) for i in range(0, len(shard), args.batch_size)],
+    )
+    return quantizer
+
+
 def _init_distributed():
     """(rank, world size, device) from torchrun's environment: NCCL on GPUs, gloo on CPUs."""
-    import os
-
     import torch
     import torch.distributed as dist
 
-    if "RANK" not in os.environ:
-        raise ConfigError(
-            "--distributed needs torchrun: torchrun --nproc_per_node N -m mixq quantize --distributed ..."
-        )
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -228,19 +683,32 @@ def _init_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
-def cmd_build(args) -> int:
-    import torch
-
-    from .speedup import ModelSpeedup
-
+def _prepare_build(args):
+    """Every check of `mixq build` before the engine is built: (model with weights, calibration config)."""
+    if not args.weights and not args.random_weights:
+        raise ConfigError(
+            "--weights is required: without it the engine gets the model's random initial weights; pass the "
+            "model.pth written by `mixq quantize`, or --random-weights for a smoke test"
+        )
     model = load_model(args.model)
     if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        load_weights(model, args.weights, args.model)
+    shape = args.input_shape
+    _check_model_input(model, shape[1:], args.model, f"--input-shape {','.join(map(str, shape))}")
+    calibration = load_calibration(args.calibration)
+    _check_backend(args.backend)
+    return model, calibration
+
+
+def cmd_build(args) -> int:
+    from .speedup import ModelSpeedup
+
+    model, calibration = _prepare_build(args)
     model.eval()
     speedup = ModelSpeedup(
         model,
         args.input_shape,
-        config=args.calibration,
+        config=calibration,
         batchsize=args.input_shape[0],
         backend=args.backend,
         threads=args.threads,
@@ -298,15 +766,39 @@ def cmd_inspect(args) -> int:
     from .calibration import load_calibration_config
 
     path = Path(args.path)
-    if path.suffix in (".json", ".pth", ".pt"):
-        config = load_calibration_config(path)
-        print(f"{path}: calibration config, {len(config)} layers")
-        for name, e in config.items():
-            parts = [f"{t}={e[f'{t}_bits']}b" for t in ("input", "weight", "output") if f"{t}_bits" in e]
-            extra = f" folded_bn={e['folded_bn']}" if e.get("folded_bn") else ""
-            print(f"  {name} ({e.get('op_type', '?')}): {', '.join(parts)}{extra}")
-        return 0
-    manifest, members = read_engine_file(path)
+    if _inspect_kind(path) == "engine":
+        manifest, members = read_engine_file(path)
+        return _inspect_engine(manifest, members, path)
+    return _inspect_calibration(load_calibration_config(path), path)
+
+
+def _inspect_kind(path: Path) -> str:
+    """'engine' or 'calibration', decided by content; by suffix where content cannot tell (a missing or
+    unreadable file: that loader then names the problem). Any other kind of file is an error saying what it is."""
+    by_suffix = "calibration" if path.suffix in (".json", ".pth", ".pt") else "engine"
+    if not path.is_file():
+        return by_suffix
+    try:
+        data = _read_any(path)
+    except _UnreadableError:
+        return by_suffix
+    if data is ENGINE:
+        return "engine"
+    if _is_state_dict(data) or not isinstance(data, Mapping):
+        raise ConfigError(f"{path} is {_describe(data)}, not a calibration config; {INSPECT_TAKES}")
+    return "calibration"
+
+
+def _inspect_calibration(config: dict, path: Path) -> int:
+    print(f"{path}: calibration config, {len(config)} layers")
+    for name, e in config.items():
+        parts = [f"{t}={e[f'{t}_bits']}b" for t in ("input", "weight", "output") if f"{t}_bits" in e]
+        extra = f" folded_bn={e['folded_bn']}" if e.get("folded_bn") else ""
+        print(f"  {name} ({e.get('op_type', '?')}): {', '.join(parts)}{extra}")
+    return 0
+
+
+def _inspect_engine(manifest: dict, members: dict, path: Path) -> int:
     print(f"{path}: mixq engine, format {manifest['format_version']}, backend {manifest['backend']}")
     print(f"  input shape {tuple(manifest['input_shape'])} (batch dynamic), max batch {manifest.get('max_batch')}")
     print(f"  members: {', '.join(f'{k} ({len(v)} bytes)' for k, v in members.items())}")
@@ -315,76 +807,151 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+# --- the parser ------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and appends each option's default to its help (where it has one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        skip = unset or action.required or not action.option_strings
+        if skip or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _backend_help() -> str:
+    from .backends import list_backends
+
+    return f"engine backend: auto (the best one available here) or one of {', '.join(list_backends())}"
+
+
+def _weights_options(p, weights_help: str, random_help: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--weights", metavar="FILE", help=weights_help)
+    group.add_argument("--random-weights", action="store_true", help=random_help)
+
+
+def _add_demo(add) -> None:
+    demo = add("demo", "the NNI tutorial end to end on MNIST", cmd_demo)
+    demo.add_argument("--data-dir", help="folder holding mnist/ (default: $MIXQ_DATA)")
+    demo.add_argument("--epochs", type=_positive_int, default=3, help="training epochs per strategy")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--quick", action="store_true", help="12000 train / 2000 test images, two epochs, fewer runs")
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the initial weights and data order")
+    demo.add_argument("--backend", default=DEFAULT_BACKEND, help=_backend_help())
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines on stderr")
+
+
+def _add_download(add) -> None:
+    dl = add("download", "download MNIST / CIFAR-10 (official files, checksum-verified)", cmd_download)
+    dl.add_argument("datasets", nargs="+", choices=["mnist", "cifar10"], help="data sets to download")
+    dl.add_argument("--data-dir", help="target folder (default: $MIXQ_DATA)")
+
+
+def _add_quantize(add) -> None:
+    q = add("quantize", "QAT or PTQ a model with a config_list, export model + calibration", cmd_quantize)
+    q.add_argument("--model", required=True, help="registered name (lenet, resnet18_cifar, ...) or file.py:Name")
+    _weights_options(
+        q,
+        "float state dict to start from (--method ptq needs it, or --random-weights)",
+        "no --weights on purpose: PTQ of the random initial weights (smoke tests only)",
+    )
+    q.add_argument("--config", required=True, metavar="FILE", help="config_list as .yaml or .json")
+    q.add_argument("--method", choices=["qat", "ptq"], default="qat", help="quantization-aware training or PTQ")
+    q.add_argument("--dataset", choices=sorted(IMAGE_SHAPES), required=True, help="training and test data")
+    q.add_argument("--data-dir", help="folder holding mnist/ and cifar10/ (default: $MIXQ_DATA)")
+    q.add_argument("--epochs", type=_positive_int, default=1, help="QAT epochs")
+    q.add_argument("--lr", type=_positive_float, default=0.01, help="QAT SGD learning rate")
+    q.add_argument("--momentum", type=_nonnegative_float, default=0.5, help="QAT SGD momentum")
+    q.add_argument("--batch-size", type=_positive_int, default=128, help="QAT and PTQ batch size")
+    q.add_argument("--calib-images", type=_positive_int, default=2048, help="PTQ calibration images")
+    q.add_argument("--train-limit", type=_positive_int, help="use only the first N training images (default: all)")
+    q.add_argument("--test-limit", type=_positive_int, help="use only the first N test images (default: all)")
+    q.add_argument(
+        "--seed", type=int, default=0, help="random seed (initial weights without --weights, DDP data order)"
+    )
+    q.add_argument("--out", required=True, metavar="DIR", help="output folder for model.pth and calibration.json")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines on stderr")
+    q.add_argument("--distributed", action="store_true", help="under torchrun: DDP QAT / sharded PTQ, rank 0 writes")
+
+
+def _add_build(add) -> None:
+    b = add("build", "calibration config -> engine file", cmd_build)
+    b.add_argument("--model", required=True, help="registered name or file.py:Name")
+    _weights_options(
+        b,
+        "the state dict written by quantize/export_model (model.pth); needed unless --random-weights",
+        "no --weights on purpose: build with the random initial weights (smoke tests only)",
+    )
+    b.add_argument("--calibration", required=True, metavar="FILE", help="calibration config (.json or .pth)")
+    b.add_argument("--input-shape", type=_shape, required=True, help="e.g. 128,1,28,28 (batch stays dynamic)")
+    b.add_argument("--backend", default=DEFAULT_BACKEND, help=_backend_help())
+    b.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
+    b.add_argument("--out", required=True, metavar="FILE", help="engine file to write (.mixq)")
+
+
+def _add_bench(add) -> None:
+    bench = add("bench", "latency of an engine file", cmd_bench)
+    bench.add_argument("engine", help="engine file (.mixq)")
+    bench.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 128], help="batch sizes (default: 1 128)")
+    bench.add_argument("--runs", type=_positive_int, default=100, help="timed runs per batch size")
+    bench.add_argument("--warmup", type=_nonnegative_int, default=10, help="untimed warm-up runs per batch size")
+
+
+def _add_report(add) -> None:
+    r = add("report", "placement report of an engine, or the tables of a results folder", cmd_report)
+    r.add_argument("path", help="engine file (.mixq) or a `mixq demo --out` folder")
+    r.add_argument("--profile-batch", type=_positive_int, help="also time each layer at this batch (default: off)")
+    r.add_argument("--runs", type=_positive_int, default=20, help="profiled runs with --profile-batch")
+
+
+def _add_inspect(add) -> None:
+    i = add("inspect", "what an engine file or calibration config contains", cmd_inspect)
+    i.add_argument("path", help="engine file (.mixq) or calibration config (.json/.pth)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixq", description="Mixed-precision quantization that really runs faster.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="mixq",
+        description="Mixed-precision quantization that really runs faster.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mixq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help_text, func):
-        p = sub.add_parser(
-            name, help=help_text, epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter
-        )
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name])
+        p.formatter_class = _HelpFormatter
         p.set_defaults(func=func)
         return p
 
-    demo = add("demo", "the NNI tutorial end to end on MNIST", cmd_demo)
-    demo.add_argument("--data-dir", default=None, help="folder with mnist/ (default: $MIXQ_DATA)")
-    demo.add_argument("--epochs", type=int, default=3, help="training epochs per strategy (default 3)")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="12000 train / 2000 test images, two epochs, fewer runs")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), tensorrt or auto")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    dl = add("download", "download MNIST / CIFAR-10 (official files, checksum-verified)", cmd_download)
-    dl.add_argument("datasets", nargs="+", choices=["mnist", "cifar10"])
-    dl.add_argument("--data-dir", default=None, help="target folder (default: $MIXQ_DATA)")
-
-    q = add("quantize", "QAT or PTQ a model with a config_list, export model + calibration", cmd_quantize)
-    q.add_argument("--model", required=True, help="registered name (lenet, resnet18_cifar, ...) or file.py:Name")
-    q.add_argument("--weights", help="float state dict to start from")
-    q.add_argument("--config", required=True, help="config_list as .json or .yaml")
-    q.add_argument("--method", choices=["qat", "ptq"], default="qat")
-    q.add_argument("--dataset", choices=["mnist", "cifar10"], required=True)
-    q.add_argument("--data-dir", default=None)
-    q.add_argument("--epochs", type=int, default=1)
-    q.add_argument("--lr", type=float, default=0.01)
-    q.add_argument("--momentum", type=float, default=0.5)
-    q.add_argument("--batch-size", type=int, default=128)
-    q.add_argument("--calib-images", type=int, default=2048, help="PTQ calibration images (default 2048)")
-    q.add_argument("--train-limit", type=int, default=None)
-    q.add_argument("--test-limit", type=int, default=None)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", required=True)
-    q.add_argument("--no-progress", action="store_true")
-    q.add_argument("--distributed", action="store_true", help="under torchrun: DDP QAT / sharded PTQ, rank 0 writes")
-
-    b = add("build", "calibration config -> engine file", cmd_build)
-    b.add_argument("--model", required=True, help="registered name or file.py:Name")
-    b.add_argument("--weights", help="the state dict written by quantize/export_model")
-    b.add_argument("--calibration", required=True, help="calibration config (.json or .pth)")
-    b.add_argument("--input-shape", type=_shape, required=True, help="e.g. 128,1,28,28 (batch stays dynamic)")
-    b.add_argument("--backend", default="onnxruntime")
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--out", required=True)
-
-    bench = add("bench", "latency of an engine file", cmd_bench)
-    bench.add_argument("engine")
-    bench.add_argument("--batch", type=int, nargs="+", default=[1, 128])
-    bench.add_argument("--runs", type=int, default=100)
-    bench.add_argument("--warmup", type=int, default=10)
-
-    r = add("report", "placement report of an engine, or the tables of a results folder", cmd_report)
-    r.add_argument("path")
-    r.add_argument("--profile-batch", type=int, default=None, help="also time each layer at this batch")
-    r.add_argument("--runs", type=int, default=20)
-
-    i = add("inspect", "what an engine file or calibration config contains", cmd_inspect)
-    i.add_argument("path")
+    for add_command in (_add_demo, _add_download, _add_quantize, _add_build, _add_bench, _add_report, _add_inspect):
+        add_command(add)
     return parser
 
 
+def _forget_interrupt() -> None:
+    """Make a caught Ctrl-C exit with our status 130 rather than by SIGINT.
+
+    CPython remembers a KeyboardInterrupt that escaped any ``exec``/``eval`` of a source string (its
+    ``run_eval_code_obj``), even one caught later: ``dataclasses`` and ``namedtuple`` build their methods that
+    way, so a Ctrl-C landing in, e.g., a lazy ``import torch._dynamo`` at the start of training sets the flag.
+    At exit, ``python -m mixq`` then kills itself with SIGINT (status -2) after we printed 'interrupted' and
+    returned 130. Running one source string resets that flag.
+    """
+    exec("pass")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (0, 2 for errors, 130 for Ctrl-C)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed usage + error (status 2), or --help / --version (0)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         return args.func(args)
     except MixqError as e:
@@ -392,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"mixq {args.command}: interrupted", file=sys.stderr)
+        _forget_interrupt()
         return 130
 
 
