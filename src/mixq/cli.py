@@ -25,7 +25,7 @@ from ._errors import ConfigError, MixqError
 __all__ = ["main", "build_parser", "DEFAULT_BACKEND"]
 
 # The engine backend of `demo` and `build` when --backend is not given.
-DEFAULT_BACKEND = "onnxruntime"
+DEFAULT_BACKEND = "auto"  # as ModelSpeedup: build the engines this machine has, time them, keep the fastest
 
 # Image shape (channels, height, width) of each data set `quantize` can train on.
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -38,7 +38,7 @@ EXAMPLES = {
     "demo": """examples:
   mixq demo --data-dir ../shared/data            # the NNI tutorial end to end, 3 epochs
   mixq demo --data-dir ../shared/data --quick    # small subset, two short epochs (CI)
-  mixq demo --backend auto                       # TensorRT where installed, else ONNX Runtime""",
+  mixq demo --backend onnxruntime                # one backend instead of auto (the fastest measured)""",
     "download": """examples:
   mixq download mnist cifar10 --data-dir ~/data  # official files, resumable, checksum-verified""",
     "quantize": """config lists ship in examples/configs/ (nni_tutorial.yaml, all_8bit.yaml, fast_mixed.yaml).
@@ -444,10 +444,11 @@ def _dataset(name: str, data_dir, train: bool, limit=None):
 
 
 def _check_backend(name: str) -> None:
+    from .auto import candidate_backends
     from .backends import get_backend
 
     try:
-        get_backend(name)
+        candidate_backends() if name == "auto" else get_backend(name)
     except MixqError as e:
         raise ConfigError(f"--backend {name}: {e}") from e
 

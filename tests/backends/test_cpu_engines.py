@@ -107,3 +107,29 @@ def test_onnxruntime_engine_is_portable_across_cpu_classes(trained, tmp_path, mo
     for key, out in outputs.items():
         # Same layout decision on load -> same kernels -> identical outputs, whatever CPU built the file.
         np.testing.assert_array_equal(out.numpy(), outputs[(not key[0], key[1])].numpy())
+
+
+@pytest.mark.parametrize("dummy_input", [True, False])
+def test_openvino_runs_every_conv_of_the_tutorial_style_resnet_in_int8(dummy_input):
+    """OpenVINO legalizes the backend-neutral graph itself (BatchNorm into per-channel scales, residual adds
+    and ReLUs fused into int8 convs): every conv/linear the config asks for runs int8, from the same Q/DQ
+    file, with or without dummy_input, and the engine matches the fake-quant model."""
+    pytest.importorskip("openvino")
+    from mixq.zoo.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet").eval()
+    config = [
+        {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+    ]
+    x = torch.randn(32, 3, 32, 32)
+    mixq.prepare_(model, config, mixq.PTQ(), example_input=x[:1] if dummy_input else None)
+    mixq.calibrate_(model, lambda m: m(x))
+    s = mixq.nni.ModelSpeedup(model, (32, 3, 32, 32), batchsize=32, backend="openvino").compress()
+    rows = [r for r in s.report().rows if r.op_type in ("Conv2d", "Linear")]
+    assert rows and all(r.runs_as == "int8" for r in rows), [(r.layer, r.runs_as, r.kernels) for r in rows]
+    fresh = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(fresh), s.inference(fresh)[0]
+    assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 20

@@ -239,10 +239,13 @@ def list_backends() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called ``name``; ``auto`` picks TensorRT when usable, else ONNX Runtime."""
+    """The backend called ``name``, if usable here. ``auto`` is not one backend: it chooses among them by
+    measurement (``ModelSpeedup(backend="auto")``, :mod:`mixq.auto`)."""
     if name == "auto":
-        trt = _REGISTRY["tensorrt"]()
-        return trt if trt.is_available() else _REGISTRY["onnxruntime"]()
+        raise EngineError(
+            "'auto' is not a single backend: ModelSpeedup(backend='auto') builds the usable ones and keeps the "
+            f"fastest; get_backend takes one of {list_backends()}"
+        )
     if name not in _REGISTRY:
         raise EngineError(f"unknown backend {name!r}; available: {['auto', *list_backends()]}")
     backend = _REGISTRY[name]()
