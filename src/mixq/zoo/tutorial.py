@@ -18,6 +18,9 @@ from .data import load_mnist
 from .models import TorchModel
 
 __all__ = [
+    "TRAIN_BATCH",
+    "TUTORIAL_LR",
+    "TUTORIAL_MOMENTUM",
     "TUTORIAL_CONFIG_LIST",
     "ALL_8BIT_CONFIG_LIST",
     "FAST_MIXED_CONFIG_LIST",
@@ -35,8 +38,13 @@ TUTORIAL_CONFIG_LIST = [
 ]
 
 
+# The tutorial's loaders and optimizer: train batch 128 shuffled, test batch 1000, SGD lr 0.01 momentum 0.5.
+TRAIN_BATCH, TEST_BATCH = 128, 1000
+TUTORIAL_LR, TUTORIAL_MOMENTUM = 0.01, 0.5
+
+
 class MnistTask:
-    """MNIST loaders as in the tutorial: train batch 128 shuffled, test batch 1000."""
+    """MNIST loaders as in the tutorial: train batch ``TRAIN_BATCH`` shuffled, test batch ``TEST_BATCH``."""
 
     def __init__(
         self,
@@ -51,10 +59,10 @@ class MnistTask:
 
     def train_loader(self, epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        return DataLoader(self.train_set, batch_size=128, shuffle=True, generator=g)
+        return DataLoader(self.train_set, batch_size=TRAIN_BATCH, shuffle=True, generator=g)
 
     def test_loader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=1000, shuffle=False)
+        return DataLoader(self.test_set, batch_size=TEST_BATCH, shuffle=False)
 
 
 def trainer(model: nn.Module, optimizer, criterion, loader, progress=None) -> float:
@@ -91,8 +99,10 @@ ALL_8BIT_CONFIG_LIST = [
     {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
 ]
 
-# What runs fastest on ONNX Runtime CPU (measured, see benchmarks/): convs and pools float, the three
-# Linear layers int8 with 7-bit weights (exact with u8 x s8 kernels on CPUs without VNNI).
+# The quantized LeNet config that comes closest to float speed on ONNX Runtime CPU: convs and pools float
+# (int8 convs are the slow part), the three Linear layers int8 with 7-bit weights (exact with u8 x s8 kernels
+# on CPUs without VNNI). Measured at about the fp32 engine's latency, not clearly faster:
+# docs/results/demo-cpu-onnxruntime.md, docs/results/demo-cpu-latency-spread.md, benchmarks/results/engines-cpu.md.
 FAST_MIXED_CONFIG_LIST = [
     {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 7}, "op_types": ["Linear"]},
 ]
@@ -107,10 +117,18 @@ class TrainedVariant:
     epoch_seconds: list[float]
 
 
-def train_variants(task: MnistTask, configs: dict, epochs: int = 3, seed: int = 0, progress_factory=None) -> dict:
+def train_variants(
+    task: MnistTask,
+    configs: dict,
+    epochs: int = 3,
+    seed: int = 0,
+    progress_factory=None,
+    lr: float = TUTORIAL_LR,
+    momentum: float = TUTORIAL_MOMENTUM,
+) -> dict:
     """Train the tutorial's LeNet from the same initial weights once per entry of ``configs``
-    (``{name: config_list}``; ``None`` = plain fp32 training), each for ``epochs`` epochs with the tutorial's
-    optimizer (SGD lr 0.01 momentum 0.5) and ``QAT_Quantizer`` where a config is given."""
+    (``{name: config_list}``; ``None`` = plain fp32 training), each for ``epochs`` epochs with SGD (the
+    tutorial's lr 0.01 momentum 0.5 unless given) and ``QAT_Quantizer`` where a config is given."""
     from ..nni import QAT_Quantizer
 
     torch.manual_seed(seed)
@@ -118,7 +136,7 @@ def train_variants(task: MnistTask, configs: dict, epochs: int = 3, seed: int = 
     out = {}
     for name, config in configs.items():
         model = copy.deepcopy(init)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         quantizer = None
         if config is not None:
             quantizer = QAT_Quantizer(model, config, optimizer, torch.rand(32, 1, 28, 28))
