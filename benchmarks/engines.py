@@ -1,12 +1,18 @@
-"""Engine latency on this machine: PyTorch fp32, ORT fp32, mixq int8 / mixed, and ORT's own quantize_static.
+"""CPU engines on this machine (issue: engines that honor the request): float engines, the peers (ONNX
+Runtime's own ``quantize_static``, and OpenVINO running that model), and mixq's engines for the NNI
+tutorial-style config (conv/linear input + weight 8 bit, ReLU output 8 bit) with and without
+``dummy_input``, on ONNX Runtime, OpenVINO and ``backend="auto"``.
 
     MIXQ_DATA=../shared/data python benchmarks/engines.py --out benchmarks/results/engines-cpu.md
 
 Every variant runs in one process, interleaved in rounds so that drift of the machine hits all alike; the
-table gives the median wall time of ``engine.run`` / ``session.run`` (input checks included for mixq) after
-warm-up. Quality: top-1 agreement with the PyTorch fp32 model on real test images (LeNet trained one epoch
-in fp32 here; ResNet-18 has random weights, so only agreement and speed mean something for it). Every int8
-variant is calibrated on the same 512 real training images (min/max).
+table gives the median wall time of one call after warm-up. Weights: LeNet trained here for one epoch in
+fp32 on MNIST; ResNet-18 (CIFAR) has random weights with non-trivial BatchNorm statistics (no trained
+ResNet-18 is committed yet). Every int8 variant, peers included, is calibrated on the same 512 real training
+images (min/max); ``quantize_static`` gets ``reduce_range=True`` on CPUs without VNNI (its documented
+setting there). Quality: top-1 agreement with the fake-quant PyTorch model (mixq rows) or with the fp32
+model (float and peer rows) on real test images. Each batch size gets its own build (``auto`` times its
+candidates at the batch it is built for).
 """
 
 from __future__ import annotations
@@ -31,55 +37,42 @@ from mixq.zoo.metrics import median_latency
 from mixq.zoo.models import create_model
 from mixq.zoo.tutorial import MnistTask, trainer
 
-ALL8 = [
-    {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_types": ["Conv2d"]},
+TUTORIAL_STYLE = [
+    {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
     {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
-    {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_types": ["Linear"]},
+]
+CONV_OUTPUTS_TOO = [
+    {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_types": ["Conv2d"]},
+    {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]},
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
 ]
 
 
-def with_weight_bits(config, bits):
-    out = []
-    for e in config:
-        e = copy.deepcopy(e)
-        if "weight" in e.get("quant_types", ()):
-            e["quant_bits"] = {t: (bits if t == "weight" else 8) for t in e["quant_types"]}
-        out.append(e)
-    return out
+def openvino_version() -> str:
+    import openvino
+
+    return openvino.__version__.split("-")[0]
 
 
-CONFIGS = {
-    "lenet": {
-        "int8": ALL8,
-        # convs and pools float; fc1..fc3 int8 with Q after flatten (measured as the best LeNet placement)
-        "mixed": [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}],
-    },
-    "resnet18_cifar": {
-        "int8": [*ALL8, {"quant_types": ["input", "output"], "quant_bits": 8, "op_types": ["AdaptiveAvgPool2d"]}],
-        # the 3-channel stem and the classifier stay float
-        "mixed": [
-            {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_types": ["Conv2d"]},
-            {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
-            {"quant_types": ["input", "output"], "quant_bits": 8, "op_types": ["AdaptiveAvgPool2d"]},
-            {"exclude": True, "op_names": ["conv1", "relu", "fc"]},
-        ],
-    },
-}
+def has_vnni() -> bool:
+    from mixq.backends.onnxruntime import cpu_has_vnni
+
+    return cpu_has_vnni()
 
 
 def cpu_info() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
         name = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in text]
+        flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in text]
     except (OSError, StopIteration):
         name, flags = platform.processor(), []
     return f"{name}, {torch.get_num_threads()} threads, flags: {' '.join(flags) or 'n/a'}"
 
 
-def ptq(model, config, calib):
+def ptq(model, config, calib, dummy_input: bool):
     q = copy.deepcopy(model)
-    mixq.prepare_(q, config, mixq.PTQ(), example_input=calib[:1])
+    mixq.prepare_(q, config, mixq.PTQ(), example_input=calib[:1] if dummy_input else None)
     mixq.calibrate_(q, lambda m: [m(calib[i : i + 64]) for i in range(0, len(calib), 64)])
     return q
 
@@ -108,13 +101,35 @@ def ort_quantize_static(model, calib, input_shape, workdir):
         Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
+        reduce_range=not has_vnni(),
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]), out
+
+
+def openvino_session(onnx_path):
+    """OpenVINO on the peer's model: one static-shape compilation per batch size, as mixq's engine does."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(onnx_path))
+    compiled = {}
+
+    def run(x):
+        if x.shape[0] not in compiled:
+            m = model.clone()
+            m.reshape({0: list(x.shape)})
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+            compiled[x.shape[0]] = core.compile_model(m, "CPU", config).create_infer_request()
+        request = compiled[x.shape[0]]
+        request.infer({0: x.numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return run
 
 
 def make_runner(kind, obj):
@@ -127,6 +142,8 @@ def make_runner(kind, obj):
 
         def run(x):
             return torch.from_numpy(obj.run(None, {"input": x.numpy()})[0])
+    elif kind == "openvino":
+        run = obj
     else:
 
         def run(x):
@@ -148,35 +165,48 @@ def bench(runners, x, warmup, runs, rounds):
 
 def agreement(run, ref_model, images):
     with torch.no_grad():
-        ref = ref_model(images).argmax(1)
+        ref = torch.cat([ref_model(images[i : i + 128]) for i in range(0, len(images), 128)]).argmax(1)
     out = torch.cat([run(images[i : i + 128]) for i in range(0, len(images), 128)]).argmax(1)
     return float((out == ref).float().mean())
 
 
+def placement_note(s) -> str:
+    rows = s.report().rows
+    n_int8 = sum(r.runs_as == "int8" for r in rows if r.op_type in ("Conv2d", "Linear"))
+    n_asked = sum(r.requested == "int8" for r in rows if r.op_type in ("Conv2d", "Linear"))
+    note = f"{n_int8}/{n_asked} conv/linear int8" if n_asked else "float engine"
+    if s.selection is not None:
+        note += f"; auto chose {s.selection.chosen}"
+    if getattr(s.engine, "uint8_weights", False):
+        note += "; uint8 weights"
+    return note
+
+
 def build_variants(name, model, calib, shape, workdir):
-    variants = {"PyTorch fp32 (eager)": ("torch", model, None)}
-    variants["ORT fp32 (mixq engine)"] = (
-        "mixq",
-        ModelSpeedup(model, shape, config={}, batchsize=shape[0]).compress(),
-        None,
-    )
-    for label, cfg in (
-        ("mixq int8 (8-bit weights)", CONFIGS[name]["int8"]),
-        ("mixq int8 (7-bit weights)", with_weight_bits(CONFIGS[name]["int8"], 7)),
-        ("mixq mixed (7-bit weights)", with_weight_bits(CONFIGS[name]["mixed"], 7)),
-    ):
-        q = ptq(model, cfg, calib)
-        s = ModelSpeedup(q, shape, batchsize=shape[0]).compress()
-        rows = s.report().rows
-        n_int8 = sum(r.runs_as == "int8" for r in rows if r.op_type in ("Conv2d", "Linear"))
-        n_asked = sum(r.requested == "int8" for r in rows if r.op_type in ("Conv2d", "Linear"))
-        note = f"{n_int8}/{n_asked} conv/linear int8, {'uint8' if s.engine.options.uint8_weights else 'int8'} weights"
-        variants[label] = ("mixq", s, note)
-    variants["ORT quantize_static int8 (QDQ, per-channel)"] = (
-        "ort",
-        ort_quantize_static(model, calib, shape, workdir),
-        "peer",
-    )
+    """{label: (kind, runner object, reference model for agreement, note)}"""
+    loader = [calib[i : i + 64] for i in range(0, len(calib), 64)]
+    variants = {"PyTorch fp32 (eager)": ("torch", model, model, "")}
+    for backend in ("onnxruntime", "openvino"):
+        s = ModelSpeedup(model, shape, config={}, batchsize=shape[0], backend=backend).compress()
+        variants[f"{backend} fp32 (mixq engine)"] = ("mixq", s, model, "")
+    session, path = ort_quantize_static(model, calib, shape, workdir)
+    rr = "" if has_vnni() else ", reduce_range"
+    variants[f"ORT quantize_static int8 (QDQ, per-channel{rr})"] = ("ort", session, model, "peer")
+    variants["OpenVINO running ORT's quantize_static model"] = ("openvino", openvino_session(path), model, "peer")
+    configs = {"tutorial-style": TUTORIAL_STYLE}
+    if name != "lenet":
+        configs["conv outputs quantized too"] = CONV_OUTPUTS_TOO
+    for cfg_name, cfg in configs.items():
+        for dummy in (True, False) if cfg is TUTORIAL_STYLE else (True,):
+            q = ptq(model, cfg, calib, dummy)
+            tag = f"mixq {cfg_name}, {'with' if dummy else 'no'} dummy_input"
+            runs = [("onnxruntime", None), ("onnxruntime", loader), ("openvino", None), ("auto", loader)]
+            if cfg is not TUTORIAL_STYLE or name == "lenet":
+                runs = [("onnxruntime", None), ("openvino", None), ("auto", loader)]
+            for backend, data in runs:
+                s = ModelSpeedup(q, shape, batchsize=shape[0], backend=backend, calib_data_loader=data).compress()
+                label = f"{tag}: {backend}" + (" + calibration data" if data is not None and backend != "auto" else "")
+                variants[label] = ("mixq", s, q, placement_note(s))
     return variants
 
 
@@ -184,7 +214,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--models", nargs="+", default=["lenet", "resnet18_cifar"])
-    p.add_argument("--batches", nargs="+", type=int, default=[128, 1])
+    p.add_argument("--batches", nargs="+", type=int, default=[128, 1], help="ResNet-18 runs only batches >= 64")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None, help="write the Markdown table here")
     args = p.parse_args(argv)
@@ -192,7 +222,7 @@ def main(argv=None):
     lines = [
         f"machine: {cpu_info()}; {platform.platform()}",
         f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"mixq {mixq.__version__}",
+        f"openvino {openvino_version()}, mixq {mixq.__version__}",
         f"command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}",
         "",
     ]
@@ -210,46 +240,29 @@ def main(argv=None):
             test = load_cifar10(False, args.data_dir, limit=1000).tensors[0]
             shape_rest = (3, 32, 32)
         model.eval()
-        with tempfile.TemporaryDirectory() as workdir:
-            variants = build_variants(name, model, calib, (128, *shape_rest), workdir)
-            runners = {label: make_runner(kind, obj) for label, (kind, obj, _) in variants.items()}
-            quality = {label: agreement(run, model, test) for label, run in runners.items()}
-            results = {}
-            for b in args.batches:
+        for b in args.batches if name == "lenet" else [bb for bb in args.batches if bb >= 64] or args.batches:
+            with tempfile.TemporaryDirectory() as workdir:
+                # built for this batch: auto times its candidates at the batch it is built for
+                variants = build_variants(name, model, calib, (b, *shape_rest), workdir)
+                runners = {label: make_runner(kind, obj) for label, (kind, obj, _, _) in variants.items()}
+                quality = {label: agreement(runners[label], ref, test) for label, (_, _, ref, _) in variants.items()}
                 heavy = name != "lenet" and b >= 64
                 warmup, runs = (3, 20) if heavy else (20, 200)
-                x = test[:b].contiguous()
-                results[b] = bench(runners, x, warmup, runs, args.rounds)
-                results[b]["_meta"] = (warmup, runs)
-        head = (
-            "| variant | "
-            + " | ".join(f"batch {b} median ms | vs ORT fp32" for b in args.batches)
-            + " | top-1 agreement with fp32 | notes |"
-        )
-        lines += [
-            f"### {name}",
-            "",
-            " ".join(
-                f"batch {b}: warm-up {results[b]['_meta'][0]}, {results[b]['_meta'][1]} timed runs "
-                f"in {args.rounds} interleaved rounds."
-                for b in args.batches
-            ),
-            "",
-            head,
-            "|---" * (3 + 2 * len(args.batches)) + "|",
-        ]
-        for label, (_, _, note) in variants.items():
-            cells = []
-            for b in args.batches:
-                med = results[b][label][0]
-                base = results[b]["ORT fp32 (mixq engine)"][0]
-                cells.append(f"{med * 1e3:.3f} | {med / base:.2f}")
-            lines.append(
-                f"| {label} | "
-                + " | ".join(cells)
-                + f" | {quality[label] * 100:.2f}% ({len(test)} images) | {note or ''} |"
-            )
-        lines.append("")
+                results = bench(runners, test[:b].contiguous(), warmup, runs, args.rounds)
+            base = results["onnxruntime fp32 (mixq engine)"][0]
+            lines += [
+                f"### {name}, batch {b}",
+                "",
+                f"warm-up {warmup}, {runs} timed runs in {args.rounds} interleaved rounds; agreement on "
+                f"{len(test)} real test images",
+                "",
+                "| variant | median ms | vs ORT fp32 engine | top-1 agreement | notes |",
+                "|---|---|---|---|---|",
+            ]
+            for label, (_, _, _, note) in variants.items():
+                med = results[label][0]
+                lines.append(f"| {label} | {med * 1e3:.3f} | {med / base:.2f} | {quality[label] * 100:.2f}% | {note} |")
+            lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -102,7 +102,8 @@ ALL_8BIT_CONFIG_LIST = [
 # The quantized LeNet config that comes closest to float speed on ONNX Runtime CPU: convs and pools float
 # (int8 convs are the slow part), the three Linear layers int8 with 7-bit weights (exact with u8 x s8 kernels
 # on CPUs without VNNI). Measured at about the fp32 engine's latency, not clearly faster:
-# docs/results/demo-cpu-onnxruntime.md, docs/results/demo-cpu-latency-spread.md, benchmarks/results/engines-cpu.md.
+# docs/results/demo-cpu-onnxruntime.md, docs/results/demo-cpu-latency-spread.md,
+# benchmarks/results/engines-cpu-603a7af.md.
 FAST_MIXED_CONFIG_LIST = [
     {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 7}, "op_types": ["Linear"]},
 ]
