@@ -272,3 +272,18 @@ def test_bias_that_overflows_int32_steps_stays_float_and_exact():
         assert float(10 * torch.log10(model(x).pow(2).mean() / (model(x) - out).pow(2).mean())) > 35
     (row,) = [r for r in engine.report().rows if r.layer == "2"]
     assert row.runs_as == "fp32" and row.note.startswith("asked int8, runs float: its bias does not fit int32")
+
+
+def test_eight_bit_dorefa_is_re_quantized_on_its_spec_and_builds():
+    from mixq.nni import DoReFaQuantizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    DoReFaQuantizer(model, [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"]}])
+    calib = mixq.export_calibration(model)
+    assert calib["0"]["weight_bits"] == 8  # nine bits would be exact, but engines hold 8-bit weights
+    engine = ModelSpeedup(model, (32, 16), batchsize=32, backend="onnxruntime").compress()
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        ref = model(x)
+    assert float(10 * torch.log10(ref.pow(2).mean() / (ref - engine.inference(x)[0]).pow(2).mean())) > 35

@@ -325,7 +325,7 @@ def test_config_list_given_as_calibration_says_what_to_do(config, what):
     assert str(e.value) == (
         f"config must be a calibration config (as export_model returns), got {what}; quantize with the config_list "
         "first (QAT_Quantizer(model, config_list, ...)) and pass the quantized model, or pass calib_data_loader=... "
-        "for post-training calibration"
+        "with extra_layer_bits=8 for post-training calibration of every layer"
     )
 
 
@@ -546,4 +546,16 @@ def test_calibration_data_is_checked_and_a_tensor_is_split_into_batches():
             model, (8, 3, 32, 32), batchsize=8, backend="onnxruntime", calib_data_loader=[torch.randn(8, 1, 28, 28)]
         ).compress()
     s = ModelSpeedup(model, (8, 3, 32, 32), batchsize=8, backend="onnxruntime", calib_data_loader=x)
-    assert [tuple(b.shape) for b in s._calibration_batches()] == [(8, 3, 32, 32)] * 4
+    assert [tuple(b.shape) for b in s._calibration_batches()] == [(32, 3, 32, 32)]
+    # A one-shot generator is read once and kept: PTQ's two histogram passes and the legalization all see it.
+    ptq = ModelSpeedup(
+        create_model("tiny_resnet").eval(),
+        (8, 3, 32, 32),
+        batchsize=8,
+        extra_layer_bits=8,
+        calibrate_type="percentile",
+        backend="onnxruntime",
+        calib_data_loader=(b for b in torch.split(x, 8)),
+    ).compress()
+    rows = [r for r in ptq.report().rows if r.op_type in ("Conv2d", "Linear")]
+    assert all(r.runs_as == "int8" for r in rows), [(r.layer, r.runs_as) for r in rows]

@@ -216,7 +216,7 @@ def export_qdq_onnx(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if calibration is None:
         raise ConfigError(f"{type(model).__name__}: export_qdq_onnx needs its calibration config")
-    float_model = copy.deepcopy(model).eval()
+    float_model = copy.deepcopy(model).cpu().eval()
     validate_calibration_config(calibration)
     precisions = layer_precisions(calibration, extra_layer_bits)
     modules = dict(float_model.named_modules())
@@ -374,18 +374,25 @@ def _fold_remaining_batchnorms(model: nn.Module, calibration: dict, precisions: 
     pairs = _convs_feeding_batchnorm(model, candidates, example)
     if not pairs:
         return calibration
+    saved = {n: copy.deepcopy(modules[n]) for pair in pairs.items() for n in pair}
+    entries = {c: _folded_entry(calibration[c], modules[c], modules[bn], bn) for c, bn in pairs.items()}
+    entries = {c: e for c, e in entries.items() if e is not None}
+    for conv in entries:  # on the grid first, the reference included: the fold must not move an integer
+        _snap_weight_to_grid(modules[conv], calibration[conv])
     with torch.no_grad():
         reference = model(example)
-    saved = {n: copy.deepcopy(modules[n]) for pair in pairs.items() for n in pair}
     folded = dict(calibration)
-    for conv, bn_name in pairs.items():
-        entry = _folded_entry(calibration[conv], modules[conv], modules[bn_name], bn_name)
-        if entry is not None:
-            folded[conv] = entry
-            _absorb_folded_bn(model, modules, conv, entry)
+    for conv, entry in entries.items():
+        folded[conv] = entry
+        _absorb_folded_bn(model, modules, conv, entry)
     with torch.no_grad():
         after = model(example)
-    if not torch.allclose(after, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
+    same = (
+        isinstance(after, torch.Tensor)
+        and isinstance(reference, torch.Tensor)
+        and torch.allclose(after, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+    )
+    if not same:
         for name, module in saved.items():  # a conv output with another user: undo every fold
             model.set_submodule(name, module)
         return calibration
@@ -402,6 +409,10 @@ def _folded_entry(entry: dict, conv: nn.Module, bn: nn.Module, bn_name: str) -> 
     zps = torch.tensor(entry["weight_zero_point"], dtype=torch.int64).reshape(-1).expand(channels)
     if (factor < 0).any() and bool((zps != 0).any()):
         return None  # an affine grid does not flip onto itself
+    if (factor < 0).any():
+        q = torch.round(conv.weight.detach().double() / scales.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        if bool((q <= spec.dtype.qmin).any()) and -spec.dtype.qmin > spec.dtype.qmax:
+            return None  # qmin (e.g. -128, reachable with LSQ) has no positive counterpart to flip to
     if (factor == 0).any():
         return None
     qspec = {**spec.to_dict(), "scheme": spec.scheme.replace("per_tensor", "per_channel"), "axis": 0}
@@ -412,6 +423,18 @@ def _folded_entry(entry: dict, conv: nn.Module, bn: nn.Module, bn_name: str) -> 
         "weight_zero_point": zps.tolist(),
         "weight_qspec": qspec,
     }
+
+
+def _snap_weight_to_grid(conv: nn.Module, entry: dict) -> None:
+    """Put the conv's weight exactly on its quantization grid before a fold scales it, so the folded weight
+    divided by the folded scale rounds to the same integers (no value near a rounding tie can move)."""
+    spec = QuantSpec.from_dict(entry.get("weight_qspec") or {**_WEIGHT_DEFAULT, "bits": entry["weight_bits"]})
+    shape = (-1, *([1] * (conv.weight.dim() - 1)))
+    scale = torch.tensor(entry["weight_scale"], dtype=torch.float32).reshape(-1).reshape(shape)
+    zp = torch.tensor(entry["weight_zero_point"], dtype=torch.float32).reshape(-1).reshape(shape)
+    with torch.no_grad():
+        q = torch.clamp(torch.round(conv.weight / scale) + zp, spec.dtype.qmin, spec.dtype.qmax)
+        conv.weight.copy_((q - zp) * scale)
 
 
 def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -47,7 +48,7 @@ def _check_calibration_type(config) -> None:
         raise ConfigError(
             f"config must be a calibration config (as export_model returns), got {what}; quantize with the "
             "config_list first (QAT_Quantizer(model, config_list, ...)) and pass the quantized model, or pass "
-            "calib_data_loader=... for post-training calibration"
+            "calib_data_loader=... with extra_layer_bits=8 for post-training calibration of every layer"
         )
     if config is not None and not isinstance(config, dict):
         raise ConfigError(
@@ -156,9 +157,11 @@ class ModelSpeedup:
         calibrated = copy.deepcopy(self.model)
         prepare_(calibrated, all_int8_config(self.calibrate_type), PTQ(), example_input=torch.randn(*self.input_shape))
 
+        device = next((t.device for t in (*calibrated.parameters(), *calibrated.buffers())), torch.device("cpu"))
+
         def loop(m):
             for batch in self._calibration_batches():
-                m(batch)
+                m(batch.to(device))
 
         calibrate_(calibrated, loop)
         self._calibrated_model = calibrated
@@ -167,15 +170,18 @@ class ModelSpeedup:
             save_calibration_config(config, cache)
         return config
 
-    def _calibration_batches(self) -> list[torch.Tensor]:
+    def _calibration_batches(self):
         """The batches of ``calib_data_loader`` (a DataLoader, any iterable of tensors or (input, label)
-        pairs, or one tensor, split into ``batchsize`` chunks), checked against ``input_shape``."""
+        pairs, or one tensor, split into chunks of ``max(batchsize, 32)``), each checked against
+        ``input_shape``, as CPU float tensors. A one-shot iterator is read once and kept, so that every pass
+        (two for histogram observers, one more for the backend's legalization) sees the same data."""
         data = self.calib_data_loader
         if data is None:
-            return []
+            return
         if isinstance(data, torch.Tensor):
-            data = list(torch.split(data, self.options.opt_batch))
-        batches = []
+            data = torch.split(data, max(self.options.opt_batch, 32))
+        elif iter(data) is data:
+            data = self.calib_data_loader = list(data)
         for i, batch in enumerate(data):
             x = batch[0] if isinstance(batch, list | tuple) else batch
             if (
@@ -188,16 +194,21 @@ class ModelSpeedup:
                     f"calib_data_loader batch {i}: expected input batches shaped {('batch', *self.input_shape[1:])}, "
                     f"got {got}"
                 )
-            batches.append(x.detach().float().cpu())
-        return batches
+            yield x.detach().float().cpu()
 
     def _build_options(self) -> BuildOptions:
-        """The build options, with up to 8 calibration batches for backends whose legalization calibrates
-        tensors the config leaves float (ONNX Runtime: conv outputs feeding residual adds)."""
-        batches = self._calibration_batches()[:8]
+        """The build options, with the first calibration batches (up to 8 batches and 1024 images) for
+        backends whose legalization calibrates tensors the config leaves float (ONNX Runtime: conv outputs
+        feeding residual adds)."""
+        batches, images = [], 0
+        for batch in itertools.islice(self._calibration_batches(), 8):
+            batches.append(batch.numpy())
+            images += len(batch)
+            if images >= 1024:
+                break
         if not batches:
             return self.options
-        return dataclasses.replace(self.options, calibration_data=tuple(b.numpy() for b in batches))
+        return dataclasses.replace(self.options, calibration_data=tuple(batches))
 
     def compress(self) -> ModelSpeedup:
         """Export the Q/DQ ONNX model and build the engine (with ``auto``: build the candidates, time them,
@@ -261,10 +272,12 @@ class ModelSpeedup:
         if compare_float:
             b = batch or self.options.opt_batch
             x = torch.randn(b, *self.input_shape[1:])
-            float_model, _ = self._float_model_and_calibration()
+            source = self._calibrated_model if self._calibrated_model is not None else self.model
+            float_model = deploy_model(source) if quantized_layers(source) else source
             float_qdq = export_qdq_onnx(float_model, self.input_shape, {}, 32, None, self.input_name, self.output_name)
             float_engine = get_backend(engine.backend).build(float_qdq, self.input_shape, self.options)
-            groups = fusion_groups(self.model, engine.layers, x[:1])
+            device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+            groups = fusion_groups(self.model, engine.layers, x[:1].to(device))
             report.times = group_times(engine.profile(x, runs), groups)
             report.float_times = group_times(float_engine.profile(x, runs), groups)
             report.groups = {k: v for k, v in groups.items() if len(v) > 1}

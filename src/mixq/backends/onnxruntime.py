@@ -350,8 +350,11 @@ class OnnxRuntimeBackend(Backend):
         manifest, members = read_engine_file(path, self.name)
         try:
             opts = json.loads(members["options.json"])
+            # Files from before the layout moved to load time stored the build machine's decision, with an
+            # optimized.onnx member: decide again here.
+            uint8 = None if "optimized.onnx" in members else opts["uint8_weights"]
             options = BuildOptions(
-                threads=opts["threads"], keep_pools_float=opts["keep_pools_float"], uint8_weights=opts["uint8_weights"]
+                threads=opts["threads"], keep_pools_float=opts["keep_pools_float"], uint8_weights=uint8
             )
             return OnnxRuntimeEngine(members["model.onnx"], tuple(manifest["input_shape"]), manifest["layers"], options)
         except (KeyError, TypeError, json.JSONDecodeError) as e:

@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class OpenVINOEngine(Engine):
                 "take one input tensor and return one output tensor (wrap the model to combine them)"
             )
         self._compiled: dict[tuple[int, bool], tuple[object, object]] = {}
+        self._lock = threading.Lock()  # one infer request per batch size: calls from several threads take turns
         self._request(self.input_shape[0])  # compile now, so a build error surfaces at build time
 
     def _config(self, profiling: bool) -> dict:
@@ -113,9 +115,10 @@ class OpenVINOEngine(Engine):
 
     def run(self, x, check_finite: bool = True) -> torch.Tensor:
         x = self.check_input(x, check_finite).cpu()
-        _, request = self._request(x.shape[0])
-        request.infer({0: x.numpy()})
-        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
+        with self._lock:
+            _, request = self._request(x.shape[0])
+            request.infer({0: x.numpy()})
+            return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
 
     def _runtime_ops(self):
         compiled, _ = self._request(self.input_shape[0])

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..primitives import choose_qparams
 from ..spec import IntType, PerTensor, QuantSpec
-from .base import layer_of_node
+from .base import EngineError, layer_of_node
 
 __all__ = ["float_output_convs", "quantize_conv_outputs", "LEGALIZED_KEY"]
 
@@ -91,7 +91,10 @@ def quantize_conv_outputs(model, layers: dict, samples) -> list[str]:
     convs = float_output_convs(model)
     if not convs or not samples:
         return []
-    ranges = _ranges(model, [c.output[0] for c in convs], samples)
+    try:
+        ranges = _ranges(model, [c.output[0] for c in convs], samples)
+    except Exception as e:  # onnxruntime raises its own types
+        raise EngineError(f"ONNX Runtime legalization could not calibrate conv outputs: {type(e).__name__}: {e}") from e
     done = []
     for conv in convs:
         tensor = conv.output[0]
@@ -110,15 +113,18 @@ def quantize_conv_outputs(model, layers: dict, samples) -> list[str]:
             for i, name in enumerate(node.input):
                 if name == tensor:
                     node.input[i] = f"{base}_dq"
-        prefix = conv.name.rsplit("/", 1)[0]
+        prefix = conv.name.rsplit("/", 1)[0]  # keeps the layer's scope, so the report attributes the pair
         q = helper.make_node(
-            "QuantizeLinear", [tensor, f"{base}_scale", f"{base}_zero_point"], [f"{base}_q"], name=f"{prefix}/LegalQ"
+            "QuantizeLinear",
+            [tensor, f"{base}_scale", f"{base}_zero_point"],
+            [f"{base}_q"],
+            name=f"{prefix}/LegalQ_{tensor}",
         )
         dq = helper.make_node(
             "DequantizeLinear",
             [f"{base}_q", f"{base}_scale", f"{base}_zero_point"],
             [f"{base}_dq"],
-            name=f"{prefix}/LegalDQ",
+            name=f"{prefix}/LegalDQ_{tensor}",
         )
         index = list(model.graph.node).index(conv)
         model.graph.node.insert(index + 1, dq)

@@ -154,7 +154,8 @@ class DoReFaWeightQuant(nn.Module):
     DoReFa's grid ``{2i / (2^k - 1) - 1}`` has a half-integer zero point on a k-bit grid, but times
     ``2^k - 1`` its levels are the odd integers ``2i - (2^k - 1)``, which a signed (k+1)-bit integer holds
     exactly. So the weight is exported with scale ``1 / (2^k - 1)``, zero point 0 and k+1 bits: the engine
-    computes with exactly the trained levels (a k-bit re-quantization would merge some of them).
+    computes with exactly the trained levels (a k-bit re-quantization would merge some of them). For k = 8
+    (nine bits, more than an engine's 8-bit weights) the weight is re-quantized on its 8-bit spec instead.
     """
 
     def __init__(self, spec: QuantSpec):
@@ -178,11 +179,21 @@ class DoReFaWeightQuant(nn.Module):
         return self.forward(w).detach()
 
     def qparams(self, w: torch.Tensor):
+        if not self._exact:
+            return choose_qparams_from_tensor(self.deploy_weight(w), self.spec)
         levels = (1 << self.spec.dtype.bits) - 1
         return torch.tensor(1.0 / levels, dtype=torch.float32), torch.tensor(0, dtype=torch.int32)
 
     def export_spec(self) -> QuantSpec:
+        if not self._exact:
+            return self.spec
         return QuantSpec(IntType(self.spec.dtype.bits + 1, signed=True), symmetric=True, granularity=PerTensor())
+
+    @property
+    def _exact(self) -> bool:
+        # Engines hold at most 8-bit weights: 8-bit DoReFa (9 bits exactly) is re-quantized to its 8-bit spec,
+        # which merges some of its 256 levels (at most half a step of error).
+        return self.spec.dtype.bits + 1 <= 8
 
 
 def _positive_qmax(spec: QuantSpec) -> int:
