@@ -103,7 +103,8 @@ def test_quantize_build_bench_inspect_report_round_trip(data_dir, tmp_path, cfg,
     assert "fake-quant accuracy" in captured.out
     assert captured.err == ""  # --no-progress: nothing on stderr
     engine = tmp_path / "lenet.mixq"
-    build = ["build", "--model", "lenet", "--calibration", str(out / "calibration.json")]
+    # One backend: the placement asserted below is ORT's quantized engine (auto may keep the float engine).
+    build = ["build", "--model", "lenet", "--calibration", str(out / "calibration.json"), "--backend", "onnxruntime"]
     shape = ["--input-shape", "32,1,28,28"]
     assert main([*build, "--weights", str(out / "model.pth"), *shape, "--out", str(engine)]) == 0
     assert "| fc1 | Linear | int8 | int8 | QGemm |" in capsys.readouterr().out
