@@ -212,12 +212,15 @@ def layer_of_node(node_name: str, layers) -> str | None:
 
 class Backend(ABC):
     name: str
+    package: str  # the Python package the backend runs on, imported only when an engine is built or loaded
 
-    @abstractmethod
-    def is_available(self) -> bool: ...
+    def is_available(self) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec(self.package) is not None
 
     def unavailable_reason(self) -> str:
-        return f"backend {self.name!r} is not available"
+        return f"backend {self.name!r} needs the {self.package} package (pip install {self.package})"
 
     @abstractmethod
     def build(self, qdq, input_shape: tuple[int, ...], options: BuildOptions) -> Engine:

@@ -319,16 +319,7 @@ class OnnxRuntimeEngine(Engine):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-
-    def is_available(self) -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
-    def unavailable_reason(self) -> str:
-        return "backend 'onnxruntime' needs the onnxruntime package (pip install onnxruntime)"
+    package = "onnxruntime"
 
     def build(self, qdq, input_shape, options: BuildOptions) -> OnnxRuntimeEngine:
         """Legalize (see :mod:`.ort_legalize`: conv outputs ORT needs quantized are calibrated on

@@ -203,16 +203,7 @@ class OpenVINOEngine(Engine):
 
 class OpenVINOBackend(Backend):
     name = "openvino"
-
-    def is_available(self) -> bool:
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
-    def unavailable_reason(self) -> str:
-        return "backend 'openvino' needs the openvino package (pip install openvino)"
+    package = "openvino"
 
     def build(self, qdq, input_shape, options: BuildOptions) -> OpenVINOEngine:
         return OpenVINOEngine(qdq.model.SerializeToString(), tuple(input_shape), qdq.layers, options)

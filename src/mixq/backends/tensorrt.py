@@ -161,13 +161,10 @@ class TensorRTEngine(Engine):
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    package = "tensorrt"
 
     def is_available(self) -> bool:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return False
-        return torch.cuda.is_available()
+        return super().is_available() and torch.cuda.is_available()
 
     def unavailable_reason(self) -> str:
         return (
