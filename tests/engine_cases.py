@@ -16,6 +16,22 @@ ALL8_WITH_LOGITS = [
 ]
 
 
+TUTORIAL_STYLE = [  # NNI's tutorial style: conv/linear inputs and weights, ReLU outputs; conv outputs float
+    {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+]
+
+
+def ptq_tutorial_style(model, x: torch.Tensor, dummy_input: bool = True):
+    """``model`` prepared with :data:`TUTORIAL_STYLE` (BN folded by the quantizer only with ``dummy_input``)
+    and calibrated on ``x``."""
+    import mixq
+
+    mixq.prepare_(model, TUTORIAL_STYLE, mixq.PTQ(), example_input=x[:1] if dummy_input else None)
+    mixq.calibrate_(model, lambda m: m(x))
+    return model
+
+
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).mean() / (ref - x).pow(2).mean().clamp(min=1e-30)))
 

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import mixq
+from engine_cases import ptq_tutorial_style
 from mixq.export import constant_resolver, export_qdq_onnx, layer_precisions
 from mixq.nni import ModelSpeedup, QAT_Quantizer
 from mixq.zoo.models import create_model
@@ -204,13 +205,8 @@ def test_batchnorm_is_folded_at_export_with_or_without_dummy_input(dummy_input):
     weights unchanged, per-channel scales times |gamma / std|), so the engine computes what the fake-quant
     model computes and the graph has no BatchNormalization left."""
     model = _resnet_with_bn_statistics()
-    config = [
-        {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
-        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
-    ]
     x = torch.randn(32, 3, 32, 32)
-    mixq.prepare_(model, config, mixq.PTQ(), example_input=x[:1] if dummy_input else None)
-    mixq.calibrate_(model, lambda m: m(x))
+    ptq_tutorial_style(model, x, dummy_input)
     calib = mixq.export_calibration(model)
     assert any("folded_bn" in e for e in calib.values()) == dummy_input
     qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 3, 32, 32), calib)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import mixq
+from engine_cases import ptq_tutorial_style
 from mixq.backends import BuildOptions, EngineError, get_backend, load_engine
 from mixq.backends.base import layer_of_node
 from mixq.backends.onnxruntime import INT8_KERNELS, cpu_has_vnni, weights_to_uint8
@@ -506,14 +507,8 @@ def test_seven_bit_weights_keep_int8_layout_and_match_the_model():
 def _tutorial_style_resnet():
     torch.manual_seed(0)
     model = create_model("tiny_resnet").eval()
-    config = [
-        {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
-        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
-    ]
     x = torch.randn(32, 3, 32, 32)
-    mixq.prepare_(model, config, mixq.PTQ(), example_input=x[:1])
-    mixq.calibrate_(model, lambda m: m(x))
-    return model, x
+    return ptq_tutorial_style(model, x), x
 
 
 def test_ort_legalization_calibrates_conv_outputs_feeding_residual_adds():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mixq
-from engine_cases import check_fp32_parity, check_int8_parity, qat_lenet
+from engine_cases import check_fp32_parity, check_int8_parity, ptq_tutorial_style, qat_lenet
 from mixq.export import export_qdq_onnx
 
 CPU_BACKENDS = ["onnxruntime", "openvino"]
@@ -119,13 +119,8 @@ def test_openvino_runs_every_conv_of_the_tutorial_style_resnet_in_int8(dummy_inp
 
     torch.manual_seed(0)
     model = create_model("tiny_resnet").eval()
-    config = [
-        {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
-        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
-    ]
     x = torch.randn(32, 3, 32, 32)
-    mixq.prepare_(model, config, mixq.PTQ(), example_input=x[:1] if dummy_input else None)
-    mixq.calibrate_(model, lambda m: m(x))
+    ptq_tutorial_style(model, x, dummy_input)
     s = mixq.nni.ModelSpeedup(model, (32, 3, 32, 32), batchsize=32, backend="openvino").compress()
     rows = [r for r in s.report().rows if r.op_type in ("Conv2d", "Linear")]
     assert rows and all(r.runs_as == "int8" for r in rows), [(r.layer, r.runs_as, r.kernels) for r in rows]

@@ -173,7 +173,7 @@ class OnnxRuntimeEngine(Engine):
         self.uint8_weights = bool(uint8)
         if self.uint8_weights:
             weights_to_uint8(model)
-        self.session_bytes = model.SerializeToString()
+        self.session_bytes = model.SerializeToString() if self.uint8_weights else qdq_bytes
         so = self._session_options(ort)
         fd, opt_path = tempfile.mkstemp(suffix=".onnx")
         os.close(fd)
