@@ -34,7 +34,7 @@ from mixq.zoo.metrics import accuracy, average_bits, layer_costs, median_latency
 from mixq.zoo.models import create_model
 
 
-def _cifar_configs():
+def cifar_configs():
     act = [
         {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
         {"quant_types": ["input", "output"], "quant_bits": 8, "op_types": ["AdaptiveAvgPool2d"]},
@@ -54,6 +54,11 @@ def _cifar_configs():
             {"exclude": True, "op_names": ["conv1", "relu", "fc"]},
         ],
         "all in 8bit": [{**conv, "quant_bits": 8}, {**fc, "quant_bits": 8}, *act],
+        # NNI's tutorial style: conv/linear inputs and weights, ReLU outputs; conv outputs stay float
+        "NNI tutorial style (conv/fc input+weight, ReLU output)": [
+            {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+            {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+        ],
         "all in 8bit, 7-bit weights": [{**conv, "quant_bits": w7}, {**fc, "quant_bits": w7_fc}, *act],
     }
 
@@ -73,7 +78,7 @@ def cmd_cifar_train(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, config in _cifar_configs().items():
+    for name, config in cifar_configs().items():
         model = copy.deepcopy(init).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         quantizer = QAT_Quantizer(model, config, opt, torch.randn(2, 3, 32, 32, device=device)) if config else None
@@ -130,7 +135,7 @@ def cmd_cifar_latency(args):
     model = create_model("resnet18_cifar").eval()
     costs = layer_costs(model, x[:1])
     engines, bits = {}, {}
-    for name, config in _cifar_configs().items():
+    for name, config in cifar_configs().items():
         if config is None:
             engines[name] = ModelSpeedup(model, (128, 3, 32, 32), config={}, batchsize=128).compress()
             bits[name] = average_bits(costs, {})
