@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixq.nni import ModelSpeedup, QAT_Quantizer
+from mixq.nni import QAT_Quantizer
+from mixq.speedup import ModelSpeedup
 from mixq.zoo.models import TorchModel
 from mixq.zoo.tutorial import MnistTask, trainer
 

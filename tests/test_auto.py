@@ -6,7 +6,7 @@ import torch
 import mixq
 import mixq.auto as auto
 from mixq.backends import Engine, EngineError
-from mixq.nni import ModelSpeedup
+from mixq.speedup import ModelSpeedup
 from mixq.zoo.models import TorchModel
 
 

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixq
-from mixq.nni import ModelSpeedup, QAT_Quantizer
+from mixq.nni import QAT_Quantizer
+from mixq.speedup import ModelSpeedup
 
 
 class SharedReLU(nn.Module):

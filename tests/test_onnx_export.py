@@ -6,7 +6,8 @@ from torch import nn
 import mixq
 from engine_cases import ptq_tutorial_style
 from mixq.export import constant_resolver, export_qdq_onnx, layer_precisions
-from mixq.nni import ModelSpeedup, QAT_Quantizer
+from mixq.nni import QAT_Quantizer
+from mixq.speedup import ModelSpeedup
 from mixq.zoo.models import create_model
 
 
@@ -182,7 +183,7 @@ def test_dorefa_weights_are_stored_exactly(bits):
     assert sorted(set(np.unique(q).tolist())) == list(range(-(2**bits - 1), 2**bits, 2))
     np.testing.assert_allclose(np.unique(q * scale), trained_levels.numpy(), rtol=0, atol=1e-6)
     x = torch.randn(64, 16)
-    engine = mixq.nni.ModelSpeedup(model, (64, 16), batchsize=64, backend="onnxruntime").compress()
+    engine = ModelSpeedup(model, (64, 16), batchsize=64, backend="onnxruntime").compress()
     with torch.no_grad():
         np.testing.assert_allclose(engine.inference(x)[0].numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
 

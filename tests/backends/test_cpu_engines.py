@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mixq
+import mixq.speedup
 from engine_cases import check_fp32_parity, check_int8_parity, ptq_tutorial_style, qat_lenet
 from mixq.export import export_qdq_onnx
 
@@ -74,7 +75,7 @@ def test_qat_lenet_is_accurate(trained):
 def test_engine_file_round_trip_gives_the_same_outputs(trained, backend, tmp_path):
     pytest.importorskip(backend)
     model, _, _ = trained
-    engine = mixq.nni.ModelSpeedup(model, (16, 1, 28, 28), batchsize=16, backend=backend).compress()
+    engine = mixq.speedup.ModelSpeedup(model, (16, 1, 28, 28), batchsize=16, backend=backend).compress()
     path = engine.export_quantized_model(tmp_path / "e.mixq")
     loaded = mixq.backends.load_engine(path)
     x = torch.randn(16, 1, 28, 28)
@@ -94,7 +95,7 @@ def test_onnxruntime_engine_is_portable_across_cpu_classes(trained, tmp_path, mo
     outputs = {}
     for built_vnni in (True, False):
         monkeypatch.setattr(ort_backend, "cpu_has_vnni", lambda v=built_vnni: v)
-        engine = mixq.nni.ModelSpeedup(model, (32, 1, 28, 28), batchsize=32, backend="onnxruntime").compress()
+        engine = mixq.speedup.ModelSpeedup(model, (32, 1, 28, 28), batchsize=32, backend="onnxruntime").compress()
         path = engine.export_quantized_model(tmp_path / f"vnni_{built_vnni}.mixq")
         members = mixq.backends.read_engine_file(path)[1]
         stored = onnx.load_from_string(members["model.onnx"])
@@ -121,7 +122,7 @@ def test_openvino_runs_every_conv_of_the_tutorial_style_resnet_in_int8(dummy_inp
     model = create_model("tiny_resnet").eval()
     x = torch.randn(32, 3, 32, 32)
     ptq_tutorial_style(model, x, dummy_input)
-    s = mixq.nni.ModelSpeedup(model, (32, 3, 32, 32), batchsize=32, backend="openvino").compress()
+    s = mixq.speedup.ModelSpeedup(model, (32, 3, 32, 32), batchsize=32, backend="openvino").compress()
     rows = [r for r in s.report().rows if r.op_type in ("Conv2d", "Linear")]
     assert rows and all(r.runs_as == "int8" for r in rows), [(r.layer, r.runs_as, r.kernels) for r in rows]
     fresh = torch.randn(32, 3, 32, 32)
