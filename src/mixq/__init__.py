@@ -25,6 +25,7 @@ from .quantization import (
     prepare_,
     quantized_layers,
 )
+from .search import search
 from .spec import IntType, LayerSpec, PerChannel, PerTensor, QuantSpec
 
 __version__ = "0.1.0"
@@ -60,4 +61,5 @@ __all__ = [
     "save_calibration_config",
     "load_calibration_config",
     "validate_calibration_config",
+    "search",
 ]

@@ -58,6 +58,16 @@ examples:
     "report": """examples:
   mixq report runs/q/lenet.mixq --profile-batch 128   # placement per layer, with per-layer time
   mixq report runs/demo                              # the tables a demo run wrote""",
+    "search": """Writes to --out: config.yaml (the chosen config_list), search.md (summary, every configuration
+evaluated, every layer option), pareto.png, report.txt (the winner's placement report), search.json,
+engine.mixq. Measurements are cached (--cache, default OUT/cache): rerunning the same command resumes.
+
+examples:
+  mixq search --model lenet --weights fp32.pth --dataset mnist --out runs/search
+  mixq search --model resnet18_cifar --weights r18.pth --dataset cifar10 --max-drop 0.5 --batch 64 \\
+              --backend openvino onnxruntime --out runs/search-r18
+  mixq search --model lenet --weights fp32.pth --dataset mnist --latency-ms 1.0 --finetune-epochs 1 \\
+              --choices fp32 int8 int8w7 --out runs/search-1ms""",
     "inspect": """examples:
   mixq inspect runs/q/lenet.mixq
   mixq inspect runs/q/calibration.json""",
@@ -762,6 +772,100 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _prepare_search(args):
+    """Every check of `mixq search` before any data is read or anything is measured: the float model with
+    its weights, the backends and the choices."""
+    from .search import check_choices
+
+    if not args.weights and not args.random_weights:
+        raise ConfigError(f"--weights is required: the search measures the accuracy of a trained model; {WEIGHTS_HINT}")
+    model = load_model(args.model)
+    if args.weights:
+        load_weights(model, args.weights, args.model)
+    shape = IMAGE_SHAPES[args.dataset]
+    _check_model_input(model, shape, args.model, f"--dataset {args.dataset} (images {'x'.join(map(str, shape))})")
+    backends = args.backend
+    if "auto" in backends and len(backends) > 1:
+        raise ConfigError(f"--backend: 'auto' or a list of backends, not both (got {' '.join(backends)})")
+    for name in backends:
+        _check_backend(name)
+    try:
+        check_choices(args.choices)
+    except ConfigError as e:
+        raise ConfigError(f"--choices: {e}") from None
+    test_images = 10_000  # MNIST and CIFAR-10 test sets
+    if args.eval_images + args.verify_images > test_images:
+        raise ConfigError(
+            f"--eval-images {args.eval_images} + --verify-images {args.verify_images} exceed the {test_images} test "
+            f"images of {args.dataset} (the two sets are disjoint)"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder")
+    _data_root(args.data_dir)
+    return model, ("auto" if backends == ["auto"] else backends)
+
+
+def cmd_search(args) -> int:
+    import argparse as _argparse
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from .search import Budget, search
+    from .zoo.metrics import accuracy
+
+    model, backends = _prepare_search(args)
+    model.eval()
+    progress = _progress_factory(not args.no_progress)
+    fine_tune_all = args.finetune_epochs and not args.train_limit
+    train_limit = None if fine_tune_all else max(args.calib_images, args.train_limit or 0)
+    train = _dataset(args.dataset, args.data_dir, True, train_limit)
+    test = _dataset(args.dataset, args.data_dir, False, args.eval_images + args.verify_images)
+    x, y = test.tensors
+    held = TensorDataset(x[: args.eval_images], y[: args.eval_images])
+    verify = TensorDataset(x[args.eval_images :], y[args.eval_images :])
+    calib = train.tensors[0][: args.calib_images]
+
+    def eval_fn(predict):  # top-1 % on the first --eval-images test images
+        return accuracy(predict, held, 500)
+
+    def verify_fn(predict):  # top-1 % on the next --verify-images test images
+        return accuracy(predict, verify, 500)
+
+    def finetune(net, config):
+        options = _argparse.Namespace(**{**vars(args), "epochs": args.finetune_epochs})
+        tune = train if not args.train_limit else TensorDataset(*(t[: args.train_limit] for t in train.tensors))
+        torch.manual_seed(args.seed)
+        _qat(net, config, tune, options, (0, 1, torch.device("cpu")), progress)
+        return net
+
+    budget = Budget(latency_ms=args.latency_ms) if args.latency_ms is not None else Budget(max_drop=args.max_drop)
+    result = search(
+        model,
+        [calib[i : i + args.batch] for i in range(0, len(calib), args.batch)],
+        eval_fn,
+        verify_fn=verify_fn,
+        budget=budget,
+        backends=backends,
+        choices=args.choices,
+        batch=args.batch,
+        finalists=args.finalists,
+        max_measured=args.max_measured,
+        runs=args.runs,
+        profile_runs=args.profile_runs,
+        threads=args.threads,
+        cache_dir=None if args.no_cache else (args.cache or Path(args.out) / "cache"),
+        finetune=finetune if args.finetune_epochs else None,
+        progress=progress is not None,
+    )
+    written = result.save(args.out)
+    print(result.summary())
+    print(f"config_list: {json.dumps(result.config_list)}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .backends.base import read_engine_file
     from .calibration import load_calibration_config
@@ -909,6 +1013,63 @@ def _add_report(add) -> None:
     r.add_argument("--runs", type=_positive_int, default=20, help="profiled runs with --profile-batch")
 
 
+def _add_search(add) -> None:
+    from .search import CHOICES, DEFAULT_CHOICES, NOT_EXPRESSIBLE
+
+    s = add("search", "the fastest per-layer precision within an accuracy budget, measured on the engines", cmd_search)
+    s.add_argument("--model", required=True, help="registered name (lenet, resnet18_cifar, ...) or file.py:Name")
+    _weights_options(
+        s,
+        "the trained float state dict",
+        "no --weights on purpose: search the random initial weights (smoke tests only)",
+    )
+    s.add_argument("--dataset", choices=sorted(IMAGE_SHAPES), required=True, help="calibration and test data")
+    s.add_argument("--data-dir", help="folder holding mnist/ and cifar10/ (default: $MIXQ_DATA)")
+    budget = s.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--max-drop", type=_nonnegative_float, default=0.5, help="largest allowed top-1 drop, in points"
+    )
+    budget.add_argument(
+        "--latency-ms", type=_positive_float, help="instead: the most accurate configuration at most this slow"
+    )
+    s.add_argument(
+        "--backend",
+        nargs="+",
+        default=["auto"],
+        metavar="NAME",
+        help=_backend_help() + "; several allowed (default: auto)",
+    )
+    s.add_argument(
+        "--choices",
+        nargs="+",
+        default=list(DEFAULT_CHOICES),
+        metavar="PRECISION",
+        help=f"precisions to consider, of {', '.join([*CHOICES, *NOT_EXPRESSIBLE])}; the search checks which "
+        f"each backend really runs (default: {' '.join(DEFAULT_CHOICES)})",
+    )
+    s.add_argument("--batch", type=_positive_int, default=128, help="batch size the latency is measured at")
+    s.add_argument("--calib-images", type=_positive_int, default=512, help="training images for PTQ calibration")
+    s.add_argument("--eval-images", type=_positive_int, default=2000, help="first test images: the search's metric")
+    s.add_argument(
+        "--verify-images", type=_positive_int, default=5000, help="next test images: held out, to verify finalists"
+    )
+    s.add_argument("--finalists", type=_positive_int, default=3, help="plans per backend built and verified")
+    s.add_argument("--max-measured", type=_nonnegative_int, help="measure at most N layer options (default: all)")
+    s.add_argument("--runs", type=_positive_int, default=20, help="timed runs per engine (interleaved)")
+    s.add_argument("--profile-runs", type=_positive_int, default=10, help="profiled runs per engine")
+    s.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
+    s.add_argument("--finetune-epochs", type=_nonnegative_int, default=0, help="QAT epochs for the winner (0: none)")
+    s.add_argument("--lr", type=_positive_float, default=0.01, help="QAT fine-tune SGD learning rate")
+    s.add_argument("--momentum", type=_nonnegative_float, default=0.5, help="QAT fine-tune SGD momentum")
+    s.add_argument("--batch-size", type=_positive_int, default=128, help="QAT fine-tune batch size")
+    s.add_argument("--train-limit", type=_positive_int, help="fine-tune on the first N training images (default: all)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the fine-tune's data order")
+    s.add_argument("--cache", metavar="DIR", help="measurement cache (default: OUT/cache)")
+    s.add_argument("--no-cache", action="store_true", help="keep measurements in memory only")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
 def _add_inspect(add) -> None:
     i = add("inspect", "what an engine file or calibration config contains", cmd_inspect)
     i.add_argument("path", help="engine file (.mixq) or calibration config (.json/.pth)")
@@ -929,7 +1090,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for add_command in (_add_demo, _add_download, _add_quantize, _add_build, _add_bench, _add_report, _add_inspect):
+    for add_command in (
+        _add_demo,
+        _add_download,
+        _add_quantize,
+        _add_build,
+        _add_bench,
+        _add_report,
+        _add_search,
+        _add_inspect,
+    ):
         add_command(add)
     return parser
 
