@@ -35,6 +35,7 @@ __all__ = [
     "list_backends",
     "ENGINE_FORMAT_VERSION",
     "layer_of_node",
+    "tensor_ranges",
 ]
 
 ENGINE_FORMAT_VERSION = 1
@@ -60,7 +61,7 @@ class BuildOptions:
     keep_pools_float: bool = True
     workspace_bytes: int = 1 << 30
     uint8_weights: bool | None = None  # ONNX Runtime: None = decide from the CPU (see onnxruntime backend)
-    strict_precision: bool = True  # TensorRT: obey each layer's requested precision (NNI's strict_datatype)
+    strict_precision: bool = True  # NNI's strict_datatype; TensorRT 10.12+/11 builds strongly typed: always obeyed
     calibration_data: tuple = field(default=(), compare=False, repr=False)
 
 
@@ -208,6 +209,31 @@ def layer_of_node(node_name: str, layers) -> str | None:
         if dotted in layers:
             best = dotted
     return best
+
+
+def tensor_ranges(model, tensors: list[str], samples) -> dict[str, tuple[float, float]]:
+    """Min/max of ``tensors`` of an ONNX model over ``samples`` (input batches), running the graph literally
+    on ONNX Runtime's CPU provider (no graph optimizations): the build-time calibration that backends'
+    legalizations use for tensors the config leaves float."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for t in tensors:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    lo = {t: np.inf for t in tensors}
+    hi = {t: -np.inf for t in tensors}
+    for x in samples:
+        values = session.run(tensors, {name: np.ascontiguousarray(x, dtype=np.float32)})
+        for t, v in zip(tensors, values, strict=True):
+            lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
+    return {t: (lo[t], hi[t]) for t in tensors}
 
 
 class Backend(ABC):

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..primitives import choose_qparams
 from ..spec import IntType, PerTensor, QuantSpec
-from .base import EngineError, layer_of_node
+from .base import EngineError, layer_of_node, tensor_ranges
 
 __all__ = ["float_output_convs", "quantize_conv_outputs", "LEGALIZED_KEY"]
 
@@ -60,29 +60,6 @@ def float_output_convs(model) -> list:
     return out
 
 
-def _ranges(model, tensors: list[str], samples) -> dict[str, tuple[float, float]]:
-    """Min/max of ``tensors`` over ``samples``, running the Q/DQ graph literally (no graph optimizations)."""
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for t in tensors:
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    lo = {t: np.inf for t in tensors}
-    hi = {t: -np.inf for t in tensors}
-    for x in samples:
-        values = session.run(tensors, {name: np.ascontiguousarray(x, dtype=np.float32)})
-        for t, v in zip(tensors, values, strict=True):
-            lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
-    return {t: (lo[t], hi[t]) for t in tensors}
-
-
 def quantize_conv_outputs(model, layers: dict, samples) -> list[str]:
     """Insert a calibrated Q/DQ pair after every conv of :func:`float_output_convs` (in place); return the
     layers whose outputs were calibrated. ``samples``: input batches (float32 arrays)."""
@@ -92,7 +69,7 @@ def quantize_conv_outputs(model, layers: dict, samples) -> list[str]:
     if not convs or not samples:
         return []
     try:
-        ranges = _ranges(model, [c.output[0] for c in convs], samples)
+        ranges = tensor_ranges(model, [c.output[0] for c in convs], samples)
     except Exception as e:  # onnxruntime raises its own types
         raise EngineError(f"ONNX Runtime legalization could not calibrate conv outputs: {type(e).__name__}: {e}") from e
     done = []
