@@ -152,3 +152,34 @@ def test_nni_style_tensor_values_load(tmp_path):
 def test_unknown_suffix(tmp_path):
     with pytest.raises(CalibrationFileError, match="must end in .json or .pth"):
         save_calibration_config({}, tmp_path / "c.yaml")
+
+
+def test_bits_only_config_is_told_apart_from_a_calibration():
+    from mixq.calibration import is_bits_config
+
+    assert is_bits_config({"conv1": {"weight_bits": 8, "output_bits": 8}, "fc1": {"weight_bits": 32}})
+    assert not is_bits_config({"conv1": {"weight_bits": 8, "weight_scale": 0.1, "weight_zero_point": 0}})
+    assert not is_bits_config({}) and not is_bits_config([{"quant_bits": 8}]) and not is_bits_config({"a": {}})
+
+
+def test_calibration_cache_keeps_its_key_and_reads_back_only_with_it(trained_quantizer, tmp_path):
+    from mixq.calibration import load_calibration_cache, save_calibration_cache
+
+    calib = mixq.export_calibration(trained_quantizer.bound_model)
+    path = tmp_path / "calibration.cache"  # NNI's name: JSON whatever the suffix
+    save_calibration_cache(calib, path, key="abc")
+    assert load_calibration_cache(path, "abc") == calib
+    assert load_calibration_config(path.rename(tmp_path / "c.json")) == calib  # a plain calibration file too
+    (tmp_path / "c.json").rename(path)
+    with pytest.warns(UserWarning, match="made for another model"):
+        assert load_calibration_cache(path, "other") is None
+    assert load_calibration_cache(tmp_path / "missing.cache", "abc") is None
+
+
+def test_torch_load_of_a_saved_pth_passes_back_in(trained_quantizer, tmp_path):
+    from mixq.calibration import normalize_calibration_config
+
+    calib = trained_quantizer.export_model(tmp_path / "m.pth", tmp_path / "c.pth")
+    raw = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert "__mixq_calibration_format__" in raw
+    assert normalize_calibration_config(raw) == calib

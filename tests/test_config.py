@@ -127,9 +127,17 @@ W8 = {"quant_types": ["weight"], "quant_bits": 8}
         ([{**W8, "op_types": "Conv2d"}], r"must be a list of strings, got the string 'Conv2d'"),
         (
             [{"quant_types": ["weight"], "quant_bits": 1, "op_types": ["Linear"]}],
-            r"\['quant_bits'\]: bits must be in 2..16, got 1",
+            r"\['quant_bits'\]: bits must be in 2..16, got 1; 1-bit \(binary\) layers are BNN's",
         ),
-        ([{"quant_types": ["weight"], "quant_bits": 32, "op_types": ["Linear"]}], "leave the layer out of config_list"),
+        (
+            [{"quant_types": ["weight"], "quant_bits": 32, "op_types": ["Linear"]}],
+            "32 means float: leave the layer out of config_list",
+        ),
+        (  # NNI's QAT accepts 1..31, but nothing above 16 bits can be built into an engine, NNI's or mixq's
+            [{"quant_types": ["weight"], "quant_bits": {"weight": 24}, "op_types": ["Linear"]}],
+            r"got 24; NNI's QAT_Quantizer accepts up to 31 bits, but no engine .* builds 24-bit layers: use 16",
+        ),
+        ([{**W8, "op_types": ["Linear"], "quant_convention": "tflite"}], r"\['quant_convention'\]: unknown convention"),
         ([{"quant_types": ["weight"], "quant_bits": True, "op_types": ["Linear"]}], "bits must be an int"),
         (
             [{"quant_types": ["input", "weight"], "quant_bits": {"weight": 8}, "op_types": ["Linear"]}],
@@ -194,3 +202,21 @@ def test_a_calibration_config_is_named_as_such():
     with pytest.raises(ConfigError) as e:
         resolve_config(TorchModel(), [calib])
     assert str(e.value) == "config_list[0]: " + CALIBRATION_MSG.format(entry=" entry")
+
+
+def test_quant_convention_picks_nnis_integer_rules_per_type():
+    config = [
+        {
+            "quant_types": ["input", "weight"],
+            "quant_bits": 8,
+            "quant_dtype": "int",
+            "quant_scheme": {"input": "per_tensor_affine", "weight": "per_tensor_symmetric"},
+            "quant_convention": {"input": "nni", "weight": "mixq"},
+            "op_names": ["fc1"],
+        }
+    ]
+    spec = resolve_config(TorchModel(), config)["fc1"]
+    assert (spec.input.dtype.qmin, spec.input.dtype.qmax, spec.input.convention) == (-127, 127, "nni")
+    assert (spec.weight.dtype.qmin, spec.weight.convention) == (-128, "mixq")
+    assert QuantSpec.from_dict(spec.input.to_dict()) == spec.input
+    assert "convention" not in spec.weight.to_dict()  # mixq's files keep their form

@@ -35,6 +35,7 @@ value_for = {
     "quant_dtype": st.one_of(st.sampled_from(["int", "uint", "int8"]), junk),
     "quant_start_step": st.one_of(st.integers(-2, 10), junk),
     "observer": st.one_of(st.sampled_from(["minmax", "ema", "percentile", "entropy", "mse", "kl"]), junk),
+    "quant_convention": st.one_of(st.sampled_from(["mixq", "nni", "tflite"]), junk),
 }
 
 

@@ -2,6 +2,10 @@
 
 A ``.pth`` file holds the same plain dict (floats, ints, lists, strings) and is read with
 ``torch.load(weights_only=True)``, so loading never executes a pickle's code.
+
+:func:`normalize_calibration_config` is the one door for a config in memory: what ``export_model`` returns,
+that dict reloaded with ``torch.load`` (file format key included) and NNI-made dicts (tensor values, float
+zero points, per-channel tensors shaped ``[C, 1, 1, 1]``, 32 bits meaning float) all become the same plain dict.
 """
 
 from __future__ import annotations
@@ -9,43 +13,73 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ._errors import CalibrationFileError
 from ._io import atomic_write
+from .primitives import SCALE_EPS
 from .spec import MAX_BITS, MIN_BITS, QUANT_TYPES, QuantSpec
 
-__all__ = ["save_calibration_config", "load_calibration_config", "validate_calibration_config", "FORMAT_KEY"]
+__all__ = [
+    "save_calibration_config",
+    "load_calibration_config",
+    "validate_calibration_config",
+    "normalize_calibration_config",
+    "is_bits_config",
+    "save_calibration_cache",
+    "load_calibration_cache",
+    "FORMAT_KEY",
+    "BITS_KEYS",
+]
 
 FORMAT_KEY = "__mixq_calibration_format__"
 FORMAT_VERSION = 1
+CACHE_KEY = "__mixq_cache_key__"  # what a calibration cache was made from (model, layers, calibrator)
+BITS_KEYS = tuple(f"{t}_bits" for t in QUANT_TYPES)
+FLOAT_BITS = 32  # NNI: a type at 32 bits stays float
+# Every key of one quantized type in an entry (NNI's and mixq's).
+_TYPE_KEYS = {
+    t: (f"{t}_bits", f"{t}_scale", f"{t}_zero_point", f"{t}_qspec", f"tracked_min_{t}", f"tracked_max_{t}")
+    for t in QUANT_TYPES
+}
 
 
 def save_calibration_config(config: dict, path: str | os.PathLike) -> Path:
     """Write ``config`` to ``path`` (``.json`` or ``.pth``) atomically; validates it first."""
     path = Path(path)
-    validate_calibration_config(config, source=str(path))
-    payload = {FORMAT_KEY: FORMAT_VERSION, **config}
-    if path.suffix == ".json":
+    config = normalize_calibration_config(config, source=str(path))
+    if path.suffix not in (".json", ".pth", ".pt"):
+        raise CalibrationFileError(f"{path}: calibration files must end in .json or .pth, not {path.suffix!r}")
+    _write({FORMAT_KEY: FORMAT_VERSION, **config}, path, as_json=path.suffix == ".json")
+    return path
+
+
+def _write(payload: dict, path: Path, as_json: bool) -> None:
+    if as_json:
         with atomic_write(path, "w") as f:
             json.dump(payload, f, indent=1, allow_nan=False)
-    elif path.suffix in (".pth", ".pt"):
+    else:
         with atomic_write(path, "wb") as f:
             torch.save(payload, f)
-    else:
-        raise CalibrationFileError(f"{path}: calibration files must end in .json or .pth, not {path.suffix!r}")
-    return path
 
 
 def load_calibration_config(path: str | os.PathLike) -> dict:
     """Read a calibration config written by :func:`save_calibration_config` (or an NNI ``.pth``)."""
     path = Path(path)
+    data = _read(path, as_json=path.suffix == ".json")
+    data.pop(CACHE_KEY, None)
+    return normalize_calibration_config(data, source=str(path))
+
+
+def _read(path: Path, as_json: bool) -> dict:
     if not path.is_file():
         raise CalibrationFileError(f"{path}: calibration file not found")
     try:
-        if path.suffix == ".json":
+        if as_json:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         else:
@@ -56,26 +90,122 @@ def load_calibration_config(path: str | os.PathLike) -> dict:
         raise CalibrationFileError(f"{path}: cannot read as a calibration file ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict):
         raise CalibrationFileError(f"{path}: expected a dict of layers, found {type(data).__name__}")
-    version = data.pop(FORMAT_KEY, None)
-    if version is not None and version != FORMAT_VERSION:
-        raise CalibrationFileError(
-            f"{path}: calibration format version {version!r}; this mixq reads version {FORMAT_VERSION}"
-        )
-    data = {k: _to_plain(v) for k, v in data.items()}
-    validate_calibration_config(data, source=str(path))
     return data
 
 
-def _to_plain(v):
+def save_calibration_cache(config: dict, path: str | os.PathLike, key: str) -> Path:
+    """Write a calibration cache (JSON whatever the suffix, e.g. NNI's ``calibration.cache``) that remembers
+    ``key``, a digest of what the calibration was made from."""
+    path = Path(path)
+    config = normalize_calibration_config(config, source=str(path))
+    _write({FORMAT_KEY: FORMAT_VERSION, CACHE_KEY: key, **config}, path, as_json=True)
+    return path
+
+
+def load_calibration_cache(path: str | os.PathLike, key: str) -> dict | None:
+    """The cached calibration at ``path`` if it was made with ``key``; None (with a warning saying why, when
+    a file is there) if it is missing, another model's or calibrator's, or not a mixq cache (e.g. TensorRT's)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = _read(path, as_json=True)
+    except CalibrationFileError as e:
+        warnings.warn(
+            f"{e}; not a mixq calibration cache (a TensorRT one?): calibrating again and replacing it", stacklevel=3
+        )
+        return None
+    if data.pop(CACHE_KEY, None) != key:
+        warnings.warn(
+            f"{path}: this calibration cache was made for another model, layer config or calibrate_type; "
+            "calibrating again and replacing it",
+            stacklevel=3,
+        )
+        return None
+    return normalize_calibration_config(data, source=str(path))
+
+
+def is_bits_config(config) -> bool:
+    """Whether ``config`` is NNI's bits-only speedup config (``{'conv1': {'weight_bits': 8, 'output_bits': 8},
+    ...}``): a non-empty dict of layers giving only ``*_bits``, with no scales or ranges to build from."""
+    if not isinstance(config, Mapping) or not config or FORMAT_KEY in config:
+        return False
+    return all(isinstance(e, Mapping) and e and all(k in BITS_KEYS for k in e) for e in config.values())
+
+
+def normalize_calibration_config(config, source: str = "calibration config") -> dict:
+    """``config`` as mixq's plain, validated calibration dict (a new dict; the caller's is not changed).
+
+    Accepts mixq's own dict or file contents (the format key is checked and dropped) and NNI-made dicts:
+    tensors (on any device) become numbers or flat lists, zero points and bits given as whole floats become
+    ints, and a type at 32 bits is dropped (NNI: that tensor stays float), as is a layer left with none.
+    """
+    if not isinstance(config, Mapping):
+        raise CalibrationFileError(f"{source}: expected a dict of layers, found {type(config).__name__}")
+    data = dict(config)
+    version = data.pop(FORMAT_KEY, None)
+    if version is not None and version != FORMAT_VERSION:
+        raise CalibrationFileError(
+            f"{source}: calibration format version {version!r}; this mixq reads version {FORMAT_VERSION}"
+        )
+    out = {}
+    for layer, entry in data.items():
+        if not isinstance(entry, Mapping):
+            raise CalibrationFileError(f"{source}: layer {layer!r}: expected a dict, found {type(entry).__name__}")
+        e = {k: _plain(v) for k, v in entry.items()}
+        for t in QUANT_TYPES:
+            for k in (f"{t}_bits", f"{t}_zero_point"):
+                if k in e:
+                    e[k] = _whole(e[k])
+            if e.get(f"{t}_bits") == FLOAT_BITS:
+                for k in _TYPE_KEYS[t]:
+                    e.pop(k, None)
+        _scale_from_weight_range(e)
+        if any(k in e for k in BITS_KEYS):
+            out[str(layer)] = e
+    validate_calibration_config(out, source=source)
+    return out
+
+
+def _scale_from_weight_range(e: dict) -> None:
+    """NNI's ObserverQuantizer records a weight as a symmetric range (``tracked_min_weight``/``tracked_max_weight``
+    over ``tracked_qmin_weight``..``tracked_qmax_weight``) instead of a scale: its scale is ``max / qmax``."""
+    lo, hi = e.get("tracked_min_weight"), e.get("tracked_max_weight")
+    if "weight_bits" not in e or "weight_scale" in e or not all(_is_number(v) for v in (lo, hi)):
+        return
+    bits = e["weight_bits"]
+    qmax = e.get("tracked_qmax_weight", (1 << (bits - 1)) - 1 if isinstance(bits, int) else None)
+    if _is_number(qmax) and qmax > 0:
+        e["weight_scale"] = max(max(abs(lo), abs(hi)) / qmax, SCALE_EPS)
+        e["weight_zero_point"] = 0
+
+
+def _is_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+
+
+def _plain(v):
+    """Tensors as Python numbers (one element) or flat lists; dicts recursively; anything else unchanged."""
     if isinstance(v, torch.Tensor):
-        return v.item() if v.dim() == 0 else v.tolist()
-    if isinstance(v, dict):
-        return {k: _to_plain(x) for k, x in v.items()}
+        v = v.detach().cpu()
+        return v.item() if v.numel() == 1 else v.reshape(-1).tolist()
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _whole(v):
+    """Floats that are whole numbers (NNI stores zero points as float tensors) as ints; else unchanged."""
+    if isinstance(v, list):
+        return [_whole(x) for x in v]
+    if isinstance(v, float) and math.isfinite(v) and v == int(v):
+        return int(v)
     return v
 
 
 def validate_calibration_config(config: dict, source: str = "calibration config") -> None:
-    """Check types and ranges of every layer entry; errors name the source, the layer and the key."""
+    """Check types and ranges of every layer entry of a plain config (see :func:`normalize_calibration_config`);
+    errors name the source, the layer and the key."""
     if not isinstance(config, dict):
         raise CalibrationFileError(f"{source}: expected a dict of layers, found {type(config).__name__}")
     for layer, entry in config.items():

@@ -4,6 +4,10 @@ Precedence is NNI's: every named module is checked against the entries in order;
 entry wins whole (entries are not merged), and a matching ``exclude`` entry removes the module. Unlike
 NNI, anything that would silently match nothing is an error: unknown keys, unknown ``op_names``,
 ``op_types`` that no module has, entries that match no module.
+
+One key is mixq's own: ``quant_convention`` (``'mixq'``, the default, or ``'nni'``, per quant type like
+``quant_bits``) picks NNI 2.x's integer conventions (narrow int range, uint symmetric zero point 127; see
+:class:`~mixq.spec.QuantSpec`). ``mixq.nni.QAT_Quantizer`` sets it where NNI's scheme/dtype settings are given.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 from ._errors import ConfigError
 from .calibration import FORMAT_KEY
 from .observers import OBSERVERS
-from .spec import MAX_BITS, MIN_BITS, QUANT_TYPES, SCHEMES, LayerSpec, QuantSpec
+from .spec import CONVENTIONS, MAX_BITS, MIN_BITS, QUANT_TYPES, SCHEMES, LayerSpec, QuantSpec
 
 __all__ = [
     "WEIGHTED_OP_TYPES",
@@ -26,6 +30,7 @@ __all__ = [
     "resolve_config",
     "check_config_list",
     "is_calibration_config",
+    "config_list_from_bits",
 ]
 
 WEIGHTED_OP_TYPES = ("Conv1d", "Conv2d", "Linear")
@@ -37,6 +42,7 @@ QUANTIZABLE_OP_TYPES = WEIGHTED_OP_TYPES + ACTIVATION_OP_TYPES
 DEFAULT_SCHEME = {"input": "per_tensor_affine", "weight": "per_channel_symmetric", "output": "per_tensor_affine"}
 DEFAULT_DTYPE = {"input": "uint", "weight": "int", "output": "uint"}
 DEFAULT_OBSERVER = "minmax"
+DEFAULT_CONVENTION = "mixq"
 
 KEYS = (
     "quant_types",
@@ -48,6 +54,7 @@ KEYS = (
     "quant_dtype",
     "quant_start_step",
     "observer",
+    "quant_convention",
 )
 
 
@@ -69,7 +76,7 @@ def resolve_config(model: nn.Module, config_list: Sequence[Mapping]) -> dict[str
     return specs
 
 
-CALIBRATION_KEYS = ("weight_scale", "tracked_min_input", "tracked_min_output", "folded_bn")
+CALIBRATION_KEYS = ("weight_scale", "tracked_min_input", "tracked_min_output", "tracked_min_weight", "folded_bn")
 
 
 def is_calibration_config(value) -> bool:
@@ -175,6 +182,14 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
         i, "quant_scheme", entry.get("quant_scheme"), types, DEFAULT_SCHEME, _check_scheme
     )
     entry["quant_dtype"] = _per_type(i, "quant_dtype", entry.get("quant_dtype"), types, DEFAULT_DTYPE, _check_dtype)
+    entry["quant_convention"] = _per_type(
+        i,
+        "quant_convention",
+        entry.get("quant_convention"),
+        types,
+        dict.fromkeys(types, DEFAULT_CONVENTION),
+        _check_convention,
+    )
     entry["observer"] = _check_observer(i, "observer", entry.get("observer", DEFAULT_OBSERVER))
     for t in types:
         if t != "weight" and SCHEMES[entry["quant_scheme"][t]][0]:
@@ -228,8 +243,19 @@ def _check_bits(i, key, v):
     if isinstance(v, bool) or not isinstance(v, int):
         raise _err(i, key, f"bits must be an int, got {v!r}")
     if not MIN_BITS <= v <= MAX_BITS:
-        # 32 means "leave in float" in NNI-style configs: say so rather than silently accept.
-        hint = "; leave the layer out of config_list to keep it float" if v == 32 else ""
+        # NNI's QAT accepts 1..31, but what it can export to an engine (TensorRT) is 8, 16 or float (32), and
+        # mixq's engines build 2..8-bit weights, 8-bit activations and fp16 layers. Say so before any training.
+        if v == 32:
+            hint = "; 32 means float: leave the layer out of config_list to keep it float"
+        elif MAX_BITS < v < 32:
+            hint = (
+                f"; NNI's QAT_Quantizer accepts up to 31 bits, but no engine (NNI's TensorRT export or mixq's) "
+                f"builds {v}-bit layers: use 16 (fp16) or leave the layer out to keep it float"
+            )
+        elif v == 1:
+            hint = "; 1-bit (binary) layers are BNN's, which no engine builds and mixq does not provide"
+        else:
+            hint = ""
         raise _err(i, key, f"bits must be in {MIN_BITS}..{MAX_BITS}, got {v}{hint}")
     return v
 
@@ -243,6 +269,12 @@ def _check_scheme(i, key, v):
 def _check_dtype(i, key, v):
     if v not in ("int", "uint"):
         raise _err(i, key, f"unknown dtype {v!r}; expected 'int' or 'uint'")
+    return v
+
+
+def _check_convention(i, key, v):
+    if v not in CONVENTIONS:
+        raise _err(i, key, f"unknown convention {v!r}; expected one of {CONVENTIONS}")
     return v
 
 
@@ -261,7 +293,13 @@ def _matches(entry: dict, name: str, module: nn.Module) -> bool:
 def _layer_spec(i: int, entry: dict, name: str, module: nn.Module) -> LayerSpec:
     specs = {}
     for t in entry["quant_types"]:
-        specs[t] = QuantSpec.from_nni(entry["quant_bits"][t], entry["quant_scheme"][t], entry["quant_dtype"][t], axis=0)
+        specs[t] = QuantSpec.from_nni(
+            entry["quant_bits"][t],
+            entry["quant_scheme"][t],
+            entry["quant_dtype"][t],
+            axis=0,
+            convention=entry["quant_convention"][t],
+        )
     return LayerSpec(
         name=name,
         op_type=type(module).__name__,
@@ -269,3 +307,51 @@ def _layer_spec(i: int, entry: dict, name: str, module: nn.Module) -> LayerSpec:
         observer=entry["observer"],
         **specs,
     )
+
+
+SPEEDUP_BITS = (8, 16, 32)  # what NNI's speedup builds: int8, fp16, float
+
+
+def config_list_from_bits(model: nn.Module, bits_config: Mapping, observer: str = DEFAULT_OBSERVER) -> list[dict]:
+    """The config_list for post-training calibration of NNI's bits-only speedup config
+    (``{'conv1': {'weight_bits': 8, 'output_bits': 8}, 'conv2': {'weight_bits': 32, ...}, ...}``).
+
+    As NNI's TensorRT builder does, ``weight_bits`` (or ``output_bits`` when it is the only one) sets the
+    layer's precision: 32 leaves it float; at 8 or 16 a conv/linear gets its input and weight quantized, and
+    its output when ``output_bits`` equals that precision; a layer without weights (ReLU, pooling) gets its
+    output quantized unless ``output_bits`` is 32. Errors name the layer and key."""
+    modules = {name: m for name, m in model.named_modules() if name}
+    config_list = []
+    for name, entry in bits_config.items():
+        where = f"bits config: layer {name!r}"
+        if name not in modules:
+            hint = difflib.get_close_matches(str(name), list(modules), n=1)
+            raise ConfigError(f"{where} is not in the model" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        bits = {}
+        for key, v in entry.items():
+            v = int(v) if _is_whole(v) else v
+            if isinstance(v, bool) or v not in SPEEDUP_BITS:
+                raise ConfigError(f"{where}: {key} must be one of {SPEEDUP_BITS} (int8, fp16, float), got {v!r}")
+            bits[key.removesuffix("_bits")] = v
+        precision = bits.get("weight", bits.get("output", bits.get("input")))
+        if precision == 32:
+            continue
+        op_type = type(modules[name]).__name__
+        if op_type not in QUANTIZABLE_OP_TYPES:
+            raise ConfigError(f"{where} is a {op_type}, which cannot be quantized; supported: {QUANTIZABLE_OP_TYPES}")
+        if op_type in WEIGHTED_OP_TYPES:
+            types = ["input", "weight"] + (["output"] if bits.get("output") == precision else [])
+        elif bits.get("output") == 32:
+            continue
+        else:
+            types = ["output"]
+        config_list.append({"quant_types": types, "quant_bits": precision, "op_names": [name], "observer": observer})
+    return config_list
+
+
+def _is_whole(v) -> bool:
+    """An int, or a float / one-element tensor holding a whole number (NNI configs may carry either)."""
+    try:
+        return not isinstance(v, bool) and float(v) == int(v)
+    except (TypeError, ValueError, RuntimeError):
+        return False

@@ -94,9 +94,10 @@ def choose_qparams(
     hi = torch.clamp(max_val, min=0.0)
     qmin, qmax = spec.dtype.qmin, spec.dtype.qmax
     if spec.symmetric:
-        zp_value = symmetric_zero_point(spec.dtype)
+        zp_value = symmetric_zero_point(spec.dtype, spec.convention)
         amax = torch.maximum(-lo, hi)
-        scale = amax / (qmax - zp_value)
+        # NNI's symmetric scale spans half the integer range (127.5 steps for uint8); mixq's, qmax - zero point.
+        scale = amax / ((qmax - qmin) / 2 if spec.convention == "nni" else qmax - zp_value)
         zero_point = torch.full_like(scale, zp_value)
     else:
         # The zero point is derived from the float32 scale that will actually be stored.
@@ -178,8 +179,11 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
-def symmetric_zero_point(dtype: IntType) -> int:
-    """The fixed zero point of a symmetric scheme: 0 for signed types, ``2**(bits-1)`` for unsigned ones."""
+def symmetric_zero_point(dtype: IntType, convention: str = "mixq") -> int:
+    """The fixed zero point of a symmetric scheme: 0 for signed types, ``2**(bits-1)`` for unsigned ones;
+    NNI's convention takes ``(qmin + qmax) // 2`` (the same 0 for its narrow signed types, 127 for uint8)."""
+    if convention == "nni":
+        return (dtype.qmin + dtype.qmax) // 2
     return 0 if dtype.signed else 1 << (dtype.bits - 1)
 
 
