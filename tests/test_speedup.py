@@ -13,8 +13,9 @@ from mixq.backends import BuildOptions, EngineError, get_backend, load_engine
 from mixq.backends.base import layer_of_node
 from mixq.backends.onnxruntime import INT8_KERNELS, cpu_has_vnni, weights_to_uint8
 from mixq.export import export_qdq_onnx
-from mixq.nni import ModelSpeedup, ModelSpeedupTensorRT, QAT_Quantizer
+from mixq.nni import ModelSpeedupTensorRT, QAT_Quantizer
 from mixq.report import PlacementReport
+from mixq.speedup import ModelSpeedup
 from mixq.zoo.models import TorchModel, create_model
 from mixq.zoo.tutorial import ALL_8BIT_CONFIG_LIST, FAST_MIXED_CONFIG_LIST, TUTORIAL_CONFIG_LIST
 
@@ -56,7 +57,8 @@ def engine(lenet):
 
 
 def test_float_model_plus_exported_config_builds_the_same_engine(lenet, engine, tmp_path):
-    calib = QAT_Quantizer.export_model.__get__(type("Q", (), {"bound_model": lenet})())(tmp_path / "m.pth")
+    calib = mixq.export_calibration(lenet)
+    torch.save(mixq.deploy_model(lenet).state_dict(), tmp_path / "m.pth")
     plain = TorchModel()
     plain.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
     other = ModelSpeedup(plain, (32, 1, 28, 28), config=calib, batchsize=32, backend="onnxruntime").compress()
@@ -391,23 +393,38 @@ def test_ptq_straight_from_the_backend_with_calibration_cache(tmp_path):
         ref = model(x)
     out, _ = s.inference(x)
     assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 15
-    again = ModelSpeedup(
-        model,
-        (8, 3, 32, 32),
-        calib_data_loader=loader,
-        calibration_cache=cache,
-        extra_layer_bits=8,
-        backend="onnxruntime",
-    ).compress()
+    cached = dict(calibration_cache=cache, calibrate_type="percentile", extra_layer_bits=8, backend="onnxruntime")
+    again = ModelSpeedup(model, (8, 3, 32, 32), calib_data_loader=loader, **cached).compress()
+    assert again._calibrated_model is None  # nothing calibrated: the cache was read
     assert torch.equal(again.inference(x)[0], out)  # the cached calibration, the same legalization data
-    without_data = ModelSpeedup(
-        model, (8, 3, 32, 32), calib_data_loader=[], calibration_cache=cache, extra_layer_bits=8, backend="onnxruntime"
-    ).compress()  # the cache is enough to build; ORT then leaves the convs before residual adds in float
+    without_data = ModelSpeedup(model, (8, 3, 32, 32), calib_data_loader=[], **cached).compress()
+    # the cache is enough to build; ORT then leaves the convs before residual adds in float
     out2 = without_data.inference(x)[0]
     assert float(10 * torch.log10(out.pow(2).mean() / (out - out2).pow(2).mean())) > 25
 
 
-def test_tensorrt_speedup_without_tensorrt_points_to_onnxruntime():
+def test_calibration_cache_of_another_model_or_calibrator_is_replaced(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet").eval()
+    loader = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    cache = tmp_path / "calibration.cache"  # NNI's name: JSON whatever the suffix
+    opts = dict(calib_data_loader=loader, calibration_cache=cache, extra_layer_bits=8, backend="onnxruntime")
+    ModelSpeedup(model, (8, 3, 32, 32), calibrate_type="minmax", **opts).compress()
+    first = json.loads(cache.read_text())
+    with pytest.warns(UserWarning, match="made for another model, layer config or calibrate_type"):
+        s = ModelSpeedup(model, (8, 3, 32, 32), calibrate_type="percentile", **opts).compress()
+    assert s._calibrated_model is not None and json.loads(cache.read_text()) != first
+    other = create_model("tiny_resnet").eval()  # same architecture, other weights
+    with pytest.warns(UserWarning, match="made for another model"):
+        s = ModelSpeedup(other, (8, 3, 32, 32), calibrate_type="percentile", **opts).compress()
+    assert s._calibrated_model is not None
+    cache.write_bytes(b"TRT-8601-EntropyCalibration2\n")  # a TensorRT cache left by NNI
+    with pytest.warns(UserWarning, match="not a mixq calibration cache"):
+        ModelSpeedup(other, (8, 3, 32, 32), calibrate_type="percentile", **opts).compress()
+    assert json.loads(cache.read_text())["__mixq_calibration_format__"] == 1
+
+
+def test_tensorrt_speedup_without_tensorrt_points_to_auto():
     pytest.importorskip("onnxruntime")
     try:
         import tensorrt  # noqa: F401
@@ -415,7 +432,7 @@ def test_tensorrt_speedup_without_tensorrt_points_to_onnxruntime():
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    with pytest.raises(EngineError, match="backend='onnxruntime'"):
+    with pytest.raises(EngineError, match="pass backend='auto' to build the fastest engine this machine has"):
         ModelSpeedupTensorRT(TorchModel(), (32, 1, 28, 28), config={}, batchsize=32)
 
 

@@ -5,37 +5,49 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._errors import ConfigError
 from .auto import Selection, candidate_backends, select_engine
 from .backends import BuildOptions, Engine, EngineError, get_backend, load_engine
-from .calibration import load_calibration_config, save_calibration_config
+from .calibration import (
+    is_bits_config,
+    load_calibration_cache,
+    load_calibration_config,
+    normalize_calibration_config,
+    save_calibration_cache,
+)
+from .config import DEFAULT_DTYPE, DEFAULT_SCHEME, config_list_from_bits, is_calibration_config
 from .config import KEYS as CONFIG_LIST_KEYS
-from .config import is_calibration_config
 from .export import export_qdq_onnx
+from .primitives import choose_qparams_from_tensor
 from .quantization import PTQ, calibrate_, deploy_model, export_calibration, prepare_, quantized_layers
 from .report import PlacementReport, fusion_groups, group_times
+from .spec import QuantSpec
 
 __all__ = ["ModelSpeedup", "all_int8_config", "DEFAULT_BACKEND"]
 
 DEFAULT_BACKEND = "auto"  # build the engines this machine has, time them, keep the fastest (mixq.auto)
 
 
-def all_int8_config(observer: str = "minmax") -> list[dict]:
+def all_int8_config(model: nn.Module, observer: str = "minmax") -> list[dict]:
     """The all-8-bit config used for PTQ straight from the backend: every conv/linear input and weight,
-    every ReLU output."""
-    return [
-        {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["default"], "observer": observer},
-        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"], "observer": observer},
-    ]
+    every ReLU / ReLU6 output (of the types ``model`` has)."""
+    relus = sorted({type(m).__name__ for m in model.modules()} & {"ReLU", "ReLU6"})
+    config = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["default"], "observer": observer}]
+    if relus:
+        config.append({"quant_types": ["output"], "quant_bits": 8, "op_types": relus, "observer": observer})
+    return config
 
 
 def _check_calibration_type(config) -> None:
@@ -66,11 +78,23 @@ class ModelSpeedup:
     only), 8 an all-int8 engine calibrated from ``calib_data_loader`` with ``calibrate_type`` (an observer
     name); ``calibration_cache`` keeps that calibration as JSON and reuses it when present.
 
+    ``config`` may also be NNI's bits-only config (``{'conv1': {'weight_bits': 8, 'output_bits': 8}, ...}``,
+    8 int8, 16 fp16, 32 float per layer): the layers are then calibrated from ``calib_data_loader``, as NNI's
+    TensorRT speedup does (see :func:`mixq.config.config_list_from_bits`). A calibration config may come from
+    mixq, from ``torch.load`` of its ``.pth`` or from NNI (tensor values); see
+    :func:`mixq.calibration.normalize_calibration_config`. NNI-made weight entries whose integer type the dict
+    does not record (a nonzero zero point and no ``weight_qspec``) are re-quantized from the model's weights on
+    mixq's default weight spec, as NNI's TensorRT backend quantizes weights itself.
+
     ``backend``: ``"auto"`` (default) builds the candidate engines this machine can run, times them at
     ``batchsize`` and keeps the fastest, never a quantized engine slower than the fastest float one
     (``self.selection`` and the report say what was tried); or a backend name (``onnxruntime``,
     ``openvino``, ``tensorrt``). ``batchsize`` is the optimization batch; TensorRT engines accept batches
-    up to ``max(batchsize, input_shape[0])`` (or ``max_batch``).
+    up to ``max(batchsize, input_shape[0])`` (or ``max_batch``), and :meth:`inference` runs a larger batch in
+    chunks of ``batchsize`` (as NNI's ``inference`` does).
+
+    ``calibration_cache``: reused only when it was made for the same model weights, layer config, input shape
+    and ``calibrate_type`` (a digest is stored with it); otherwise calibration runs again and replaces it.
     """
 
     def __init__(
@@ -102,8 +126,25 @@ class ModelSpeedup:
             raise ConfigError(f"extra_layer_bits must be 8, 16 or 32, got {extra_layer_bits!r}")
         self.model = model
         self.input_shape = tuple(int(d) for d in input_shape)
-        self.config = load_calibration_config(config) if isinstance(config, str | os.PathLike) else config
-        _check_calibration_type(self.config)
+        if isinstance(config, str | os.PathLike):
+            config = load_calibration_config(config)
+        self.layer_config: list[dict] | None = None  # what PTQ straight from the backend calibrates
+        if is_bits_config(config):
+            if quantized_layers(model):
+                raise ConfigError(
+                    "config gives only bits per layer (NNI's speedup config), for post-training calibration of a "
+                    f"float model, but {type(model).__name__} is already quantized with mixq; pass config=None to "
+                    "build it with its own calibration"
+                )
+            self.layer_config = config_list_from_bits(model, config, calibrate_type)
+            if self.layer_config and calib_data_loader is None:
+                raise ConfigError(
+                    "config gives only bits per layer (NNI's speedup config), which needs calib_data_loader=... to "
+                    "calibrate them (or pass a calibration config, as export_model returns)"
+                )
+            config = None
+        _check_calibration_type(config)
+        self.config = None if config is None else normalize_calibration_config(config, source="config")
         self.onnx_path = onnx_path
         self.extra_layer_bits = extra_layer_bits
         self.calibrate_type = calibrate_type
@@ -135,27 +176,42 @@ class ModelSpeedup:
 
     def _float_model_and_calibration(self) -> tuple[nn.Module, dict]:
         """The float model and calibration the export takes: a prepared model gives its deploy copy (BN
-        folded, DoReFa applied) and its own calibration unless ``config`` overrides it."""
+        folded, DoReFa applied) and its own calibration unless ``config`` overrides it; PTQ straight from the
+        backend runs here when asked."""
+        calibration = self._calibration()
         model = self._calibrated_model if self._calibrated_model is not None else self.model
         if quantized_layers(model):
-            return deploy_model(model), self.config if self.config is not None else export_calibration(model)
-        return model, self._calibration()
+            if calibration is None:
+                calibration = export_calibration(model)
+            model = deploy_model(model)
+        return model, _complete_weight_qparams(model, calibration)
 
     def _calibration(self) -> dict | None:
+        """The calibration config to build with; None for a prepared model without ``config`` (it has its own)."""
         if self.config is not None or quantized_layers(self.model):
             return self.config
-        if self.extra_layer_bits != 8:
-            return {}  # NNI: every layer at extra_layer_bits (32 float, 16 fp16)
-        if self.calib_data_loader is None:
-            raise ConfigError(
-                "extra_layer_bits=8 without a config quantizes every layer, which needs calib_data_loader=... "
-                "for post-training calibration (or pass config=<calibration config>, or a model quantized with mixq)"
-            )
+        if self._calibrated_model is not None:
+            return export_calibration(self._calibrated_model)
+        layer_config = self.layer_config
+        if layer_config is None:
+            if self.extra_layer_bits != 8:
+                return {}  # NNI: every layer at extra_layer_bits (32 float, 16 fp16)
+            if self.calib_data_loader is None:
+                raise ConfigError(
+                    "extra_layer_bits=8 without a config quantizes every layer, which needs calib_data_loader=... "
+                    "for post-training calibration (or pass config=<calibration config>, or a model quantized with "
+                    "mixq)"
+                )
+            layer_config = all_int8_config(self.model, self.calibrate_type)
+        if not layer_config:
+            return {}  # a bits config leaving every layer at 32 bits
         cache = Path(self.calibration_cache) if self.calibration_cache else None
-        if cache is not None and cache.is_file():
-            return load_calibration_config(cache)
+        key = self._cache_key(layer_config) if cache is not None else ""
+        cached = load_calibration_cache(cache, key) if cache is not None else None
+        if cached is not None:
+            return cached
         calibrated = copy.deepcopy(self.model)
-        prepare_(calibrated, all_int8_config(self.calibrate_type), PTQ(), example_input=torch.randn(*self.input_shape))
+        prepare_(calibrated, layer_config, PTQ(), example_input=torch.randn(*self.input_shape))
 
         device = next((t.device for t in (*calibrated.parameters(), *calibrated.buffers())), torch.device("cpu"))
 
@@ -167,8 +223,19 @@ class ModelSpeedup:
         self._calibrated_model = calibrated
         config = export_calibration(calibrated)
         if cache is not None:
-            save_calibration_config(config, cache)
+            save_calibration_cache(config, cache, key)
         return config
+
+    def _cache_key(self, layer_config: list[dict]) -> str:
+        """A digest of what a calibration is made from: the model's weights and buffers, the layer config,
+        the input shape (without the batch) and the calibrator."""
+        h = hashlib.sha256()
+        h.update(json.dumps([layer_config, self.calibrate_type, self.input_shape[1:]], sort_keys=True).encode())
+        for name, t in self.model.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def _calibration_batches(self):
         """The batches of ``calib_data_loader`` (a DataLoader, any iterable of tensors or (input, label)
@@ -214,7 +281,6 @@ class ModelSpeedup:
         """Export the Q/DQ ONNX model and build the engine (with ``auto``: build the candidates, time them,
         keep the fastest). A failure leaves any previous engine in place."""
         backends = self._backend_names()
-        self._calibration()  # PTQ straight from the backend, when asked, before the export
         model, calibration = self._float_model_and_calibration()
         extra = 16 if self.extra_layer_bits == 16 else 32
         qdq = self._export(model, calibration, extra, self.onnx_path)
@@ -248,11 +314,22 @@ class ModelSpeedup:
         return self.engine
 
     def inference(self, x) -> tuple[torch.Tensor, float]:
-        """(output, seconds) for one batch; the output is a CPU float32 tensor."""
+        """(output, seconds) for one batch; the output is a CPU float32 tensor. A batch larger than the
+        engine's maximum batch runs in chunks of ``batchsize`` (as NNI's ``inference`` does); the seconds are
+        then the sum of the chunks' engine times."""
         engine = self._engine()
-        start = time.perf_counter()
-        out = engine.run(x)
-        return out, time.perf_counter() - start
+        n = len(x) if isinstance(x, torch.Tensor | np.ndarray) and x.ndim > 0 else 0
+        chunks = (
+            [x]
+            if n <= self.options.max_batch
+            else [x[i : i + self.options.opt_batch] for i in range(0, n, self.options.opt_batch)]
+        )
+        outputs, seconds = [], 0.0
+        for chunk in chunks:
+            start = time.perf_counter()
+            outputs.append(engine.run(chunk))
+            seconds += time.perf_counter() - start
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), seconds
 
     def export_quantized_model(self, path: str | os.PathLike) -> Path:
         return self._engine().save(path)
@@ -283,3 +360,35 @@ class ModelSpeedup:
             report.groups = {k: v for k, v in groups.items() if len(v) > 1}
             report.batch = b
         return report
+
+
+def _complete_weight_qparams(model: nn.Module, calibration: dict) -> dict:
+    """Give every weight entry the calibration does not describe fully a scale and zero point from the
+    model's weight, on mixq's default weight spec at its ``weight_bits``, recorded in ``weight_qspec``.
+
+    That is an NNI-made entry (no ``weight_qspec``) whose zero points are not all 0: NNI's default weight
+    quantization is per-tensor affine uint, but its dicts do not say so, and its TensorRT backend ignores the
+    scales and quantizes the weights itself. Entries with zero points of 0 are read as symmetric signed
+    weights, which they are under every NNI setting that gives them. Returns a new dict."""
+    modules = dict(model.named_modules())
+    out = dict(calibration)
+    for name, entry in calibration.items():
+        module = modules.get(name)
+        zps = entry.get("weight_zero_point", 0)
+        if (
+            "weight_qspec" in entry
+            or "weight_bits" not in entry
+            or not isinstance(getattr(module, "weight", None), torch.Tensor)
+        ):
+            continue
+        if not any(z != 0 for z in (zps if isinstance(zps, list) else [zps])):
+            continue
+        spec = QuantSpec.from_nni(entry["weight_bits"], DEFAULT_SCHEME["weight"], DEFAULT_DTYPE["weight"], axis=0)
+        scale, zp = choose_qparams_from_tensor(module.weight.detach().float().cpu(), spec)
+        out[name] = {
+            **entry,
+            "weight_scale": scale.tolist(),
+            "weight_zero_point": zp.tolist(),
+            "weight_qspec": spec.to_dict(),
+        }
+    return out

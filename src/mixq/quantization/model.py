@@ -5,6 +5,7 @@ calibration config.
     ... train with your own loop ...
     calib = mixq.export_calibration(model)       # JSON-serializable dict keyed by module name
     deploy = mixq.deploy_model(model)             # float model, BN folded, original module names
+    mixq.load_calibration_(model, calib)          # ranges back from a calibration config (NNI's load)
 
 Each configured module is replaced by one :class:`QuantWrapper` (no wrapper towers); with an example input,
 a BatchNorm that directly follows a configured conv moves into that conv's wrapper and is folded.
@@ -13,6 +14,7 @@ a BatchNorm that directly follows a configured conv moves into that conv's wrapp
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -22,8 +24,9 @@ from .._errors import ConfigError, ModelStructureError
 from ..config import check_config_list, resolve_config
 from ..distributed import broadcast_
 from ..observers import HistogramObserver
+from ..primitives import SCALE_EPS
 from ..spec import LayerSpec
-from .fake_quant import ActivationQuant
+from .fake_quant import ActivationQuant, LSQActivationQuant
 from .wrapper import QAT, Method, Mode, QuantWrapper
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "quantized_layers",
     "export_calibration",
     "deploy_model",
+    "deploy_",
+    "load_calibration_",
     "find_conv_bn_pairs",
 ]
 
@@ -162,26 +167,54 @@ def _activation_observers(wrappers: dict) -> list:
     ]
 
 
-def freeze_(model: nn.Module) -> nn.Module:
-    """Switch every wrapper to quantized execution; an activation never observed is an error naming it.
-    Observers that were calibrating merge their statistics across ranks first (torch.distributed)."""
+def freeze_(model: nn.Module, allow_unobserved: bool = False) -> nn.Module:
+    """Switch every wrapper to quantized execution. Observers that were calibrating merge their statistics
+    across ranks first (torch.distributed).
+
+    An activation never observed is an error naming it when no activation was observed at all (no
+    calibration data yet) unless ``allow_unobserved``; otherwise (a module the config names but ``forward``
+    never calls) a warning names it and it stays float."""
     wrappers = _wrappers_or_error(model)
     calibrating = {n: w for n, w in wrappers.items() if w.mode is Mode.CALIBRATE}
     for observer in _activation_observers(calibrating):
         observer.sync()
-    for name, w in wrappers.items():
-        for t in ("input", "output"):
-            q = getattr(w, f"{t}_quantizer")
-            if q is not None and not q.initialized:
-                raise ModelStructureError(
-                    f"layer {name!r}: its {t} was never observed; run calibration batches through the model first"
-                )
+    _check_observed(wrappers, allow_unobserved, "run calibration batches through the model first")
+    for w in wrappers.values():
         w.mode = Mode.QUANTIZE
     return model
 
 
-def export_calibration(model: nn.Module) -> dict:
+def _unobserved(wrappers: dict[str, QuantWrapper]) -> list[tuple[str, str]]:
+    """(layer, quant type) of every activation quantizer that has seen no data."""
+    return [
+        (name, t)
+        for name, w in wrappers.items()
+        for t in ("input", "output")
+        if getattr(w, f"{t}_quantizer") is not None and not getattr(w, f"{t}_quantizer").initialized
+    ]
+
+
+def _check_observed(wrappers: dict[str, QuantWrapper], allow_unobserved: bool, fix: str) -> list[tuple[str, str]]:
+    missing = _unobserved(wrappers)
+    if not missing:
+        return missing
+    activations = sum(getattr(w, f"{t}_quantizer") is not None for w in wrappers.values() for t in ("input", "output"))
+    if len(missing) == activations and not allow_unobserved:
+        name, t = missing[0]
+        raise ModelStructureError(f"layer {name!r}: its {t} was never observed; {fix}")
+    shown = ", ".join(f"{n!r} ({t})" for n, t in missing[:6]) + (
+        f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+    )
+    why = "no data has been run through the model yet" if len(missing) == activations else "forward never calls them?"
+    warnings.warn(f"never observed ({why}): {shown}; these activations stay float", stacklevel=3)
+    return missing
+
+
+def export_calibration(model: nn.Module, allow_unobserved: bool = False) -> dict:
     """The calibration config: ``{module_name: {...}}``, JSON-serializable.
+
+    Activations never observed are treated as in :func:`freeze_` and left out (a layer with nothing left is
+    left out too).
 
     Each entry has NNI's keys (``weight_bits``, ``weight_scale``, ``weight_zero_point``, ``input_bits``,
     ``tracked_min_input``, ``tracked_max_input``, ``output_bits``, ``tracked_min_output``,
@@ -191,6 +224,7 @@ def export_calibration(model: nn.Module) -> dict:
     """
     out = {}
     wrappers = _wrappers_or_error(model)
+    unobserved = set(_check_observed(wrappers, allow_unobserved, "train or calibrate before exporting"))
     for w in wrappers.values():
         if w.bn is not None:
             # DDP refreshes BatchNorm statistics from rank 0 at the start of each forward, so after the last
@@ -212,12 +246,8 @@ def export_calibration(model: nn.Module) -> dict:
             entry["weight_qspec"] = stored.to_dict()
         for t in ("input", "output"):
             q = getattr(w, f"{t}_quantizer")
-            if q is None:
+            if q is None or (name, t) in unobserved:
                 continue
-            if not q.initialized:
-                raise ModelStructureError(
-                    f"layer {name!r}: its {t} range was never observed; train or calibrate before exporting"
-                )
             lo, hi = q.tracked_range()
             scale, zp = q.qparams()
             entry[f"{t}_bits"] = spec.spec(t).dtype.bits
@@ -226,7 +256,8 @@ def export_calibration(model: nn.Module) -> dict:
             entry[f"{t}_scale"] = _py(scale)
             entry[f"{t}_zero_point"] = _py(zp)
             entry[f"{t}_qspec"] = spec.spec(t).to_dict()
-        out[name] = entry
+        if any(f"{t}_bits" in entry for t in ("input", "weight", "output")):
+            out[name] = entry
     return out
 
 
@@ -240,8 +271,13 @@ def deploy_model(model: nn.Module) -> nn.Module:
     weights (BN folded, DoReFa applied). A folded BatchNorm goes back to its place as an identity
     (weight 1, mean 0, variance 1 - eps) holding the folded bias, so the copy loads into the original
     architecture and computes what the quantized engine computes, in float."""
-    clone = copy.deepcopy(model)
-    for name, w in quantized_layers(clone).items():
+    return deploy_(copy.deepcopy(model))
+
+
+def deploy_(model: nn.Module) -> nn.Module:
+    """:func:`deploy_model` in place: ``model`` gets its plain modules back (NNI's ``export_model`` unwraps
+    the model it quantized)."""
+    for name, w in quantized_layers(model).items():
         module = w.module
         if w.layer_spec.weight is not None or w.bn is not None:
             weight, bias = w.deploy_weight_and_bias()
@@ -254,10 +290,67 @@ def deploy_model(model: nn.Module) -> nn.Module:
                     if module.bias is not None:
                         module.bias.zero_()
                     _make_identity_bn(w.bn, bias)
-        clone.set_submodule(name, module)
+        model.set_submodule(name, module)
         if w.bn is not None:
-            clone.set_submodule(w.bn_name, w.bn)
-    return clone
+            model.set_submodule(w.bn_name, w.bn)
+    return model
+
+
+def load_calibration_(model: nn.Module, calibration: Mapping) -> list[str]:
+    """Set the activation ranges of a prepared model from a calibration config (NNI's
+    ``quantizer.load_calibration_config``): each input/output range the config gives (``tracked_min_*`` /
+    ``tracked_max_*``) becomes the quantizer's range, as if observed (QAT's EMA continues from it; LSQ's
+    step size starts from it). Weights keep following their own values. Returns the layers the config lacks.
+
+    Errors name a layer whose bits differ from its spec. Histogram observers (percentile, entropy, mse) choose
+    ranges from data and cannot take one; the error says so."""
+    from ..calibration import normalize_calibration_config
+
+    calibration = normalize_calibration_config(calibration)
+    wrappers = _wrappers_or_error(model)
+    missing = []
+    for name, w in wrappers.items():
+        entry = calibration.get(name)
+        if entry is None:
+            missing.append(name)
+            continue
+        for t in w.layer_spec.quant_types:
+            bits = w.layer_spec.spec(t).dtype.bits
+            if f"{t}_bits" in entry and entry[f"{t}_bits"] != bits:
+                raise ConfigError(
+                    f"load_calibration_config: layer {name!r}: {t}_bits {entry[f'{t}_bits']} in the config, "
+                    f"{bits} in this quantizer's config_list"
+                )
+        for t in ("input", "output"):
+            q = getattr(w, f"{t}_quantizer")
+            if q is None or f"tracked_min_{t}" not in entry:
+                continue
+            _set_range(q, float(entry[f"tracked_min_{t}"]), float(entry[f"tracked_max_{t}"]), f"{name!r} ({t})")
+    return missing
+
+
+def _set_range(q: nn.Module, lo: float, hi: float, where: str) -> None:
+    if isinstance(q, LSQActivationQuant):
+        dt, zp = q.spec.dtype, int(q.zero_point)
+        # LSQ's zero point is fixed: the step size that reaches both ends of [lo, hi] from it.
+        steps = [hi / (dt.qmax - zp)] + ([lo / (dt.qmin - zp)] if dt.qmin < zp else [])
+        state = q.state_dict()
+        state["scale"] = torch.tensor(max(*steps, SCALE_EPS), dtype=state["scale"].dtype)
+        state["_initialized"] = torch.tensor(True)
+        q.load_state_dict(state)
+        return
+    observer = q.observer
+    if isinstance(observer, HistogramObserver):
+        raise ConfigError(
+            f"load_calibration_config: layer {where} uses the {type(observer).__name__}, which chooses its range "
+            "from data; use observer 'minmax' or 'ema' to start from a calibration config"
+        )
+    observer.reset()
+    observer.observe(torch.tensor([lo, hi], device=_device_of(observer)))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
 
 
 def _make_identity_bn(bn: nn.Module, bias: torch.Tensor) -> None:
