@@ -50,6 +50,11 @@ class Observer(nn.Module):
     def reset(self) -> None:
         raise NotImplementedError
 
+    def ready(self) -> bool | torch.Tensor:
+        """Whether there is a range to quantize with: a bool, or a device bool tensor where reading it back
+        would stall the training loop."""
+        return self.initialized
+
     def sync(self) -> None:
         """Merge this observer's statistics with the other ranks' (no-op when not distributed)."""
 
@@ -99,23 +104,52 @@ class MinMaxObserver(Observer):
 
 
 class EMAMinMaxObserver(MinMaxObserver):
-    """Exponential moving average of batch min/max (``decay`` 0.99 as in NNI's QAT); the first batch sets it."""
+    """Exponential moving average of batch min/max (``decay`` 0.99 as in NNI's QAT); the first batch sets it.
+
+    Built for the training loop: per-tensor state has a fixed shape from the start and "has it observed yet"
+    is a device flag (``observed``), so ``observe`` and :meth:`ready` never read a value back to the host and a
+    compiled model never recompiles on them.
+    """
 
     def __init__(self, spec: QuantSpec, decay: float = 0.99):
         super().__init__(spec)
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+        if not spec.per_channel:  # per-channel state takes its shape from the first batch
+            self.min_val, self.max_val = torch.zeros(()), torch.zeros(())
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.observed)  # reads the device flag: for export and checks, not the training step
+
+    def ready(self) -> torch.Tensor:
+        return self.observed
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         # Under torch.distributed every rank folds in the range of the global batch, so the EMA (and the
         # exported config) is identical on all ranks.
-        lo, hi = all_reduce_range(*tensor_range(x.float(), self.spec))
-        if self.initialized:
-            lo = self.decay * self.min_val + (1 - self.decay) * lo
-            hi = self.decay * self.max_val + (1 - self.decay) * hi
-        self.min_val, self.max_val = lo.clone(), hi.clone()
+        lo, hi = all_reduce_range(*(t.float() for t in tensor_range(x, self.spec)))
+        if self.min_val.shape != lo.shape:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+        first = ~self.observed
+        self.min_val.copy_(torch.where(first, lo, self.decay * self.min_val + (1 - self.decay) * lo))
+        self.max_val.copy_(torch.where(first, hi, self.decay * self.max_val + (1 - self.decay) * hi))
+        self.observed.fill_(True)
+
+    def reset(self):
+        super().reset()
+        self.observed.fill_(False)
+        if not self.spec.per_channel:
+            device = self.observed.device
+            self.min_val, self.max_val = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "observed" not in state_dict and prefix + "min_val" in state_dict:  # saved before the flag
+            state_dict[prefix + "observed"] = torch.tensor(state_dict[prefix + "min_val"].numel() > 0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class HistogramObserver(Observer):

@@ -43,9 +43,8 @@ def tensor_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     """(min, max) of ``x``: scalars for per-tensor, 1-D along the spec's channel axis for per-channel."""
     x = x.detach()
     if not spec.per_channel:
-        return x.min(), x.max()
-    flat = channels_first(x, spec.axis)
-    return flat.min(dim=1).values, flat.max(dim=1).values
+        return torch.aminmax(x)  # one pass over the tensor
+    return torch.aminmax(channels_first(x, spec.axis), dim=1)
 
 
 def channels_first(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -138,9 +137,14 @@ def dequantize(
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: IntType, axis: int | None = None
 ) -> torch.Tensor:
-    """``dequantize(quantize(x))`` in the dtype of ``x``, with the straight-through gradient."""
+    """``dequantize(quantize(x))`` in the dtype of ``x``, with the straight-through gradient.
+
+    16-bit inputs (autocast) are quantized in float32 and the result rounded back: in bf16, ``x / scale`` could
+    not even hold the integers up to 255 exactly."""
     s, zp = _broadcast(scale, zero_point, x, axis)
-    return _FakeQuantizeSTE.apply(x, s.to(x.dtype), zp.to(x.dtype), dtype.qmin, dtype.qmax)
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    out = _FakeQuantizeSTE.apply(x.to(compute), s.to(compute), zp.to(compute), dtype.qmin, dtype.qmax)
+    return out.to(x.dtype)
 
 
 def fake_quantize_lsq(

@@ -12,6 +12,7 @@ from .._errors import ConfigError
 from ..observers import Observer
 from ..primitives import (
     channels_first,
+    choose_qparams,
     choose_qparams_from_tensor,
     fake_quantize,
     fake_quantize_lsq,
@@ -19,7 +20,25 @@ from ..primitives import (
 )
 from ..spec import MAX_BITS, IntType, PerTensor, QuantSpec
 
-__all__ = ["ActivationQuant", "LSQActivationQuant", "WeightQuant", "LSQWeightQuant", "DoReFaWeightQuant"]
+__all__ = [
+    "Gate",
+    "gated",
+    "ActivationQuant",
+    "LSQActivationQuant",
+    "WeightQuant",
+    "LSQWeightQuant",
+    "DoReFaWeightQuant",
+]
+
+
+Gate = bool | torch.Tensor
+"""Whether to quantize now: a Python bool, or a device bool tensor (``quant_start_step`` counting, an observer
+that may not have seen data) so that the training step never waits for the GPU and never recompiles."""
+
+
+def gated(gate: Gate, quantized: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``quantized`` where the gate is on, ``x`` elsewhere (no branch on device values)."""
+    return quantized if gate is True else torch.where(gate, quantized, x)
 
 
 class ActivationQuant(nn.Module):
@@ -35,13 +54,19 @@ class ActivationQuant(nn.Module):
         self.observer = observer
         self.observe_in_training = observe_in_training
 
-    def forward(self, x: torch.Tensor, quant: bool, calibrating: bool) -> torch.Tensor:
-        if calibrating or (self.training and self.observe_in_training):
+    def forward(self, x: torch.Tensor, gate: Gate, calibrating: bool) -> torch.Tensor:
+        observing = calibrating or (self.training and self.observe_in_training)
+        if observing:
             self.observer.observe(x)
-        if not quant or calibrating or not self.observer.initialized:
+        if calibrating or gate is False:
             return x
-        scale, zp = self.observer.qparams(check=False)  # no host sync in the training loop
-        return fake_quantize(x, scale.to(x.device), zp.to(x.device), self.spec.dtype)
+        if not observing:  # eval before any data: pass through
+            ready = self.observer.ready()
+            if ready is False:
+                return x
+            gate = ready if gate is True else gate & ready
+        scale, zp = choose_qparams(*self.observer.range(), self.spec, check=False)  # no host sync
+        return gated(gate, fake_quantize(x, scale, zp, self.spec.dtype), x)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.observer.qparams()
@@ -78,18 +103,17 @@ class LSQActivationQuant(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initialized_host = bool(self._initialized)
 
-    def forward(self, x: torch.Tensor, quant: bool, calibrating: bool) -> torch.Tensor:
-        if not self._initialized_host:
+    def forward(self, x: torch.Tensor, gate: Gate, calibrating: bool) -> torch.Tensor:
+        if not self._initialized_host:  # once, on the first batch
             with torch.no_grad():
                 self.scale.copy_(_lsq_init_scale(x, self.spec))
                 self._initialized.fill_(True)
             self._initialized_host = True
-        if not quant or calibrating:
+        if gate is False or calibrating:
             return x
         grad_scale = 1.0 / math.sqrt(x.numel() * _positive_qmax(self.spec))
-        return fake_quantize_lsq(
-            x, self.scale.abs().clamp(min=1e-8), self.zero_point, self.spec.dtype, None, grad_scale
-        )
+        out = fake_quantize_lsq(x, self.scale.abs().clamp(min=1e-8), self.zero_point, self.spec.dtype, None, grad_scale)
+        return gated(gate, out, x)
 
     def qparams(self):
         return self.scale.detach().abs().clamp(min=1e-8).float().cpu(), self.zero_point.cpu()
