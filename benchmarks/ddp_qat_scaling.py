@@ -41,6 +41,7 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DDP model")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     dist.init_process_group("nccl")
@@ -58,6 +59,7 @@ def main():
     if args.amp:
         model.to(memory_format=torch.channels_last)
     ddp = DDP(model, device_ids=[local])
+    step_model = torch.compile(ddp) if args.compile else ddp
     step, t0, epoch = 0, None, 0
     ddp.train()
     while step < args.warmup + args.steps:
@@ -73,7 +75,7 @@ def main():
             if args.amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
-                loss = F.cross_entropy(ddp(x), y)
+                loss = F.cross_entropy(step_model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -96,6 +98,7 @@ def main():
             "timed_steps": args.steps,
             "warmup_steps": args.warmup,
             "bf16_channels_last": args.amp,
+            "compiled": args.compile,
             "seconds": seconds,
             "images_per_second": world * args.batch * args.steps / seconds,
             "configs_identical_across_ranks": all(g == gathered[0] for g in gathered),

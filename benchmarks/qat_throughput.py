@@ -59,16 +59,23 @@ def torch_ao_model(x):
 
 
 VARIANTS = {
-    # name: (model factory, bf16 autocast + channels_last, torch.compile)
-    "float fp32": (float_model, False, False),
-    "float bf16 + channels_last": (float_model, True, False),
-    "float bf16 + channels_last, compiled": (float_model, True, True),
-    "torch.ao QAT (FX, x86 qconfig), fp32": (torch_ao_model, False, False),
-    "torch.ao QAT (FX, x86 qconfig), bf16 + channels_last": (torch_ao_model, True, False),
-    "mixq QAT all-8-bit, fp32": (mixq_model(ALL8), False, False),
-    "mixq QAT all-8-bit, bf16 + channels_last": (mixq_model(ALL8), True, False),
-    "mixq QAT all-8-bit, bf16 + channels_last, compiled": (mixq_model(ALL8), True, True),
-    "mixq QAT tutorial style, bf16 + channels_last, compiled": (mixq_model(TUTORIAL), True, True),
+    # name: (model factory, bf16 autocast + channels_last, torch.compile mode or None)
+    "float fp32": (float_model, False, None),
+    "float bf16 + channels_last": (float_model, True, None),
+    "float bf16 + channels_last, compiled": (float_model, True, "default"),
+    "float bf16 + channels_last, compiled + CUDA graphs": (float_model, True, "reduce-overhead"),
+    "torch.ao QAT (FX, x86 qconfig), fp32": (torch_ao_model, False, None),
+    "torch.ao QAT (FX, x86 qconfig), bf16 + channels_last": (torch_ao_model, True, None),
+    "mixq QAT all-8-bit, fp32": (mixq_model(ALL8), False, None),
+    "mixq QAT all-8-bit, bf16 + channels_last": (mixq_model(ALL8), True, None),
+    "mixq QAT all-8-bit, bf16 + channels_last, compiled": (mixq_model(ALL8), True, "default"),
+    "mixq QAT all-8-bit, bf16 + channels_last, compiled + CUDA graphs": (mixq_model(ALL8), True, "reduce-overhead"),
+    "mixq QAT tutorial style, bf16 + channels_last, compiled": (mixq_model(TUTORIAL), True, "default"),
+    "mixq QAT tutorial style, bf16 + channels_last, compiled + CUDA graphs": (
+        mixq_model(TUTORIAL),
+        True,
+        "reduce-overhead",
+    ),
 }
 
 
@@ -88,7 +95,8 @@ def measure(name, factory, amp, compiled, args, device):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model.train()
     torch._dynamo.reset()
-    step_model = torch.compile(model) if compiled else model
+    torch._dynamo.utils.counters.clear()
+    step_model = torch.compile(model, mode=compiled) if compiled else model
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -104,7 +112,7 @@ def measure(name, factory, amp, compiled, args, device):
     sync(device)
     first_steps_s = time.perf_counter() - start
     rates = []
-    with torch._dynamo.config.patch(error_on_recompile=compiled):
+    with torch._dynamo.config.patch(error_on_recompile=compiled is not None):
         for _ in range(args.blocks):
             sync(device)
             t0 = time.perf_counter()
@@ -113,12 +121,14 @@ def measure(name, factory, amp, compiled, args, device):
             sync(device)
             rates.append(args.steps * args.batch / (time.perf_counter() - t0))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if compiled else None
+    skipped = dict(torch._dynamo.utils.counters["inductor"]).get("cudagraph_skips", 0) if compiled else None
     return {
         "variant": name,
         "images_per_second": statistics.median(rates),
         "block_rates": rates,
         "first_steps_seconds": first_steps_s,
         "compiled_graphs": graphs,
+        "cudagraph_skips": skipped,
     }
 
 
