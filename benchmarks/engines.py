@@ -7,8 +7,8 @@ tutorial-style config (conv/linear input + weight 8 bit, ReLU output 8 bit) with
 
 Every variant runs in one process, interleaved in rounds so that drift of the machine hits all alike; the
 table gives the median wall time of one call after warm-up. Weights: LeNet trained here for one epoch in
-fp32 on MNIST; ResNet-18 (CIFAR) has random weights with non-trivial BatchNorm statistics (no trained
-ResNet-18 is committed yet). Every int8 variant, peers included, is calibrated on the same 512 real training
+fp32 on MNIST; ResNet-18 (CIFAR) is the trained model committed in weights/ (94.62% top-1,
+benchmarks/results/train-cifar). Every int8 variant, peers included, is calibrated on the same 512 real training
 images (min/max); ``quantize_static`` gets ``reduce_range=True`` on CPUs without VNNI (its documented
 setting there). Quality: top-1 agreement with the fake-quant PyTorch model (mixq rows) or with the fp32
 model (float and peer rows) on real test images. Each batch size gets its own build (``auto`` times its
@@ -35,6 +35,7 @@ from mixq.speedup import ModelSpeedup
 from mixq.zoo.data import load_cifar10
 from mixq.zoo.metrics import median_latency
 from mixq.zoo.models import create_model
+from mixq.zoo.pretrained import PRETRAINED, load_pretrained
 from mixq.zoo.tutorial import MnistTask, trainer
 
 TUTORIAL_STYLE = [
@@ -235,7 +236,7 @@ def main(argv=None):
             calib, test = task.train_set.tensors[0][:512], task.test_set.tensors[0][:2000]
             shape_rest = (1, 28, 28)
         else:
-            model = create_model(name)
+            model = load_pretrained(name) if name in PRETRAINED else create_model(name)
             calib = load_cifar10(True, args.data_dir, limit=512).tensors[0]
             test = load_cifar10(False, args.data_dir, limit=1000).tensors[0]
             shape_rest = (3, 32, 32)

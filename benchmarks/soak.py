@@ -21,7 +21,8 @@ import torch
 
 import mixq
 from mixq.backends import load_engine
-from mixq.nni import ModelSpeedup, QAT_Quantizer
+from mixq.nni import QAT_Quantizer
+from mixq.speedup import ModelSpeedup
 from mixq.zoo.models import TorchModel
 from mixq.zoo.tutorial import ALL_8BIT_CONFIG_LIST
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import mixq
-from mixq.nni import ModelSpeedup
+from mixq.speedup import ModelSpeedup
 from mixq.zoo.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10_arrays
 from mixq.zoo.models import create_model
 

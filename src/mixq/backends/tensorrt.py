@@ -257,7 +257,7 @@ class TensorRTBackend(Backend):
     def unavailable_reason(self) -> str:
         return (
             f"backend 'tensorrt' needs TensorRT 10.12 to 11.x ({INSTALL_HINT}) and a CUDA GPU; "
-            "use backend='onnxruntime' (CPU, the default) instead"
+            "use backend='auto' (the default: the fastest engine this machine has) instead"
         )
 
     def build(self, qdq, input_shape, options: BuildOptions) -> TensorRTEngine:

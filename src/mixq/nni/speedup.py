@@ -75,7 +75,7 @@ class ModelSpeedupTensorRT(ModelSpeedup):
                 get_backend("tensorrt")
             except EngineError as e:
                 raise EngineError(
-                    "ModelSpeedupTensorRT needs TensorRT 10+ and a CUDA GPU, which this machine lacks; pass "
+                    "ModelSpeedupTensorRT needs TensorRT 10.12 to 11.x and a CUDA GPU, which this machine lacks; pass "
                     "backend='auto' to build the fastest engine this machine has (ONNX Runtime, OpenVINO), or use "
                     "mixq.nni.ModelSpeedup(model, input_shape, config=...), which does so by default"
                 ) from e
