@@ -626,8 +626,6 @@ def _qat(model, config, train, args, placement, progress):
     import torch
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
 
     from .nni import QAT_Quantizer
 
@@ -635,28 +633,27 @@ def _qat(model, config, train, args, placement, progress):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     quantizer = QAT_Quantizer(model, config, optimizer, train.tensors[0][:2].to(device))
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    sampler = DistributedSampler(train, world, rank, seed=args.seed, drop_last=True) if world > 1 else None
     loss_fn = F.nll_loss if args.model == "lenet" else F.cross_entropy
+    # The data set lives on the training device and whole batches are indexed there: no per-sample indexing and
+    # collation on the CPU, which at GPU rates is a bottleneck of its own. The permutation is RandomSampler's
+    # (randperm with the epoch's seed); under DDP each rank takes an equal strided shard of it.
+    images, labels = (t.to(device) for t in train.tensors)
     for epoch in range(args.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = DataLoader(
-            train,
-            batch_size=args.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=world > 1,
-            generator=torch.Generator().manual_seed(epoch),
-        )
-        bar = progress(total=len(loader), desc=f"QAT epoch {epoch + 1}/{args.epochs}") if progress else None
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
+        if world > 1:
+            order = order[: len(order) // world * world][rank::world]
+        order = order.to(device)
+        steps = len(order) // args.batch_size if world > 1 else -(-len(order) // args.batch_size)
+        bar = progress(total=steps, desc=f"QAT epoch {epoch + 1}/{args.epochs}") if progress else None
         net.train()
-        for x, y in loader:
+        for i in range(steps):
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
             optimizer.zero_grad()
-            loss = loss_fn(net(x.to(device)), y.to(device))
+            loss = loss_fn(net(images[idx]), labels[idx])
             loss.backward()
             optimizer.step()
             if bar is not None:
-                bar.update(1, loss=loss.detach().item(), images=len(x))
+                bar.update(1, loss=loss.detach().item(), images=len(idx))
         if bar is not None:
             bar.close()
     return quantizer
