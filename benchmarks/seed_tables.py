@@ -4,12 +4,14 @@ MNIST (everything on this CPU machine; the same run as `mixq demo`):
     MIXQ_DATA=../shared/data python benchmarks/seed_tables.py mnist --out benchmarks/results/seed-mnist
 
 CIFAR-10 is split, because training ResNet-18 on 2 CPU cores takes hours:
-  1. train + accuracy (GPU machine; engine accuracy with ONNX Runtime on that machine's CPU):
-       python benchmarks/seed_tables.py cifar-train --device cuda --train-batches 1 --epochs 5 --out OUT
-  2. latency of the same engines on this CPU machine (same architecture and configs; weights from PTQ on
-     real images, since 45 MB state dicts cannot come back from the GPU machine; the kernels ONNX Runtime
-     picks do not depend on weight values, except the int8/uint8 weight layout, which is the same here):
-       python benchmarks/seed_tables.py cifar-latency --accuracy OUT/cifar_train.json \
+  1. train + accuracy (GPU machine): benchmarks/train_cifar.py trains the fp32 model on all 50k images,
+     commits its weights (weights/), QAT fine-tunes every configuration below from them and measures the
+     engines' accuracy with ONNX Runtime on that machine's CPU -> benchmarks/results/train-cifar/cifar_train.json
+     (the older from-scratch recipe is kept as `cifar-train`)
+  2. latency of the same engines on this CPU machine, from the trained fp32 weights calibrated by PTQ on real
+     images (the QAT weights stay on the GPU machine; the kernels ONNX Runtime picks do not depend on weight
+     values, except the int8/uint8 weight layout, which is the same here):
+       python benchmarks/seed_tables.py cifar-latency --accuracy benchmarks/results/train-cifar/cifar_train.json \
            --out benchmarks/results/seed-cifar
 """
 
@@ -28,10 +30,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import mixq
-from mixq.nni import ModelSpeedup, QAT_Quantizer
+from mixq.nni import QAT_Quantizer
+from mixq.speedup import ModelSpeedup
 from mixq.zoo.data import load_cifar10
 from mixq.zoo.metrics import accuracy, average_bits, layer_costs, median_latency
 from mixq.zoo.models import create_model
+from mixq.zoo.pretrained import load_pretrained
 
 
 def cifar_configs():
@@ -125,14 +129,22 @@ def cmd_cifar_train(args):
     (out / "cifar_train.json").write_text(json.dumps(meta, indent=1))
 
 
+def _openvino_version() -> str:
+    try:
+        import openvino
+
+        return openvino.__version__
+    except ImportError:
+        return "not installed"
+
+
 def cmd_cifar_latency(args):
     import onnxruntime
 
     trained = json.loads(Path(args.accuracy).read_text()) if args.accuracy else None
     calib_images = load_cifar10(True, args.data_dir, 512).tensors[0]
     x = load_cifar10(False, args.data_dir, 128).tensors[0].contiguous()
-    torch.manual_seed(0)
-    model = create_model("resnet18_cifar").eval()
+    model = load_pretrained("resnet18_cifar")  # the weights the accuracy file was measured from
     costs = layer_costs(model, x[:1])
     engines, bits = {}, {}
     for name, config in cifar_configs().items():
@@ -151,9 +163,11 @@ def cmd_cifar_latency(args):
     base = latency["all in 32bit"]
     acc = {r["strategy"]: r for r in trained["rows"]} if trained else {}
     lines = [
-        "CIFAR-10 ResNet-18 (the seed trained one epoch)",
+        "CIFAR-10 ResNet-18, trained (weights/resnet18_cifar.fp16.pt.*; fp32 and QAT accuracy from "
+        "benchmarks/train_cifar.py)",
         f"latency: this machine, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; batch 128, "
+        f"engines built with backend='auto' (onnxruntime {onnxruntime.__version__}, openvino "
+        f"{_openvino_version()}), torch {torch.__version__}; batch 128, "
         f"median of {args.runs} runs after "
         f"{args.warmup} warm-up, interleaved in 5 rounds",
         f"accuracy: {trained['machine']}; {trained['train']}; engine = ONNX Runtime on that machine's CPU, "
@@ -162,15 +176,17 @@ def cmd_cifar_latency(args):
         else "accuracy: not measured (no --accuracy file)",
         f"command: python benchmarks/seed_tables.py {' '.join(sys.argv[1:])}",
         "",
-        "| strategy | average bits (MACs / params) | latency ms | vs 32bit | accuracy (engine) | accuracy (PyTorch) |",
-        "|---|---|---|---|---|---|",
+        "| strategy | engine (backend='auto') | average bits (MACs / params) | latency ms | vs 32bit | "
+        "accuracy (engine) | accuracy (PyTorch) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in engines:
         a = acc.get(name, {})
         e = f"{a['accuracy_engine']:.2f}%" if a else "-"
         p = f"{a['accuracy_pytorch']:.2f}%" if a else "-"
+        chosen = engines[name].selection.chosen if engines[name].selection else engines[name].backend_name
         lines.append(
-            f"| {name} | {bits[name][0]:.2f} / {bits[name][1]:.2f} | {latency[name] * 1e3:.1f} | "
+            f"| {name} | {chosen} | {bits[name][0]:.2f} / {bits[name][1]:.2f} | {latency[name] * 1e3:.1f} | "
             f"{latency[name] / base:.2f} | {e} | {p} |"
         )
     text = "\n".join(lines)

@@ -91,7 +91,7 @@ def test_backend_reports_unavailable_without_tensorrt_with_the_supported_range()
     except ImportError:
         assert not backend.is_available()
         reason = backend.unavailable_reason()
-        assert "TensorRT 10.12 to 11.x" in reason and "tensorrt>=10.12,<12" in reason and "onnxruntime" in reason
+        assert "TensorRT 10.12 to 11.x" in reason and "tensorrt>=10.12,<12" in reason and "backend='auto'" in reason
 
 
 def test_the_extra_pins_the_supported_range():
