@@ -1,8 +1,9 @@
 """Backends: a small interface (``is_available``, ``build``, ``load``; engines ``run``, ``profile``,
-``placement``, ``save``) and a registry. Importing this package imports no runtime: ONNX Runtime and
-TensorRT are imported when an engine is built or loaded."""
+``placement``, ``save``) and a registry. Importing this package imports no runtime: ONNX Runtime, OpenVINO,
+TensorRT and Triton are imported when an engine is built or loaded."""
 
-from . import onnxruntime as _onnxruntime  # noqa: F401  (registers the backend)
+from . import cuda as _cuda  # noqa: F401  (registers the backend)
+from . import onnxruntime as _onnxruntime  # noqa: F401
 from . import openvino as _openvino  # noqa: F401
 from . import tensorrt as _tensorrt  # noqa: F401
 from .base import (

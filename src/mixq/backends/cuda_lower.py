@@ -1,0 +1,791 @@
+"""The ``cuda`` backend's legalization: the backend-neutral Q/DQ ONNX graph -> a list of fused ops.
+
+No Triton here (numpy, onnx, and torch for float shapes), so it is tested on any machine. Each ONNX node is interpreted
+symbolically in graph order; what a value *is* decides what runs:
+
+- ``QuantV``: an int8 tensor (NHWC, stored form: every 8-bit grid spans [-128, 127], see :class:`Grid`);
+  ``DQV``: the float value a DequantizeLinear of it stands for (nothing runs until a float is needed).
+- ``PendingV``: the float output of a conv/linear/average pool whose epilogue is still open: a following
+  ReLU/Clip, residual Add (with an int8 or float other side, or the 1x1 shortcut conv as a second GEMM)
+  and QuantizeLinear are fused into it, in the order ``[fake-quant] [+residual] [clamp] quantize``.
+- A QuantizeLinear of a DQV is a requantization between grids: nothing when the grids map every integer
+  to itself, else a second output of the producing kernel or a requant op.
+- A QuantizeLinear of a float tensor feeding one int8 conv is done by that conv as it loads its input.
+- Everything else runs as a float op (:class:`TorchOp`) on dequantized values, in the layer's precision.
+
+A conv or linear runs int8 when its input and weight come through DequantizeLinear (int8 weights, weight
+zero point subtracted when the difference still fits int8); fp16 (or fp8) when its layer asks for 16 bits
+(or fp8) and the weights are float; a float32 layer whose input is int8 runs in the same kernel with fp32
+(IEEE) operands, its input dequantized as it is loaded; other float32 layers through torch.
+"""
+
+# ruff: noqa: N802 - node handlers are named after the ONNX op types they lower (on_QuantizeLinear, ...)
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .base import EngineError, layer_of_node
+
+__all__ = ["Grid", "TensorInfo", "QConv", "QPool", "Requant", "Quantize", "TorchOp", "Plan", "lower", "has_border"]
+
+INPUT = 0  # tensor id of the network input
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An 8-bit quantization grid in stored form: ``value = (stored - zp) * scale`` with stored in [-128, 127]
+    (uint8 grids are stored minus 128, so their zero point is too)."""
+
+    scale: float
+    zp: int
+
+    @staticmethod
+    def from_onnx(scale, zero_point) -> Grid:
+        zp = np.asarray(zero_point)
+        if zp.dtype == np.uint8:
+            stored = int(zp.reshape(-1)[0]) - 128
+        elif zp.dtype == np.int8:
+            stored = int(zp.reshape(-1)[0])
+        else:
+            raise EngineError(f"activation zero point of type {zp.dtype}; the cuda backend runs 8-bit grids")
+        return Grid(float(np.float32(np.asarray(scale).reshape(-1)[0])), stored)
+
+    def quantize(self, v: np.ndarray) -> np.ndarray:
+        """Stored integers of float values (round half to even, saturate), as ONNX QuantizeLinear."""
+        scale = np.float32(self.scale)
+        return np.clip(np.rint(np.asarray(v, np.float32) / scale) + self.zp, -128, 127).astype(np.int64)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return ((np.asarray(q, np.float32) - np.float32(self.zp)) * np.float32(self.scale)).astype(np.float32)
+
+    def requant_table(self, to: Grid) -> np.ndarray:
+        """Stored value on ``to`` of every stored value on this grid (Q(DQ(q)), as the Q/DQ graph computes)."""
+        return to.quantize(self.dequantize(np.arange(-128, 128)))
+
+    def same_values(self, to: Grid) -> bool:
+        return bool((self.requant_table(to) == np.arange(-128, 128)).all())
+
+
+@dataclass
+class TensorInfo:
+    """One tensor of the plan: ``shape`` per image in the model's (NCHW) terms; int8 tensors are stored NHWC
+    (``(C, H, W)`` stored as ``[N, H, W, C]``; a flattened one as ``[N, F]`` with ``perm[i]`` the NCHW feature
+    index of stored position ``i``)."""
+
+    id: int
+    shape: tuple[int, ...]
+    dtype: str  # int8 | fp32 | fp16 (float tensors are torch tensors of logical NCHW shape, any strides)
+    perm: np.ndarray | None = None
+
+
+@dataclass
+class Shortcut:
+    """A second int8 GEMM added into a conv's accumulator (a residual block's 1x1 shortcut conv)."""
+
+    node: str
+    x: int
+    grid: Grid
+    weight: np.ndarray  # int8 values [Cout, Cin, KH, KW]
+    w_scale: np.ndarray  # [Cout] float64
+    bias: np.ndarray  # [Cout] float64
+    geometry: dict
+
+
+@dataclass
+class QConv:
+    """One conv or linear layer run by the Triton kernel, with its fused epilogue (see cuda_kernels)."""
+
+    kind = "conv"  # (class attributes, not fields: what the engine runs each op with)
+
+    node: str
+    mode: str  # int8 | fp16 | fp8
+    x: int
+    x_float: bool  # the input is a float tensor (quantized or converted as it is loaded)
+    grid: Grid | None  # the input grid (int8 input, or quantize-on-load); None for a float input in fp16/fp8
+    weight: np.ndarray  # int8 values (int8 mode) or float [Cout, Cin, KH, KW]
+    w_scale: np.ndarray  # [Cout] float64 (1.0 for float weights)
+    bias: np.ndarray  # [Cout] float64
+    geometry: dict  # cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, cout, oh, ow
+    absorbed: list[str] = field(default_factory=list)  # other ONNX nodes fused into this op
+    sc: Shortcut | None = None
+    q0: Grid | None = None
+    res: tuple[int, Grid | None] | None = None  # (tensor, its grid; None = float)
+    act: tuple[float, float] | None = None
+    out: int | None = None  # None while the epilogue is open
+    out_grid: Grid | None = None  # None = float output
+    out_dtype: str = "fp32"
+    store1: bool = True
+    out2: int | None = None
+    out2_grid: Grid | None = None
+    f8_scale: float = 1.0  # fp8: input multiplier (x * f8_scale -> e4m3)
+
+
+@dataclass
+class QPool:
+    """Max or average pooling over an int8 NHWC tensor (output int8 on ``out_grid``, or float)."""
+
+    kind = "pool"
+
+    node: str
+    x: int
+    grid: Grid
+    is_max: bool
+    geometry: dict  # c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, count_pad
+    absorbed: list[str] = field(default_factory=list)
+    out: int | None = None
+    out_grid: Grid | None = None
+
+
+@dataclass
+class Requant:
+    """int8 -> int8 between grids, then ``max(q, lo)`` (a ReLU applied to stored values)."""
+
+    kind = "requant"
+
+    node: str
+    x: int
+    grid: Grid
+    out: int
+    out_grid: Grid
+    lo: int = -128
+    absorbed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Quantize:
+    """A float tensor -> int8 NHWC."""
+
+    kind = "quantize"
+
+    node: str
+    x: int
+    out: int
+    out_grid: Grid
+    absorbed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TorchOp:
+    """A float op run by torch: ``op`` is the ONNX op type (or ``Dequantize``), ``inputs`` tensor ids or
+    constant arrays, ``attrs`` the ONNX attributes, ``dtype`` the compute precision."""
+
+    kind = "torch"
+
+    node: str
+    op: str
+    inputs: list
+    attrs: dict
+    out: int
+    dtype: str = "fp32"
+    grid: Grid | None = None  # Dequantize: the input's grid
+    absorbed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    ops: list
+    tensors: dict[int, TensorInfo]
+    output: int
+    input_shape: tuple[int, ...]  # per image
+    aliases: dict[int, int] = field(default_factory=dict)  # flattened view -> the int8 tensor it reshapes
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+@dataclass
+class QuantV:
+    tid: int | None  # None: not materialized yet (a quantize of ``lazy`` that a conv may do on load)
+    grid: Grid
+    shape: tuple[int, ...]
+    name: str  # the ONNX tensor holding the QuantizeLinear output
+    lazy: int | None = None  # float tensor to quantize
+
+
+@dataclass
+class DQV:
+    q: QuantV
+    name: str
+
+
+@dataclass
+class PendingV:
+    op: QConv | QPool
+    shape: tuple[int, ...]
+    name: str
+
+
+@dataclass
+class FloatV:
+    tid: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ConstV:
+    value: np.ndarray  # float value
+    raw: tuple | None = None  # DequantizeLinear of an initializer: (ints, scale, zero point, axis)
+
+
+def _attrs(node) -> dict:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def has_border(g: dict) -> bool:
+    """Whether some kernel tap of a conv falls outside the image for some output pixel (padding, ragged edge)."""
+    last_h = (g["oh"] - 1) * g["sh"] - g["ph"] + (g["kh"] - 1) * g["dh"]
+    last_w = (g["ow"] - 1) * g["sw"] - g["pw"] + (g["kw"] - 1) * g["dw"]
+    return g["ph"] > 0 or g["pw"] > 0 or last_h >= g["h"] or last_w >= g["w"]
+
+
+def _pool_out(size: int, k: int, s: int, p0: int, p1: int, d: int, ceil: bool) -> int:
+    span = size + p0 + p1 - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= size + p0:  # the last window must start inside the image or its left pad
+        out -= 1
+    return out
+
+
+class _Lowering:
+    def __init__(self, model, layers: dict):
+        from ..export import constant_resolver
+
+        self.graph = model.graph
+        self.layers = layers
+        self.const = constant_resolver(model)
+        self.count: dict[str, int] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.count[name] = self.count.get(name, 0) + 1
+        for o in self.graph.output:
+            self.count[o.name] = self.count.get(o.name, 0) + 1
+        self.values: dict[str, object] = {}
+        self.tensors: dict[int, TensorInfo] = {}
+        self.ops: list = []
+        self.dequantized: dict[int, int] = {}  # int8 tensor -> its float copy (one Dequantize per tensor)
+        self.aliases: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ tensors and values
+    def new_tensor(self, shape, dtype: str, perm=None) -> int:
+        tid = len(self.tensors)
+        self.tensors[tid] = TensorInfo(tid, tuple(int(d) for d in shape), dtype, perm)
+        return tid
+
+    def value(self, name: str):
+        if name == "":
+            return None
+        if name in self.values:
+            return self.values[name]
+        v = self.const(name)
+        if v is None:
+            raise EngineError(f"tensor {name!r} has no producer the cuda backend understands")
+        return ConstV(np.asarray(v))
+
+    def single(self, name: str) -> bool:
+        return self.count.get(name, 0) == 1
+
+    def layer(self, node_name: str) -> str | None:
+        return layer_of_node(node_name, self.layers)
+
+    def precision(self, node_name: str) -> str:
+        layer = self.layer(node_name)
+        return self.layers[layer]["precision"] if layer else "fp32"
+
+    def emit(self, op):
+        self.ops.append(op)
+        return op
+
+    # ------------------------------------------------------------------ materialization
+    def q_tensor(self, q: QuantV, node: str) -> int:
+        """The int8 tensor of ``q``, quantizing its float source now if no conv did it on load."""
+        if q.tid is None:
+            q.tid = self.new_tensor(q.shape, "int8")
+            self.emit(Quantize(node, q.lazy, q.tid, q.grid))
+        return q.tid
+
+    def as_float(self, v, node: str, dtype: str | None = None) -> int:
+        if isinstance(v, FloatV):
+            return v.tid
+        if isinstance(v, DQV):
+            op = self.open_conv(v)  # an int8 conv output only dequantized here: keep it float, fake-quantized
+            if op is not None:
+                return self.seal_float(op, v.q.shape)
+            tid = self.q_tensor(v.q, node)
+            if tid not in self.dequantized:
+                info = self.tensors[tid]
+                out = self.new_tensor(info.shape, "fp32")
+                self.emit(TorchOp(node, "Dequantize", [tid], {}, out, grid=v.q.grid))
+                self.dequantized[tid] = out
+            return self.dequantized[tid]
+        if isinstance(v, PendingV):
+            return self.seal_float(v.op, v.shape)
+        if isinstance(v, QuantV):
+            raise EngineError(f"node {node!r}: an int8 tensor is used without DequantizeLinear")
+        raise EngineError(f"node {node!r}: a constant is used as an activation (not supported by the cuda backend)")
+
+    def seal_float(self, op, shape) -> int:
+        op.out_grid = None
+        op.out = self.new_tensor(shape, op.out_dtype if isinstance(op, QConv) else "fp32")
+        self.emit(op)
+        return op.out
+
+    def seal_int8(self, op, shape, grid: Grid) -> int:
+        op.out_grid = grid
+        op.out = self.new_tensor(shape, "int8")
+        self.emit(op)
+        return op.out
+
+    def open_conv(self, v, need=lambda op: True) -> QConv | None:
+        """The QConv whose open epilogue takes the next op on ``v`` (if ``need(op)``): a single-use pending
+        value, or an int8 conv output that is only dequantized for this node (reopened: its quantization
+        becomes the fake-quant stage)."""
+        if isinstance(v, PendingV) and self.single(v.name):
+            return v.op if isinstance(v.op, QConv) and need(v.op) else None
+        if isinstance(v, DQV) and self.single(v.name) and self.single(v.q.name):
+            op = self.producer(v.q.tid)
+            if (
+                isinstance(op, QConv)
+                and op.out == v.q.tid
+                and op.out2 is None
+                and op.q0 is None
+                and op.res is None
+                and op.act is None
+                and need(op)
+            ):
+                self.ops.remove(op)
+                op.q0, op.out, op.out_grid = op.out_grid, None, None
+                return op
+        return None
+
+    def producer(self, tid):
+        if tid is None:
+            return None
+        for op in self.ops:
+            if tid in (op.out, getattr(op, "out2", None)):
+                return op
+        return None
+
+    # ------------------------------------------------------------------ nodes
+    def run(self) -> Plan:
+        graph_input = self.graph.input[0]
+        dims = graph_input.type.tensor_type.shape.dim
+        shape = tuple(int(d.dim_value) for d in list(dims)[1:])
+        if any(d <= 0 for d in shape):
+            raise EngineError(f"model input {graph_input.name!r} needs static dimensions after the batch")
+        self.input_shape = shape
+        self.values[graph_input.name] = FloatV(self.new_tensor(shape, "fp32"), shape)
+        for node in self.graph.node:
+            handler = getattr(self, f"on_{node.op_type}", None)
+            out = handler(node) if handler else self.on_float(node)
+            if out is not None:
+                self.values[node.output[0]] = out
+        if len(self.graph.output) != 1:
+            raise EngineError(f"the model has {len(self.graph.output)} outputs; mixq engines return one tensor")
+        out_value = self.value(self.graph.output[0].name)
+        out = self.as_float(out_value, "output")
+        info = self.tensors[out]
+        if info.dtype != "fp32":
+            cast = self.new_tensor(info.shape, "fp32")
+            self.emit(TorchOp("output", "Cast", [out], {}, cast))
+            out = cast
+        return Plan(self.ops, self.tensors, out, self.input_shape, self.aliases)
+
+    def on_Constant(self, node):
+        return None  # read through the constant resolver
+
+    def on_Identity(self, node):
+        v = self.value(node.input[0])
+        if isinstance(v, ConstV):
+            return None
+        return v
+
+    def on_QuantizeLinear(self, node):
+        v = self.value(node.input[0])
+        grid = Grid.from_onnx(self.const(node.input[1]), self.const(node.input[2]))
+        name = node.output[0]
+        if isinstance(v, PendingV) and self.single(v.name):
+            return QuantV(self.seal_int8(v.op, v.shape, grid), grid, v.shape, name)
+        if isinstance(v, DQV):
+            return self.requantize(v, grid, node, name)
+        if isinstance(v, FloatV):
+            return QuantV(None, grid, v.shape, name, lazy=v.tid)
+        if isinstance(v, PendingV):
+            return QuantV(None, grid, v.shape, name, lazy=self.as_float(v, node.name))
+        raise EngineError(f"node {node.name!r}: QuantizeLinear of a constant is not supported by the cuda backend")
+
+    def requantize(self, v: DQV, grid: Grid, node, name: str) -> QuantV:
+        q = v.q
+        if q.tid is None and q.lazy is not None:  # quantize the float source onto the new grid once more
+            src = QuantV(None, q.grid, q.shape, q.name, lazy=q.lazy)
+            self.q_tensor(src, node.name)
+            q = src
+        if q.grid.same_values(grid):
+            return QuantV(q.tid, grid, q.shape, name)
+        op = self.producer(q.tid)
+        alone = self.single(v.name) and self.single(q.name)
+        if isinstance(op, QConv) and op.out == q.tid and op.out2 is None and op.out_grid is not None:
+            op.out2 = self.new_tensor(q.shape, "int8", self.tensors[q.tid].perm)
+            op.out2_grid = grid
+            op.store1 = not alone
+            op.absorbed.append(node.name)
+            return QuantV(op.out2, grid, q.shape, name)
+        if isinstance(op, QPool) and op.is_max and alone:
+            op.out_grid = grid  # max commutes with the monotonic requantization
+            op.absorbed.append(node.name)
+            return QuantV(q.tid, grid, q.shape, name)
+        out = self.new_tensor(q.shape, "int8", self.tensors[q.tid].perm)
+        self.emit(Requant(node.name, q.tid, q.grid, out, grid))
+        return QuantV(out, grid, q.shape, name)
+
+    def on_DequantizeLinear(self, node):
+        v = self.value(node.input[0])
+        if isinstance(v, QuantV):
+            return DQV(v, node.output[0])
+        if isinstance(v, ConstV):
+            ints = v.value
+            scale = np.asarray(self.const(node.input[1]), np.float64)
+            zp = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), ints.dtype)
+            axis = _attrs(node).get("axis", 1)
+            shape = [1] * ints.ndim
+            if scale.size > 1:
+                shape[axis] = -1
+            value = (ints.astype(np.float64) - np.asarray(zp, np.float64).reshape(shape)) * scale.reshape(shape)
+            return ConstV(value.astype(np.float32), (ints, scale, np.asarray(zp), axis))
+        raise EngineError(f"node {node.name!r}: DequantizeLinear of something other than a QuantizeLinear output")
+
+    # ---------------------------------------------------------------- conv / gemm
+    def _int8_weight(self, w: ConstV, node) -> tuple[np.ndarray, np.ndarray] | None:
+        """(integer weights minus their zero point as int8 [Cout, ...], per-output-channel scale), or None."""
+        if w.raw is None:
+            return None
+        ints, scale, zp, axis = w.raw
+        if ints.dtype not in (np.int8, np.uint8):
+            return None
+        cout = ints.shape[0]
+        if scale.size > 1 and axis != 0:
+            return None
+        shape = [-1] + [1] * (ints.ndim - 1) if zp.size > 1 else []
+        centred = ints.astype(np.int64) - (zp.astype(np.int64).reshape(shape) if shape else zp.astype(np.int64))
+        if centred.min(initial=0) < -128 or centred.max(initial=0) > 127:
+            return None
+        return centred.astype(np.int8), np.broadcast_to(scale.reshape(-1), (cout,)).astype(np.float64)
+
+    def on_Conv(self, node):
+        a = _attrs(node)
+        x, w = self.value(node.input[0]), self.value(node.input[1])
+        b = self.value(node.input[2]) if len(node.input) > 2 else None
+        if not isinstance(w, ConstV) or (b is not None and not isinstance(b, ConstV)):
+            return self.on_float(node)
+        shape = self._shape(x)
+        nd = w.value.ndim - 2
+        if a.get("group", 1) != 1 or nd not in (1, 2) or len(shape) != nd + 1:
+            return self.on_float(node)
+        kernel = list(w.value.shape[2:])
+        strides = list(a.get("strides", [1] * nd))
+        dil = list(a.get("dilations", [1] * nd))
+        pads = list(a.get("pads", [0] * (2 * nd)))
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return self.on_float(node)
+        spatial = list(shape[1:])
+        if nd == 1:  # a 1d conv is a 2d conv on a 1-pixel-high image
+            kernel, strides, dil, spatial = [1, *kernel], [1, *strides], [1, *dil], [1, *spatial]
+            pads = [0, pads[0], 0, pads[1]]
+        out_hw = [
+            (spatial[i] + pads[i] + pads[i + 2] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(2)
+        ]
+        cout = w.value.shape[0]
+        geometry = {
+            "cin": shape[0], "h": spatial[0], "w": spatial[1], "kh": kernel[0], "kw": kernel[1],
+            "sh": strides[0], "sw": strides[1], "ph": pads[0], "pw": pads[1], "dh": dil[0], "dw": dil[1],
+            "cout": cout, "oh": out_hw[0], "ow": out_hw[1],
+        }  # fmt: skip
+        out_shape = (cout, *out_hw) if nd == 2 else (cout, out_hw[1])
+        weight = w.value if nd == 2 else w.value[:, :, None, :]
+        raw = w.raw
+        if raw is not None and nd == 1:
+            raw = (raw[0][:, :, None, :], *raw[1:])
+        op = self._conv_op(node, x, ConstV(weight, raw), b, geometry)
+        return PendingV(op, out_shape, node.output[0]) if op is not None else self.on_float(node)
+
+    def on_Gemm(self, node):
+        a = _attrs(node)
+        x, w = self.value(node.input[0]), self.value(node.input[1])
+        b = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        plain = a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0 and not a.get("transA", 0)
+        if not plain or not isinstance(w, ConstV) or (b is not None and not isinstance(b, ConstV)):
+            return self.on_float(node)
+        if len(self._shape(x)) != 1:
+            return self.on_float(node)
+        weight, raw = w.value, w.raw
+        if not a.get("transB", 0):  # [K, N] -> [N, K]; a per-column scale becomes per-row
+            weight = weight.T
+            if raw is not None:
+                raw = (raw[0].T, raw[1], raw[2].T if raw[2].ndim else raw[2], 1 - raw[3] if raw[1].size > 1 else 0)
+        if b is not None and b.value.size not in (1, weight.shape[0]):
+            return self.on_float(node)
+        perm = self._perm(x)
+        if perm is not None:  # the input is stored NHWC-flattened: reorder the weight's columns to match
+            weight = weight[:, perm]
+            if raw is not None:
+                raw = (raw[0][:, perm], *raw[1:])
+        k, cout = weight.shape[1], weight.shape[0]
+        geometry = {
+            "cin": k, "h": 1, "w": 1, "kh": 1, "kw": 1, "sh": 1, "sw": 1, "ph": 0, "pw": 0, "dh": 1, "dw": 1,
+            "cout": cout, "oh": 1, "ow": 1,
+        }  # fmt: skip
+        w4 = ConstV(weight[:, :, None, None], None if raw is None else (raw[0][:, :, None, None], *raw[1:]))
+        op = self._conv_op(node, x, w4, b, geometry)
+        return PendingV(op, (cout,), node.output[0]) if op is not None else self.on_float(node)
+
+    def _perm(self, x):
+        if isinstance(x, DQV) and x.q.tid is not None:
+            return self.tensors[x.q.tid].perm
+        return None
+
+    def _conv_op(self, node, x, w: ConstV, b: ConstV | None, geometry: dict) -> QConv | None:
+        cout = geometry["cout"]
+        bias = np.zeros(cout) if b is None else np.broadcast_to(b.value.astype(np.float64).reshape(-1), (cout,))
+        precision = self.precision(node.name)
+        int8w = self._int8_weight(w, node)
+        if isinstance(x, DQV) and int8w is not None:
+            q = x.q
+            on_load = q.tid is None and self.single(x.name) and self.single(q.name)
+            tid = q.lazy if on_load else self.q_tensor(q, node.name)
+            return QConv(node.name, "int8", tid, on_load, q.grid, int8w[0], int8w[1], bias.copy(), geometry)
+        if precision not in ("fp16", "fp8") and w.raw is None and isinstance(x, DQV):
+            # A float layer after an int8 one: fp32 operands (IEEE), its input dequantized as it is loaded
+            tid = self.q_tensor(x.q, node.name)
+            return QConv(node.name, "fp32", tid, False, x.q.grid, w.value.astype(np.float32), np.ones(cout),
+                         bias.copy(), geometry)  # fmt: skip
+        if precision in ("fp16", "fp8") and w.raw is None:
+            if isinstance(x, DQV):
+                tid, x_float, grid = self.q_tensor(x.q, node.name), False, x.q.grid
+            else:
+                tid, x_float, grid = self.as_float(x, node.name), True, None
+            op = QConv(node.name, precision, tid, x_float, grid, w.value.astype(np.float32), np.ones(cout),
+                       bias.copy(), geometry, out_dtype="fp16" if precision == "fp16" else "fp32")  # fmt: skip
+            if precision == "fp8":
+                self._fp8_scales(op, x)
+            return op
+        return None
+
+    def _fp8_scales(self, op: QConv, x) -> None:
+        """fp8 e4m3: per-output-channel weight scale amax/448; the input's range must be known (an int8 grid)."""
+        if not isinstance(x, DQV):
+            op.mode, op.out_dtype = "fp16", "fp16"  # no known input range: the note in the report says so
+            return
+        g = x.q.grid
+        amax = max(abs(-128 - g.zp), abs(127 - g.zp)) * g.scale
+        op.f8_scale = 448.0 / amax if amax > 0 else 1.0
+        w_amax = np.abs(op.weight.reshape(op.weight.shape[0], -1)).max(axis=1).astype(np.float64)
+        w_scale = np.where(w_amax > 0, w_amax / 448.0, 1.0)
+        op.weight = (op.weight / w_scale.reshape(-1, 1, 1, 1)).astype(np.float32)
+        op.w_scale = w_scale / op.f8_scale
+
+    # ---------------------------------------------------------------- elementwise
+    def on_Relu(self, node):
+        v = self.value(node.input[0])
+        op = self.open_conv(v, lambda op: op.act is None)
+        if op is not None:
+            op.act = (0.0, math.inf)
+            op.absorbed.append(node.name)
+            return PendingV(op, self._shape(v), node.output[0])
+        if isinstance(v, DQV) and v.q.tid is not None:
+            out = self.new_tensor(v.q.shape, "int8", self.tensors[v.q.tid].perm)
+            self.emit(Requant(node.name, v.q.tid, v.q.grid, out, v.q.grid, lo=v.q.grid.zp))
+            return DQV(QuantV(out, v.q.grid, v.q.shape, node.output[0] + ".q"), node.output[0])
+        return self.on_float(node)
+
+    def on_Clip(self, node):
+        v = self.value(node.input[0])
+        lo = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        lo = -math.inf if lo is None else float(lo)
+        hi = math.inf if hi is None else float(hi)
+        op = self.open_conv(v, lambda op: op.act is None)
+        if op is not None:
+            op.act = (lo, hi)
+            op.absorbed.append(node.name)
+            return PendingV(op, self._shape(v), node.output[0])
+        return self.on_float(node)
+
+    def on_Add(self, node):
+        a, b = self.value(node.input[0]), self.value(node.input[1])
+        for main, other in ((a, b), (b, a)):
+            if not isinstance(other, DQV | FloatV | PendingV) or not isinstance(main, DQV | FloatV | PendingV):
+                continue
+            if self._shape(main) != self._shape(other):
+                continue
+            op = self.open_conv(main, lambda op: op.res is None and op.act is None and op.sc is None)
+            if op is None:
+                continue
+            if self._fuse_shortcut(op, other):
+                pass
+            elif isinstance(other, DQV):
+                op.res = (self.q_tensor(other.q, node.name), other.q.grid)
+            else:
+                op.res = (self.as_float(other, node.name), None)
+            op.absorbed.append(node.name)
+            return PendingV(op, self._shape(main), node.output[0])
+        return self.on_float(node)
+
+    def _fuse_shortcut(self, op: QConv, other) -> bool:
+        sc = other.op if isinstance(other, PendingV) else None
+        if not (
+            isinstance(sc, QConv)
+            and self.single(other.name)
+            and sc.out is None
+            and op.mode == sc.mode == "int8"
+            and not sc.x_float
+            and sc.sc is None
+            and sc.q0 is None
+            and sc.res is None
+            and sc.act is None
+            and sc.geometry["cout"] == op.geometry["cout"]
+            and (sc.geometry["oh"], sc.geometry["ow"]) == (op.geometry["oh"], op.geometry["ow"])
+            and (sc.geometry["dh"], sc.geometry["dw"]) == (1, 1)
+            and not has_border(sc.geometry)  # its int8 input is read as 0 outside the image: no border allowed
+        ):
+            return False
+        op.sc = Shortcut(sc.node, sc.x, sc.grid, sc.weight, sc.w_scale, sc.bias, sc.geometry)
+        op.absorbed.append(sc.node)
+        return True
+
+    # ---------------------------------------------------------------- pools and shapes
+    def on_MaxPool(self, node):
+        return self._pool(node, is_max=True)
+
+    def on_AveragePool(self, node):
+        return self._pool(node, is_max=False)
+
+    def on_GlobalAveragePool(self, node):
+        return self._pool(node, is_max=False, global_pool=True)
+
+    def _pool(self, node, is_max: bool, global_pool: bool = False):
+        v = self.value(node.input[0])
+        if not isinstance(v, DQV) or len(v.q.shape) != 3:
+            return self.on_float(node)
+        a = _attrs(node)
+        c, h, w = v.q.shape
+        if global_pool:
+            kh, kw, sh, sw, pads, ceil = h, w, 1, 1, [0, 0, 0, 0], False
+        else:
+            if list(a.get("dilations", [1, 1])) != [1, 1] or a.get("storage_order", 0):
+                return self.on_float(node)
+            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                return self.on_float(node)
+            kh, kw = a["kernel_shape"]
+            sh, sw = a.get("strides", [1, 1])
+            pads = list(a.get("pads", [0, 0, 0, 0]))
+            ceil = bool(a.get("ceil_mode", 0))
+        oh = _pool_out(h, kh, sh, pads[0], pads[2], 1, ceil)
+        ow = _pool_out(w, kw, sw, pads[1], pads[3], 1, ceil)
+        geometry = {
+            "c": c, "h": h, "w": w, "kh": kh, "kw": kw, "sh": sh, "sw": sw, "ph": pads[0], "pw": pads[1],
+            "oh": oh, "ow": ow, "count_pad": bool(a.get("count_include_pad", 0)),
+        }  # fmt: skip
+        op = QPool(node.name, self.q_tensor(v.q, node.name), v.q.grid, is_max, geometry)
+        if is_max:
+            out = self.seal_int8(op, (c, oh, ow), v.q.grid)
+            return DQV(QuantV(out, v.q.grid, (c, oh, ow), node.output[0] + ".q"), node.output[0])
+        return PendingV(op, (c, oh, ow), node.output[0])
+
+    def on_Flatten(self, node):
+        v = self.value(node.input[0])
+        if _attrs(node).get("axis", 1) != 1:
+            return self.on_float(node)
+        return self._flatten(v, node)
+
+    def on_Reshape(self, node):
+        v = self.value(node.input[0])
+        target = self.const(node.input[1])
+        shape = self._shape(v) if not isinstance(v, ConstV) else None
+        if target is None or shape is None:
+            return self.on_float(node)
+        target = [int(t) for t in np.asarray(target).reshape(-1)]
+        if len(target) == 2 and target[0] in (0, -1) and target[1] in (-1, int(np.prod(shape))):
+            return self._flatten(v, node)
+        return self.on_float(node)
+
+    def _flatten(self, v, node):
+        shape = self._shape(v)
+        flat = (int(np.prod(shape)),)
+        if isinstance(v, DQV) and len(shape) == 3:
+            q = v.q
+            tid = self.q_tensor(q, node.name)
+            c, h, w = shape
+            perm = None
+            if h * w > 1:  # stored NHWC: stored position (y, x, c) holds NCHW feature c*h*w + y*w + x
+                perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+            view = self.new_tensor(flat, "int8", perm)
+            self.aliases[view] = tid
+            return DQV(QuantV(view, q.grid, flat, q.name), node.output[0])
+        if isinstance(v, PendingV) and isinstance(v.op, QPool) and shape[1:] == (1, 1):
+            return PendingV(v.op, flat, v.name)
+        if isinstance(v, DQV) and len(shape) == 1:
+            return v
+        return self.on_float(node)
+
+    def _shape(self, v) -> tuple[int, ...]:
+        if isinstance(v, DQV):
+            return v.q.shape
+        if isinstance(v, QuantV | PendingV | FloatV):
+            return v.shape
+        raise EngineError("a constant is used where an activation is expected (not supported by the cuda backend)")
+
+    # ---------------------------------------------------------------- everything else: float ops
+    FLOAT_OPS = frozenset(
+        {
+            "Conv", "Gemm", "MatMul", "Relu", "Clip", "Add", "Sub", "Mul", "Div", "MaxPool", "AveragePool",
+            "GlobalAveragePool", "Flatten", "Reshape", "BatchNormalization", "LogSoftmax", "Softmax", "Sigmoid",
+            "Tanh", "Concat", "Transpose", "ReduceMean", "Squeeze", "Unsqueeze",
+        }
+    )  # fmt: skip
+
+    def on_float(self, node):
+        if node.op_type not in self.FLOAT_OPS:
+            raise EngineError(
+                f"node {node.name!r}: ONNX op {node.op_type} is not supported by the cuda backend "
+                f"(supported: {sorted(self.FLOAT_OPS | {'QuantizeLinear', 'DequantizeLinear'})})"
+            )
+        dtype = "fp16" if self.precision(node.name) == "fp16" else "fp32"
+        inputs, shapes = [], []
+        for name in node.input:
+            v = self.value(name) if name else None
+            if v is None:
+                inputs.append(None)
+            elif isinstance(v, ConstV):
+                inputs.append(v.value)
+            else:
+                inputs.append(self.as_float(v, node.name))
+                shapes.append(self._shape(v))
+        out_shape = _float_shape(node.op_type, _attrs(node), inputs, shapes, self.tensors)
+        out = self.new_tensor(out_shape, dtype)
+        self.emit(TorchOp(node.name, node.op_type, inputs, _attrs(node), out, dtype))
+        return FloatV(out, out_shape)
+
+
+def _float_shape(op: str, attrs: dict, inputs: list, shapes: list, tensors) -> tuple[int, ...]:
+    """Per-image output shape of a float op, from a tiny shape inference on a batch of 1 with numpy-free rules."""
+    import torch
+
+    from .cuda_torch import run_torch_op
+
+    def example(i):
+        if isinstance(i, int):
+            return torch.zeros((1, *tensors[i].shape))
+        return None if i is None else torch.from_numpy(np.array(i))
+
+    with torch.no_grad():
+        out = run_torch_op(op, [example(i) for i in inputs], attrs)
+    return tuple(out.shape[1:])
+
+
+def lower(model, layers: dict) -> Plan:
+    """The fused op plan of a Q/DQ ONNX model (see the module doc); errors name the node."""
+    return _Lowering(model, layers).run()

@@ -1,0 +1,386 @@
+"""The cuda backend's Triton kernels against a float64 reference of the same integer math.
+
+Each case draws fresh random inputs and weights (never zeros), poisons the outputs before each of two runs
+(two different poison values: an element no kernel wrote would differ between the runs), and checks:
+the int32 accumulation exactly (scale 1, bias 0, float output: exact while |acc| < 2**24), every requantized
+output within one step of the reference (and nearly all exactly), float outputs to fp32 rounding. On a
+machine without a GPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set here before
+Triton is imported); on a GPU they run natively.
+"""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install 'mixq[cuda]'): cuda backend kernels not tested here",
+                allow_module_level=True)  # fmt: skip
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    if "mixq.backends.cuda_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels were compiled for a GPU before this module set TRITON_INTERPRET=1",
+                    allow_module_level=True)  # fmt: skip
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from mixq.backends.cuda import ConvRunner, PoolRunner, QuantizeRunner, RequantRunner  # noqa: E402
+from mixq.backends.cuda_kernels import KernelConfig  # noqa: E402
+from mixq.backends.cuda_lower import Grid, Plan, QConv, QPool, Quantize, Requant, Shortcut, TensorInfo  # noqa: E402
+
+X, RES, X2, OUT, OUT2 = 0, 1, 2, 3, 4
+GPU_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="more of the same case: run natively on a GPU (interpreter time)")
+POISONS = (-77, 55)
+
+
+def rint(v: torch.Tensor) -> torch.Tensor:
+    return torch.round(v)  # half to even, as the kernels and ONNX
+
+
+def quant(y: torch.Tensor, g: Grid) -> torch.Tensor:
+    return torch.clamp(rint(y / g.scale) + g.zp, -128, 127)
+
+
+def deq(q: torch.Tensor, g: Grid) -> torch.Tensor:
+    return (q.double() - g.zp) * g.scale
+
+
+def rand_grid(gen) -> Grid:
+    return Grid(float(np.float32(0.002 + 0.05 * torch.rand((), generator=gen).item())),
+                int(torch.randint(-128, 100, (), generator=gen)))  # fmt: skip
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def geometry(cin, h, w, cout, k, s, p):
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    return {"cin": cin, "h": h, "w": w, "kh": k, "kw": k, "sh": s, "sw": s, "ph": p, "pw": p, "dh": 1, "dw": 1,
+            "cout": cout, "oh": oh, "ow": ow}  # fmt: skip
+
+
+def plan_for(tensors: dict) -> Plan:
+    return Plan([], {t: TensorInfo(t, shape, dtype) for t, (shape, dtype) in tensors.items()}, OUT, (1,))
+
+
+def run_twice(runner, env: dict, outs: dict) -> list[dict]:
+    """Run with each poison value in the output buffers; return the outputs of each run."""
+    results = []
+    for poison in POISONS:
+        e = dict(env)
+        for tid, (shape, dtype) in outs.items():
+            e[tid] = torch.full(shape, float("nan") if dtype.is_floating_point else poison, dtype=dtype, device=DEVICE)
+        runner(e)
+        results.append({tid: _nchw(e[tid].cpu()) for tid in outs})
+    return results
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """Outputs as NCHW: int8 ones are stored NHWC; float ones the runner already gives in logical NCHW."""
+    return t.permute(0, 3, 1, 2) if t.dtype == torch.int8 and t.dim() == 4 else t
+
+
+def conv_reference(xq, g, wq, w_scale, bias, geo, scale_override=None):
+    """float64: (sum of (x - zx) * w) * sx * sw[c] + bias, on the NCHW integers."""
+    acc = F.conv2d(xq.double() - g.zp, wq.double(), stride=geo["sh"], padding=geo["ph"])
+    scale = torch.as_tensor(w_scale * g.scale if scale_override is None else scale_override).reshape(1, -1, 1, 1)
+    return acc, acc * scale + torch.as_tensor(bias).reshape(1, -1, 1, 1)
+
+
+SHAPES = [  # (batch, cin, h, w, cout, k, stride, pad): odd channel counts, batch 1, stride 2, 1x1 and 5x5
+    pytest.param((2, 3, 7, 7, 5, 3, 1, 1), id="cin3-3x3-pad"),
+    pytest.param((1, 20, 6, 5, 17, 5, 1, 2), id="batch1-5x5-pad2"),
+    pytest.param((2, 33, 7, 7, 24, 3, 2, 1), id="cin33-stride2"),
+    pytest.param((3, 40, 5, 5, 19, 1, 1, 0), id="1x1"),
+    pytest.param((5, 70, 1, 1, 10, 1, 1, 0), id="linear"),
+]
+
+
+def _conv_case(shape, gen, **epilogue):
+    n, cin, h, w, cout, k, s, p = shape
+    geo = geometry(cin, h, w, cout, k, s, p)
+    g = rand_grid(gen)
+    xq = torch.randint(-128, 128, (n, cin, h, w), generator=gen)
+    wq = torch.randint(-127, 128, (cout, cin, k, k), generator=gen)
+    w_scale = (0.001 + 0.01 * torch.rand(cout, generator=gen, dtype=torch.float64)).numpy()
+    bias = (torch.randn(cout, generator=gen, dtype=torch.float64) * 0.5).numpy()
+    op = QConv("conv", "int8", X, False, g, wq.numpy().astype(np.int8), w_scale, bias, geo, **epilogue)
+    env = {X: nhwc(xq).to(torch.int8).to(DEVICE)}
+    return op, geo, g, xq, wq, w_scale, bias, env
+
+
+MATHS = [  # how an int8 layer multiplies: int8 tensor cores, int8 values on fp16 tensor cores, CUDA cores
+    pytest.param(("int8", 32), id="int8-bk32"),
+    pytest.param(("int8", 64), id="int8-bk64", marks=GPU_ONLY),
+    pytest.param(("f16", 32), id="f16"),
+    pytest.param(("fma", 32), id="fma"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("math", MATHS)
+def test_int8_accumulation_is_exact(shape, math):
+    """Scale 1, bias 0, float output: the kernel returns sum((x - zx) * w) itself, which must be exact
+    (int32 accumulation; fp32 sums of exact products, exact while below 2**24, which the test checks)."""
+    math, bk = math
+    gen = torch.Generator().manual_seed(hash((shape, math, bk)) % 2**31)
+    op, geo, g, xq, wq, _, _, env = _conv_case(shape, gen, out_grid=None, out=OUT)
+    op.w_scale = np.full(geo["cout"], 1.0 / g.scale)
+    op.bias = np.zeros(geo["cout"])
+    n = shape[0]
+    plan = plan_for({X: ((geo["cin"], geo["h"], geo["w"]), "int8"), OUT: ((geo["cout"], geo["oh"], geo["ow"]), "fp32")})
+    runner = ConvRunner(op, plan, torch.device(DEVICE), KernelConfig(32, 16, bk, 4, 2, math))
+    outs = {OUT: ((n, geo["oh"], geo["ow"], geo["cout"]), torch.float32)}
+    acc, _ = conv_reference(xq, g, wq, None, np.zeros(geo["cout"]), geo, scale_override=1.0)
+    assert float(acc.abs().max()) < 2**24  # fp32 holds every accumulator exactly
+    for res in run_twice(runner, env, outs):
+        got = res[OUT].double()
+        assert torch.equal(got, acc), float((got - acc).abs().max())
+
+
+EPILOGUES = ["relu", "clip", "q0+residual_int8+relu", "residual_float", "out2_both", "out2_only", "float_out"]
+
+
+EPILOGUE_CASES = [
+    pytest.param(p.values[0], math, id=f"{p.id}-{math}", marks=marks)
+    for p, math, marks in [(SHAPES[0], "int8", ()), (SHAPES[1], "int8", GPU_ONLY), (SHAPES[2], "int8", ()),
+                           (SHAPES[4], "int8", GPU_ONLY), (SHAPES[0], "f16", ()), (SHAPES[0], "fma", ())]
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "math"), EPILOGUE_CASES)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_int8_conv_epilogues_within_one_step(shape, math, epilogue):
+    gen = torch.Generator().manual_seed(hash((shape, epilogue, math)) % 2**31)
+    op, geo, g, xq, wq, w_scale, bias, env = _conv_case(shape, gen)
+    n, cout, oh, ow = shape[0], geo["cout"], geo["oh"], geo["ow"]
+    g1, g2, g0, gr = (rand_grid(gen) for _ in range(4))
+    op.out, op.out_grid = OUT, g1
+    tensors = {X: ((geo["cin"], geo["h"], geo["w"]), "int8"), OUT: ((cout, oh, ow), "int8")}
+    _, y = conv_reference(xq, g, wq, w_scale, bias, geo)
+    if "q0" in epilogue:
+        op.q0 = g0
+        y = deq(quant(y, g0), g0)
+    if "residual_int8" in epilogue:
+        rq = torch.randint(-128, 128, (n, cout, oh, ow), generator=gen)
+        env[RES] = nhwc(rq).to(torch.int8).to(DEVICE)
+        op.res = (RES, gr)
+        tensors[RES] = ((cout, oh, ow), "int8")
+        y = y + deq(rq, gr)
+    if "residual_float" in epilogue:
+        rf = torch.randn(n, cout, oh, ow, generator=gen, dtype=torch.float64)
+        env[RES] = rf.float().to(DEVICE)  # NCHW float: the kernel reads it through its strides
+        op.res = (RES, None)
+        y = y + rf.float().double()
+    if "relu" in epilogue:
+        op.act = (0.0, float("inf"))
+        y = y.clamp(min=0.0)
+    if epilogue == "clip":
+        op.act = (-0.2, 0.3)
+        y = y.clamp(-0.2, 0.3)
+    outs = {OUT: ((n, oh, ow, cout), torch.int8)}
+    expected = {OUT: quant(y, g1)}
+    if epilogue.startswith("out2"):
+        op.out2, op.out2_grid, op.store1 = OUT2, g2, epilogue == "out2_both"
+        expected[OUT2] = quant(deq(expected[OUT], g1), g2)
+        outs[OUT2] = ((n, oh, ow, cout), torch.int8)
+        if not op.store1:
+            del outs[OUT], expected[OUT]
+    if epilogue == "float_out":
+        op.out_grid = None
+        outs = {OUT: ((n, oh, ow, cout), torch.float32)}
+    runner = ConvRunner(op, plan_for(tensors), torch.device(DEVICE), KernelConfig(32, 16, 32, 4, 2, math))
+    first, second = run_twice(runner, env, outs)
+    for tid in outs:
+        assert torch.equal(first[tid], second[tid]), f"output {tid}: an element was not written"
+        got = first[tid].double()
+        if epilogue == "float_out":
+            assert torch.isfinite(got).all()
+            assert float((got - y).norm() / y.norm()) < 1e-6
+            continue
+        diff = (got - expected[tid]).abs()
+        assert float(diff.max()) <= 1, float(diff.max())
+        assert float((diff == 0).double().mean()) >= 0.99
+
+
+def test_shortcut_gemm_adds_a_second_int8_conv():
+    """A block's stride-2 3x3 conv plus its 1x1 stride-2 shortcut conv as a second GEMM into one output."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (2, 24, 8, 8, 20, 3, 1, 1)  # conv2 of the block works on the strided grid already
+    op, geo, g, xq, wq, w_scale, bias, env = _conv_case(shape, gen)
+    cin2, h2 = 12, 16
+    g2 = rand_grid(gen)
+    x2 = torch.randint(-128, 128, (2, cin2, h2, h2), generator=gen)
+    w2 = torch.randint(-127, 128, (20, cin2, 1, 1), generator=gen)
+    s2 = (0.001 + 0.01 * torch.rand(20, generator=gen, dtype=torch.float64)).numpy()
+    b2 = (torch.randn(20, generator=gen, dtype=torch.float64) * 0.5).numpy()
+    geo2 = geometry(cin2, h2, h2, 20, 1, 2, 0)
+    op.sc = Shortcut("sc", X2, g2, w2.numpy().astype(np.int8), s2, b2, geo2)
+    g1 = rand_grid(gen)
+    op.out, op.out_grid, op.act = OUT, g1, (0.0, float("inf"))
+    env[X2] = nhwc(x2).to(torch.int8).to(DEVICE)
+    tensors = {X: ((24, 8, 8), "int8"), X2: ((cin2, h2, h2), "int8"), OUT: ((20, 8, 8), "int8")}
+    _, y = conv_reference(xq, g, wq, w_scale, bias, geo)
+    _, y2 = conv_reference(x2, g2, w2, s2, b2, geo2)
+    expected = quant((y + y2).clamp(min=0), g1)
+    for bk, math in ((32, "int8"), (64, "int8"), (32, "f16")):
+        runner = ConvRunner(op, plan_for(tensors), torch.device(DEVICE), KernelConfig(32, 16, bk, 4, 2, math))
+        first, second = run_twice(runner, env, {OUT: ((2, 8, 8, 20), torch.int8)})
+        assert torch.equal(first[OUT], second[OUT])
+        diff = (first[OUT].double() - expected).abs()
+        assert float(diff.max()) <= 1 and float((diff == 0).double().mean()) >= 0.99
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], pytest.param(SHAPES[2].values[0], id="cin33-stride2", marks=GPU_ONLY)])
+@pytest.mark.parametrize("math", ["int8", "f16", "fma", "q+int8", "q+fma"])
+def test_quantize_on_load_from_nchw_float(shape, math):
+    """The first conv reads the float NCHW network input and quantizes it as it loads (padding = zero point),
+    or ("q+...") quantizes it in a pass of its own into int8 NHWC first."""
+    gen = torch.Generator().manual_seed(11)
+    op, geo, g, _, wq, w_scale, bias, _ = _conv_case(shape, gen)
+    n = shape[0]
+    x = torch.randn(n, geo["cin"], geo["h"], geo["w"], generator=gen) * 1.5
+    op.x_float = True
+    g1 = rand_grid(gen)
+    op.out, op.out_grid = OUT, g1
+    tensors = {X: ((geo["cin"], geo["h"], geo["w"]), "fp32"), OUT: ((geo["cout"], geo["oh"], geo["ow"]), "int8")}
+    xq = quant(x.double(), g)
+    _, y = conv_reference(xq, g, wq, w_scale, bias, geo)
+    expected = quant(y, g1)
+    runner = ConvRunner(op, plan_for(tensors), torch.device(DEVICE), KernelConfig(32, 16, 32, 4, 2, math))
+    first, second = run_twice(runner, {X: x.to(DEVICE)}, {OUT: ((n, geo["oh"], geo["ow"], geo["cout"]), torch.int8)})
+    assert torch.equal(first[OUT], second[OUT])
+    diff = (first[OUT].double() - expected).abs()
+    assert float(diff.max()) <= 1 and float((diff == 0).double().mean()) >= 0.99
+
+
+@pytest.mark.parametrize("mode", ["fp16", "fp32", "fp8"])
+@pytest.mark.parametrize("source", ["int8", "float"])
+def test_float_modes(mode, source):
+    """fp16/fp8 operands with fp32 accumulation, and IEEE fp32, from an int8 input (dequantized on load) or
+    a float one; the reference rounds the operands the same way, then computes in float64."""
+    if mode == "fp8" and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter rounds to e4m3 unlike the hardware (seen: 17.0 -> 18.0); fp8 is checked "
+                    "on the GPU")  # fmt: skip
+    if mode == "fp32" and source == "float":
+        pytest.skip("fp32 layers with a float input run in torch, not in this kernel")
+    gen = torch.Generator().manual_seed(13)
+    shape = (2, 20, 6, 6, 18, 3, 1, 1)
+    n, cin, h, w, cout, k, s, p = shape
+    geo = geometry(cin, h, w, cout, k, s, p)
+    wf = torch.randn(cout, cin, k, k, generator=gen) * 0.2
+    bias = (torch.randn(cout, generator=gen, dtype=torch.float64) * 0.5).numpy()
+    g = rand_grid(gen)
+    if source == "int8":
+        xq = torch.randint(-128, 128, (n, cin, h, w), generator=gen)
+        env, xv = {X: nhwc(xq).to(torch.int8).to(DEVICE)}, deq(xq, g).float()
+    else:
+        xv = torch.randn(n, cin, h, w, generator=gen)
+        env = {X: xv.to(DEVICE)}
+    op = QConv("conv", mode, X, source == "float", g if source == "int8" else None, wf.numpy(), np.ones(cout), bias,
+               geo, out=OUT, out_dtype="fp32")  # fmt: skip
+    if mode == "fp8":
+        amax = float(xv.abs().max())
+        op.f8_scale = 448.0 / amax
+        w_scale = wf.reshape(cout, -1).abs().amax(1).double() / 448.0
+        op.weight = (wf / w_scale.float().reshape(-1, 1, 1, 1)).numpy()
+        op.w_scale = (w_scale / op.f8_scale).numpy()
+        a_ref = (xv * op.f8_scale).to(torch.float8_e4m3fn).double() / op.f8_scale
+        w_ref = torch.from_numpy(op.weight).to(torch.float8_e4m3fn).double() * w_scale.reshape(-1, 1, 1, 1)
+    elif mode == "fp16":
+        a_ref, w_ref = xv.half().double(), wf.half().double()
+    else:
+        a_ref, w_ref = xv.double(), wf.double()
+    y = F.conv2d(a_ref, w_ref, stride=s, padding=p) + torch.as_tensor(bias).reshape(1, -1, 1, 1)
+    tensors = {X: ((cin, h, w), "int8" if source == "int8" else "fp32"), OUT: ((cout, h, w), "fp32")}
+    runner = ConvRunner(op, plan_for(tensors), torch.device(DEVICE), KernelConfig(32, 32, 32, 4, 2))
+    first, second = run_twice(runner, env, {OUT: ((n, h, w, cout), torch.float32)})
+    got = first[OUT].double()
+    assert torch.equal(first[OUT], second[OUT])  # NaN-poisoned before each run: every element written
+    assert torch.isfinite(got).all()
+    # fp32 accumulation of K = 180 exact products: relative error ~ K * 2**-24
+    assert float((got - y).norm() / y.norm()) < 1e-4, float((got - y).norm() / y.norm())
+
+
+POOLS = [  # (batch, c, h, w, k, stride, pad, ceil, count_pad)
+    pytest.param((2, 6, 8, 8, 2, 2, 0, False, False), id="2x2s2"),
+    pytest.param((1, 19, 7, 7, 3, 2, 1, True, False), id="3x3s2-pad-ceil"),
+    pytest.param((2, 33, 5, 6, 3, 1, 1, False, True), id="3x3-pad-count-pad"),
+]
+
+
+def _pool_out(size, k, s, p, ceil):
+    span = size + 2 * p - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    return out - 1 if ceil and (out - 1) * s >= size + p else out
+
+
+@pytest.mark.parametrize("shape", POOLS)
+@pytest.mark.parametrize("kind", ["max", "max_requant", "avg_int8", "avg_float"])
+def test_pools_on_int8(shape, kind):
+    n, c, h, w, k, s, p, ceil, count_pad = shape
+    gen = torch.Generator().manual_seed(hash((shape, kind)) % 2**31)
+    g, g_out = rand_grid(gen), rand_grid(gen)
+    xq = torch.randint(-128, 128, (n, c, h, w), generator=gen)
+    oh, ow = _pool_out(h, k, s, p, ceil), _pool_out(w, k, s, p, ceil)
+    geo = {"c": c, "h": h, "w": w, "kh": k, "kw": k, "sh": s, "sw": s, "ph": p, "pw": p, "oh": oh, "ow": ow,
+           "count_pad": count_pad}  # fmt: skip
+    is_max = kind.startswith("max")
+    out_grid = {"max": g, "max_requant": g_out, "avg_int8": g_out, "avg_float": None}[kind]
+    op = QPool("pool", X, g, is_max, geo, out=OUT, out_grid=out_grid)
+    v = deq(xq, g)
+    if is_max:
+        ref = F.max_pool2d(v, k, s, p, ceil_mode=ceil)
+    else:
+        ref = F.avg_pool2d(v, k, s, p, ceil_mode=ceil, count_include_pad=count_pad)
+    assert ref.shape[2:] == (oh, ow)
+    dtype = torch.float32 if out_grid is None else torch.int8
+    plan = plan_for({X: ((c, h, w), "int8"), OUT: ((c, oh, ow), "int8" if out_grid else "fp32")})
+    runner = PoolRunner(op, plan, torch.device(DEVICE))
+    first, second = run_twice(runner, {X: nhwc(xq).to(torch.int8).to(DEVICE)}, {OUT: ((n, oh, ow, c), dtype)})
+    got = first[OUT].double()
+    if out_grid is None:
+        assert torch.isfinite(got).all() and float((got - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+        return
+    assert torch.equal(first[OUT], second[OUT])
+    expected = quant(ref, out_grid)
+    diff = (got - expected).abs()
+    assert float(diff.max()) <= (0 if kind == "max" else 1)
+    assert float((diff == 0).double().mean()) >= 0.99
+
+
+def test_requant_and_relu_on_stored_values():
+    gen = torch.Generator().manual_seed(3)
+    g, g2 = rand_grid(gen), rand_grid(gen)
+    xq = torch.randint(-128, 128, (3, 385), generator=gen)  # elementwise: any shape
+    env = {X: xq.to(torch.int8).to(DEVICE)}
+    for lo in (-128, g2.zp):
+        op = Requant("rq", X, g, OUT, g2, lo=lo)
+        first, second = run_twice(RequantRunner(op, None, DEVICE), env, {OUT: (tuple(xq.shape), torch.int8)})
+        assert torch.equal(first[OUT], second[OUT])
+        expected = torch.clamp(quant(deq(xq, g), g2), min=lo)
+        assert torch.equal(first[OUT].double(), expected)  # one rounding of exactly representable values
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "flat"])
+def test_quantize_float_to_nhwc(layout):
+    gen = torch.Generator().manual_seed(5)
+    g = rand_grid(gen)
+    shape = (3, 19) if layout == "flat" else (3, 19, 5, 7)
+    x = torch.randn(*shape, generator=gen) * 2
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    info = shape[1:]
+    op = Quantize("q", X, OUT, g)
+    plan = plan_for({X: (info, "fp32"), OUT: (info, "int8")})
+    out_shape = (3, 19) if layout == "flat" else (3, 5, 7, 19)
+    first, second = run_twice(QuantizeRunner(op, plan, DEVICE), {X: x.to(DEVICE)}, {OUT: (out_shape, torch.int8)})
+    assert torch.equal(first[OUT], second[OUT])
+    expected = quant(x.double(), g)
+    got = first[OUT].double()
+    assert float((got - expected).abs().max()) <= 1
+    assert float((got == expected).double().mean()) >= 0.99
