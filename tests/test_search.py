@@ -382,6 +382,42 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path):
     assert any(line.endswith("from the cache, 0 new") for line in again), again[-3:]
 
 
+def test_finetune_of_a_quantized_winner_is_built_verified_and_kept_when_better():
+    from mixq.search import EngineMeasurer, Evaluated, _result, agreement_metric
+    from mixq.search.run import Outcome
+    from mixq.zoo.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny_mlp").eval()
+    data = torch.randn(128, 16)
+    units = find_units(model, data[:1])
+    metric = agreement_metric(model, [data])
+    real = EngineMeasurer(model, [data], units, ["onnxruntime"], metric, metric, 32, runs=3, profile_runs=2)
+    a = ("int8", "int8")
+    winner = Evaluated("search onnxruntime #1", "onnxruntime", a, 1.0, 2.0, 0.0, 100.0)  # a PTQ that lost it all
+    outcome = Outcome(winner, (winner,), (), real.reference(), Budget(), True, "test", (), "exact (Pareto DP)")
+    seen = []
+
+    def finetune(net, config):
+        seen.append(config)
+        mixq.prepare_(net, config, mixq.QAT(), example_input=data[:1])
+        net.train()
+        with torch.no_grad():
+            for i in range(0, 128, 32):
+                net(data[i : i + 32])  # a few forward passes: the EMA ranges get initialized
+        return net
+
+    result = _result(real, outcome, units, 32, finetune, lambda _: None)
+    assert seen == [result.config_list] and result.config_list
+    row = result.finetuned
+    assert row is not None and row.assignment == a and row.label.endswith("+ QAT fine-tune")
+    assert row.metric > 90.0  # the engine of the fine-tuned model agrees with the float model
+    assert result.finetune_kept == (row.ratio < 1)  # better than the PTQ row; kept only if faster than float
+    assert row in result.rows
+    with pytest.raises(ConfigError, match="finetune must return the model prepared"):
+        _result(real, outcome, units, 32, lambda net, config: net, lambda _: None)
+
+
 def test_search_rejects_bad_input_before_work():
     from mixq.zoo.models import create_model
 

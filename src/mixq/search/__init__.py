@@ -44,6 +44,8 @@ __all__ = [
     "config_list_for",
     "check_choices",
     "DEFAULT_CHOICES",
+    "EngineMeasurer",
+    "agreement_metric",
 ]
 
 DEFAULT_CHOICES = ("fp32", "fp16", "int8", "fp8")

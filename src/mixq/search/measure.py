@@ -140,6 +140,7 @@ class EngineMeasurer(Measurer):
         self._calibrated: dict[str, dict] = {}
         self._speedups: dict = {}
         self._reference: dict | None = None
+        self._proxy_ref: torch.Tensor | None = None
         self._base = _digest(
             type(model).__qualname__,
             str(model),
@@ -254,10 +255,13 @@ class EngineMeasurer(Measurer):
         from ..report import fusion_groups, group_times
 
         engine = self.speedup(backend, tuple(choice for _ in self.units)).engine
-        groups = fusion_groups(self.model, engine.layers, self.x[:1].to(self.device))
-        times = group_times(engine.profile(self.x, self.profile_runs), groups)
         rows = {r.layer: r for r in engine.placement()}
         names = [u.name for u in self.units]
+        if not any(n in rows and rows[n].runs_as == CHOICES[choice].precision for n in names):
+            times = dict.fromkeys(names, 0.0)  # the backend does not run this choice: nothing to time
+        else:
+            groups = fusion_groups(self.model, engine.layers, self.x[:1].to(self.device))
+            times = group_times(engine.profile(self.x, self.profile_runs), groups)
         return {
             "times": {n: float(times.get(n, 0.0)) for n in names},
             "total": float(sum(times.values())),
@@ -280,9 +284,10 @@ class EngineMeasurer(Measurer):
     def proxy(self, unit: str, choice: str) -> float:
         assignment = [choice if u.name == unit else FLOAT for u in self.units]
         with torch.no_grad():
-            ref = self.model.eval()(self.proxy_x.to(self.device)).float().cpu()
+            if self._proxy_ref is None:
+                self._proxy_ref = self.model.eval()(self.proxy_x.to(self.device)).float().cpu()
             out = self.quantized_model(assignment)(self.proxy_x.to(self.device)).float().cpu()
-        return sqnr_db(ref, out)
+        return sqnr_db(self._proxy_ref, out)
 
     def metric(self, assignment) -> float:
         return self._evaluate(self.eval_fn, self.quantized_model(assignment))

@@ -1,9 +1,10 @@
 """The search procedure over a :class:`~.measure.Measurer`: latency tables, sensitivities, solve, verify.
 
-1. Profile, on every backend, the engine with every unit at each choice: per-unit kernel times (the
-   placement report's profiler) plus the rest (glue, pools) spread evenly over the units give each
-   (unit, choice) a predicted cost; the placement says whether the backend really runs that choice
-   (fp16 requests that run fp32 are left out, and the notes say so).
+1. Profile, on every backend, the engine with every unit at each choice: the per-unit kernel times (the
+   placement report's profiler) are each (unit, choice)'s predicted cost; the rest of the float engine
+   (pools, glue) is a constant. Q/DQ glue at float/quantized boundaries is not in the prediction (it
+   depends on the neighbours): the whole-engine measurements of step 4 decide. The placement says
+   whether the backend really runs a choice (fp16 requests that run fp32 are left out, with a note).
 2. Only (unit, choice) options predicted faster than fp32 on some backend are candidates. Each gets a
    cheap proxy (output SQNR with only that unit quantized); the most promising (latency gain per unit of
    proxy noise) get their metric drop measured (PTQ, fake-quant model); the rest are predicted from the
@@ -132,6 +133,7 @@ class _Search:
         self.avail: dict[tuple[str, str], list[bool]] = {}
         self.gains: dict[tuple[int, str], dict[str, float]] = {}
         self.drops: dict[tuple[int, str], float] = {}
+        self.rest: dict[str, float] = {}  # backend -> us of the float engine outside the units' kernels
         self.scale: dict[str, float] = {}  # backend -> measured float ms per predicted ms
         self.solvers: set[str] = set()
 
@@ -142,13 +144,13 @@ class _Search:
     # --- 1. latency tables -------------------------------------------------------------------------------
 
     def profile(self) -> None:
-        n = len(self.units)
         for b in self.backends:
             for c in (FLOAT, *self.choices):
                 self.log(f"profiling {b} with every layer at {c}")
                 prof = self.m.profile(b, c)
-                rest = prof["total"] - sum(prof["times"].values())
-                self.cost[b, c] = [prof["times"][u] + rest / n for u in self.units]
+                self.cost[b, c] = [prof["times"][u] for u in self.units]
+                if c == FLOAT:
+                    self.rest[b] = prof["total"] - sum(self.cost[b, c])
                 runs_as = prof["runs_as"]
                 self.avail[b, c] = [c == FLOAT or runs_as[u] == CHOICES[c].precision for u in self.units]
                 if c != FLOAT and not any(self.avail[b, c]):
@@ -222,14 +224,14 @@ class _Search:
             quantized = [p for p in front if any(p.picks)]
             if self.budget.max_drop is not None:
                 return quantized[:finalists]
-            target = self.budget.latency_ms / self.scale[b] * 1e3
+            target = self.target_us(b)
             within = sorted((p for p in quantized if p.latency <= target), key=lambda p: (p.drop, p.latency))
             return within[:finalists] + ([quantized[0]] if quantized and quantized[0] not in within else [])
         self.solvers.add("greedy")
         if self.budget.max_drop is not None:
             plan = greedy(problem, self.budget.max_drop)
         else:
-            plan = greedy_for_latency(problem, self.budget.latency_ms / self.scale[b] * 1e3)
+            plan = greedy_for_latency(problem, self.target_us(b))
         return [plan] if any(plan.picks) else []
 
     def candidates(self, finalists: int, exact_limit: int) -> list[tuple[str, str, tuple, float | None, float | None]]:
@@ -238,7 +240,7 @@ class _Search:
             problem = self.problem(b)
             for n, plan in enumerate(self.plans(b, finalists, exact_limit)):
                 a = tuple(problem[i][p].choice for i, p in enumerate(plan.picks))
-                out.append((f"search {b} #{n + 1}", b, a, plan.latency / 1e3 * self.scale[b], plan.drop))
+                out.append((f"search {b} #{n + 1}", b, a, self.predicted_ms(b, a), plan.drop))
                 seen.add((b, a))
             for c in self.choices:
                 a = tuple(c for _ in self.units)
@@ -248,7 +250,12 @@ class _Search:
         return out
 
     def predicted_ms(self, b: str, a: Sequence[str]) -> float:
-        return sum(self.cost[b, c][i] for i, c in enumerate(a)) / 1e3 * self.scale[b]
+        """Whole-engine ms predicted from the profiles, on the scale of the measured float engine."""
+        return (sum(self.cost[b, c][i] for i, c in enumerate(a)) + self.rest[b]) / 1e3 * self.scale[b]
+
+    def target_us(self, b: str) -> float:
+        """The latency target in the units of the per-unit costs of backend ``b``."""
+        return self.budget.latency_ms / self.scale[b] * 1e3 - self.rest[b]
 
     def predicted_drop(self, a: Sequence[str]) -> float | None:
         ds = [self.drops.get((i, c)) for i, c in enumerate(a) if c != FLOAT]
@@ -346,7 +353,7 @@ def run_search(
     sensitivity = s.sensitivities(ref, max_measured)
     float_rows, float_ms = s.measure([], ref)
     for b in s.backends:
-        s.scale[b] = float_ms[b] / (sum(s.cost[b, FLOAT]) / 1e3)
+        s.scale[b] = float_ms[b] / ((sum(s.cost[b, FLOAT]) + s.rest[b]) / 1e3)
     s.measure(s.candidates(finalists, exact_limit), ref)
     s.verify_loop(ref)
     best, met = s.pick(), True
