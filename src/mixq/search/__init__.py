@@ -198,7 +198,7 @@ def search(
     verify_fn = verify_fn or eval_fn
     batch = batch or len(batches[0])
     real = EngineMeasurer(
-        model, batches, units, names, eval_fn, verify_fn, batch, runs, profile_runs, proxy_samples, threads
+        model, batches, units, names, eval_fn, verify_fn, batch, runs, profile_runs, proxy_samples, threads, kept
     )
     folder = default_cache_dir() if cache_dir is _DEFAULT_CACHE else cache_dir
     cache = DiskCache(None if folder is None else os.path.join(folder, f"{real.fingerprint('engine')[:20]}.json"))

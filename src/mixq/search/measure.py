@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from .space import CHOICES, FLOAT, Unit, config_list_for
 __all__ = ["Measurer", "EngineMeasurer", "sqnr_db"]
 
 ENGINE_CACHE_SIZE = 12  # built engines kept in memory (a ResNet-18 engine holds ~45 MB of weights)
+PROFILE_ROUNDS = 3  # interleaved profiling rounds per backend
+MEASUREMENT_VERSION = 2  # part of the cache fingerprint: bump when a measurement changes meaning
 
 
 class Measurer(ABC):
@@ -124,6 +127,7 @@ class EngineMeasurer(Measurer):
         profile_runs: int = 10,
         proxy_samples: int = 64,
         threads: int | None = None,
+        choices: Sequence[str] = (FLOAT,),
     ):
         self.model = model
         self.batches = batches
@@ -140,6 +144,8 @@ class EngineMeasurer(Measurer):
         self._calibrated: dict[str, dict] = {}
         self._speedups: dict = {}
         self._reference: dict | None = None
+        self.choices = tuple(dict.fromkeys([FLOAT, *choices]))
+        self._profiles: dict[tuple[str, str], dict] = {}
         self._proxy_ref: torch.Tensor | None = None
         self._base = _digest(
             type(model).__qualname__,
@@ -148,7 +154,7 @@ class EngineMeasurer(Measurer):
             *batches,
             [u.modules for u in self.units],
             {"batch": batch, "runs": runs, "profile_runs": profile_runs, "threads": threads},
-            {"proxy_samples": proxy_samples},
+            {"proxy_samples": proxy_samples, "version": MEASUREMENT_VERSION},
             _machine(),
         )
 
@@ -252,22 +258,42 @@ class EngineMeasurer(Measurer):
     # --- measurements ------------------------------------------------------------------------------------
 
     def profile(self, backend: str, choice: str) -> dict:
+        if (backend, choice) not in self._profiles:
+            self._profile_backend(backend, tuple(dict.fromkeys([*self.choices, choice])))
+        return self._profiles[backend, choice]
+
+    def _profile_backend(self, backend: str, choices: Sequence[str]) -> None:
+        """Profile the uniform engine of every choice on ``backend`` in interleaved rounds (so that drift in
+        the machine's load hits all alike) and keep each layer's median over the rounds. A choice that no
+        unit runs as asked is not timed."""
         from ..report import fusion_groups, group_times
 
-        engine = self.speedup(backend, tuple(choice for _ in self.units)).engine
-        rows = {r.layer: r for r in engine.placement()}
         names = [u.name for u in self.units]
-        if not any(n in rows and rows[n].runs_as == CHOICES[choice].precision for n in names):
-            times = dict.fromkeys(names, 0.0)  # the backend does not run this choice: nothing to time
-        else:
-            groups = fusion_groups(self.model, engine.layers, self.x[:1].to(self.device))
-            times = group_times(engine.profile(self.x, self.profile_runs), groups)
-        return {
-            "times": {n: float(times.get(n, 0.0)) for n in names},
-            "total": float(sum(times.values())),
-            "runs_as": {n: rows[n].runs_as if n in rows else "missing" for n in names},
-            "notes": {n: rows[n].note if n in rows else "" for n in names},
-        }
+        engines, groups = {}, {}
+        for c in choices:
+            engine = self.speedup(backend, tuple(c for _ in self.units)).engine
+            rows = {r.layer: r for r in engine.placement()}
+            runs_as = {n: rows[n].runs_as if n in rows else "missing" for n in names}
+            notes = {n: rows[n].note if n in rows else "" for n in names}
+            self._profiles[backend, c] = {
+                "times": dict.fromkeys(names, 0.0),
+                "total": 0.0,
+                "runs_as": runs_as,
+                "notes": notes,
+            }
+            if c == FLOAT or CHOICES[c].precision in runs_as.values():
+                engines[c] = engine
+                groups[c] = fusion_groups(self.model, engine.layers, self.x[:1].to(self.device))
+        rounds = min(PROFILE_ROUNDS, self.profile_runs)
+        samples: dict[str, dict[str, list[float]]] = {c: {} for c in engines}
+        for _ in range(rounds):
+            for c, engine in engines.items():
+                for key, us in group_times(engine.profile(self.x, -(-self.profile_runs // rounds)), groups[c]).items():
+                    samples[c].setdefault(key, []).append(us)
+        for c, per_key in samples.items():
+            median = {k: statistics.median(v) for k, v in per_key.items()}
+            self._profiles[backend, c]["times"] = {n: float(median.get(n, 0.0)) for n in names}
+            self._profiles[backend, c]["total"] = float(sum(median.values()))
 
     def time_engines(self, engines: list, scale: int = 1) -> list[float]:
         """Median ms per engine at the search batch, interleaved in rounds (noise hits all alike)."""
