@@ -271,6 +271,12 @@ def _finetune(real: EngineMeasurer, finetune: Callable, config_list: list, w: Ev
     metric = float(real.verify_fn(s.engine.run))
     ref = real.reference()["verify"]
     row = Evaluated(
-        f"{w.label} + QAT fine-tune", w.backend, w.assignment, times[0], min(times[1:]), metric, ref - metric
+        f"{w.label.removesuffix(' (confirm)')} + QAT fine-tune",
+        w.backend,
+        w.assignment,
+        times[0],
+        min(times[1:]),
+        metric,
+        ref - metric,
     )
     return tuned, s, row

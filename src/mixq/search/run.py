@@ -371,9 +371,12 @@ def run_search(
         confirmed = rows[0]
         if confirmed.ratio < 1:
             winner = confirmed
-            what = f"drop {winner.drop:.3f} <= {budget.max_drop:g}" if budget.max_drop is not None else str(budget)
-            reason = f"{best.label} on {best.backend}: {winner.ratio:.2f}x the fastest float engine's latency, {what}"
-            if not met:
+            reason = f"{best.label} on {best.backend}: {winner.ratio:.2f}x the fastest float engine's latency"
+            if budget.max_drop is not None:
+                reason += f", verified drop {winner.drop:.3f} <= {budget.max_drop:g}"
+            elif met:
+                reason += f", {winner.latency_ms:.3f} ms <= {budget.latency_ms:g} ms, the most accurate within it"
+            else:
                 reason += f"; nothing met the latency target of {budget.latency_ms:g} ms, this is the fastest"
         else:
             reason = (
