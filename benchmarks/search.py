@@ -133,7 +133,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=None, help="timed runs per comparison engine (default 200 / 20)")
     p.add_argument("--search-runs", type=int, default=None, help="the search's runs per engine (default 50 / 10)")
     p.add_argument("--max-measured", type=int, default=None, help="the search's max_measured (default all / 24)")
-    p.add_argument("--cache", default=None, help="the search's cache folder (default: a fresh temporary one)")
+    p.add_argument(
+        "--cache", default=None, help="the search's cache folder (default: none, measurements kept in memory)"
+    )
     p.add_argument("--out", required=True, help="writes OUT.md, OUT.png (comparison), OUT-pareto.png (search)")
     args = p.parse_args(argv)
     lenet = args.model == "lenet"
