@@ -33,6 +33,10 @@ __all__ = [
 class Observer(nn.Module):
     """Base class: subclasses implement ``observe`` and ``range``."""
 
+    deferred_sync = False
+    """True while ``observe`` only records the batch's range and the range moves at the next cross-rank sync
+    (``mixq.distributed.defer_range_sync``): the range then lags the training step by one batch."""
+
     def __init__(self, spec: QuantSpec):
         super().__init__()
         self.spec = spec

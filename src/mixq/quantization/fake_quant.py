@@ -60,7 +60,9 @@ class ActivationQuant(nn.Module):
             self.observer.observe(x)
         if calibrating or gate is False:
             return x
-        if not observing:  # eval before any data: pass through
+        # Without data yet (eval first), or while the batch just observed reaches the range only at the next
+        # cross-rank sync (distributed QAT, mixq.distributed), quantize only once there is a range.
+        if not observing or self.observer.deferred_sync:
             ready = self.observer.ready()
             if ready is False:
                 return x
