@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "is_main_process", "all_reduce_range", "all_reduce_sum", "broadcast_", "barrier"]
+__all__ = ["is_distributed", "is_main_process", "all_reduce_range", "all_reduce_sum", "all_reduce_mean", "broadcast_", "barrier"]
 
 
 def is_distributed() -> bool:
@@ -39,6 +39,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     g = t.detach().to(_collective_device(t), torch.float64).clone()
     dist.all_reduce(g, op=dist.ReduceOp.SUM)
     return g.to(t.device, t.dtype)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over all ranks (identity when not distributed)."""
+    if not is_distributed():
+        return t
+    return all_reduce_sum(t) / dist.get_world_size()
 
 
 def broadcast_(t: torch.Tensor, src: int = 0) -> None:

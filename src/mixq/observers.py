@@ -120,6 +120,7 @@ class EMAMinMaxObserver(MinMaxObserver):
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.pending_range: tuple[torch.Tensor, torch.Tensor] | None = None  # deferred_sync only
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
         if not spec.per_channel:  # per-channel state takes its shape from the first batch
             self.min_val, self.max_val = torch.zeros(()), torch.zeros(())
@@ -133,9 +134,26 @@ class EMAMinMaxObserver(MinMaxObserver):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        # Under torch.distributed every rank folds in the range of the global batch, so the EMA (and the
-        # exported config) is identical on all ranks.
-        lo, hi = all_reduce_range(*(t.float() for t in tensor_range(x, self.spec)))
+        self.fold_range(*(t.float() for t in tensor_range(x, self.spec)))
+
+    @torch.no_grad()
+    def fold_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Fold one batch's float32 (min, max) into the EMA.
+
+        Under torch.distributed every rank folds in the range of the global batch, so the EMA (and the exported
+        config) is identical on all ranks: with :attr:`deferred_sync` the range is only recorded here and all
+        recorded ranges of the model cross the ranks in one collective after the forward
+        (``mixq.quantization.sync``); otherwise it is all-reduced now, one collective per call.
+        """
+        if self.deferred_sync:
+            pending = self.pending_range
+            self.pending_range = (lo, hi) if pending is None else (pending[0].minimum(lo), pending[1].maximum(hi))
+            return
+        self.apply_global_range(*all_reduce_range(lo, hi))
+
+    @torch.no_grad()
+    def apply_global_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """One EMA step with a range every rank agrees on (the first one sets the state)."""
         if self.min_val.shape != lo.shape:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         first = ~self.observed

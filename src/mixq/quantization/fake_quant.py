@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import ConfigError
+from ..distributed import all_reduce_mean
 from ..observers import Observer
 from ..primitives import (
     channels_first,
@@ -108,7 +109,8 @@ class LSQActivationQuant(nn.Module):
     def forward(self, x: torch.Tensor, gate: Gate, calibrating: bool) -> torch.Tensor:
         if not self._initialized_host:  # once, on the first batch
             with torch.no_grad():
-                self.scale.copy_(_lsq_init_scale(x, self.spec))
+                # Every rank starts from the same step size: DDP does not re-broadcast parameters after wrapping.
+                self.scale.copy_(all_reduce_mean(_lsq_init_scale(x, self.spec)))
                 self._initialized.fill_(True)
             self._initialized_host = True
         if gate is False or calibrating:
