@@ -170,7 +170,8 @@ def quality(engine, fq_model, fp32_model, x, y) -> dict:
 
 
 def baselines(model, x: torch.Tensor, compile_ok: bool) -> dict:
-    """Eager fp32 (TF32 off), CUDA-graph fp16 channels-last, torch.compile max-autotune fp16 channels-last."""
+    """Eager fp32 (TF32 off), eager TF32, CUDA-graph fp16 channels-last, torch.compile max-autotune fp16
+    channels-last (Inductor's own CUDA graphs)."""
     res = {}
     fp32 = copy.deepcopy(model).cuda().eval()
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
@@ -178,6 +179,13 @@ def baselines(model, x: torch.Tensor, compile_ok: bool) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
             res["eager fp32"] = bench(lambda: fp32(x))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            res["eager tf32"] = bench(lambda: fp32(x))
         finally:
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     m16 = copy.deepcopy(model).cuda().eval().half().to(memory_format=torch.channels_last)
@@ -248,6 +256,10 @@ def roofline(engine, batch: int, ceil: dict, times: dict) -> list[dict]:
 
 def fmt_ms(v) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def _seconds(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 def main() -> None:
@@ -361,9 +373,9 @@ def report(results: dict, command: str, other: dict | None = None, other_name: s
         f"Latency: median of `triton.testing.do_bench` (warm-up {results['warmup_ms']} ms, repetitions "
         f"{results['rep_ms']} ms, L2 flushed before each call), input already on the GPU. Config: all-int8 PTQ.",
         "",
-        "| model | batch | weights | cuda int8 ms | again | graph replay only | eager fp32 | CUDA-graph fp16 CL | "
-        "torch.compile fp16 | int8 / compiled fp16 | build s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | weights | cuda int8 ms | again | graph replay only | eager fp32 | eager tf32 | "
+        "CUDA-graph fp16 CL | torch.compile fp16 | int8 / compiled fp16 | build s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         if "error" in r:
@@ -378,9 +390,9 @@ def report(results: dict, command: str, other: dict | None = None, other_name: s
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['weights']} | {fmt_ms(r['cuda int8 (run_device)'])} | "
             f"{fmt_ms(r.get('cuda int8 (run_device), again'))} | {fmt_ms(r['cuda int8 graph replay only'])} | "
-            f"{fmt_ms(r.get('eager fp32'))} | {fmt_ms(r.get('CUDA-graph fp16 channels-last'))} | "
-            f"{fmt_ms(comp)}{mark} | "
-            f"{ratio} | {r['build_seconds']:.0f} |"
+            f"{fmt_ms(r.get('eager fp32'))} | {fmt_ms(r.get('eager tf32'))} | "
+            f"{fmt_ms(r.get('CUDA-graph fp16 channels-last'))} | {fmt_ms(comp)}{mark} | "
+            f"{ratio} | {r['build_seconds']:.0f} | {_seconds(r.get('compile_seconds'))} |"
         )
     if other is not None:
         om = other["machine"]
@@ -415,6 +427,10 @@ def report(results: dict, command: str, other: dict | None = None, other_name: s
             lines.append(f"| {row['layer']} | {row['kernel']} | {row['gflop']:.2f} | {row['mbytes']:.1f} | "
                          f"{row['floor_us']:.1f} | {row['bound']} | {shown} | {gap} |")  # fmt: skip
         lines.append(f"\nAll kernels, each alone: {r['profile_total_us']:.1f} us.")
+        slow = sorted((row for row in r["layers"] if row["measured_us"]), key=lambda row: -row["measured_us"])[:3]
+        gaps = ", ".join(f"{row['layer']} {row['measured_us']:.1f} us vs floor {row['floor_us']:.1f} us "
+                         f"({row['measured_us'] / row['floor_us']:.1f}x)" for row in slow)  # fmt: skip
+        lines.append(f"Three slowest layers: {gaps}.")
     lines.append(f"\nWhole run: {results.get('seconds', 0):.0f} s.")
     return "\n".join(lines) + "\n"
 
