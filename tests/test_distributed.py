@@ -79,6 +79,102 @@ def _qat_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+QAT_CONFIG = [
+    {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+]
+SYNC_STEPS = 4
+
+
+def _sync_batches(rank: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * rank + step)  # different data on every rank and step
+    return torch.randn(8, 1, 28, 28, generator=g) * (1 + step + rank)
+
+
+def _ema_observers(model):
+    from mixq.observers import EMAMinMaxObserver
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, EMAMinMaxObserver)}
+
+
+def _observer_states(model) -> dict:
+    return {n: (o.min_val.item(), o.max_val.item(), bool(o.observed)) for n, o in _ema_observers(model).items()}
+
+
+def _mixed_decays(model) -> None:
+    for name, o in _ema_observers(model).items():  # two EMA decays: RangeSync applies them as separate runs
+        if name.startswith("relu"):
+            o.decay = 0.9
+
+
+def _deferred_sync_worker(rank, port, out_dir):
+    _init(rank, port)
+    try:
+        torch.manual_seed(0)
+        model = TorchModel()
+        mixq.prepare_(model, QAT_CONFIG, mixq.QAT())  # under torch.distributed: deferred, one collective per step
+        _mixed_decays(model)
+        ddp = DDP(model)
+        calls = []
+        all_reduce = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            calls.append(tensor.numel())
+            return all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        try:
+            per_step, outputs = [], []
+            for step in range(SYNC_STEPS):
+                before = len(calls)
+                out = ddp(_sync_batches(rank, step))
+                out.sum().backward()  # no optimizer step: weights stay as in the reference
+                outputs.append(out.detach())
+                per_step.append(len(calls) - before)
+            mixq.sync_ranges(model)
+        finally:
+            dist.all_reduce = all_reduce
+        result = {"calls_per_step": per_step, "packed_sizes": calls, "states": _observer_states(model)}
+        torch.save({"result": result, "outputs": outputs}, os.path.join(out_dir, f"sync_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+def test_deferred_range_sync_is_one_collective_and_matches_the_global_batch_reference(tmp_path):
+    _spawn(_deferred_sync_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"sync_{r}.pt") for r in range(WORLD)]
+    a, b = (r["result"] for r in ranks)
+    observers = len(a["states"])
+    assert observers == 9  # 5 conv/linear inputs + 4 ReLU outputs
+    assert a["calls_per_step"] == [1] * SYNC_STEPS  # one collective per step, for every observer at once
+    assert a["packed_sizes"] == [2 * observers] * SYNC_STEPS
+    assert a["states"] == b["states"]  # bit-identical on both ranks
+
+    # Reference in one process: each step, both ranks' batches through the same state (ranges recorded only),
+    # then one EMA step per observer with the min/max over the two batches.
+    torch.manual_seed(0)
+    model = TorchModel()
+    mixq.prepare_(model, QAT_CONFIG, mixq.QAT())  # not distributed here: observers would update at once
+    _mixed_decays(model)
+    observers_ref = _ema_observers(model)
+    for o in observers_ref.values():
+        o.deferred_sync = True
+    for step in range(SYNC_STEPS):
+        recorded = []
+        for rank in range(WORLD):
+            out = model(_sync_batches(rank, step))
+            assert torch.equal(out, ranks[rank]["outputs"][step])  # the same forward as that rank's
+            recorded.append({n: o.pending_range for n, o in observers_ref.items()})
+            for o in observers_ref.values():
+                o.pending_range = None
+        for n, o in observers_ref.items():
+            lo = torch.minimum(*(r[n][0] for r in recorded))
+            hi = torch.maximum(*(r[n][1] for r in recorded))
+            o.apply_global_range(lo, hi)
+    assert _observer_states(model) == a["states"]
+
+
 def _spawn(fn, tmp_path):
     mp.start_processes(fn, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
 

@@ -19,11 +19,13 @@ from .quantization import (
     DoReFa,
     QuantWrapper,
     calibrate_,
+    defer_range_sync,
     deploy_model,
     export_calibration,
     freeze_,
     prepare_,
     quantized_layers,
+    sync_ranges,
 )
 from .search import search
 from .spec import IntType, LayerSpec, PerChannel, PerTensor, QuantSpec
@@ -58,6 +60,8 @@ __all__ = [
     "quantized_layers",
     "export_calibration",
     "deploy_model",
+    "defer_range_sync",
+    "sync_ranges",
     "save_calibration_config",
     "load_calibration_config",
     "validate_calibration_config",

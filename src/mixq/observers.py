@@ -163,6 +163,7 @@ class EMAMinMaxObserver(MinMaxObserver):
 
     def reset(self):
         super().reset()
+        self.pending_range = None
         self.observed.fill_(False)
         if not self.spec.per_channel:
             device = self.observed.device

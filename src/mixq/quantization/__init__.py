@@ -11,6 +11,7 @@ from .model import (
     prepare_,
     quantized_layers,
 )
+from .sync import defer_range_sync, sync_ranges
 from .wrapper import LSQ, PTQ, QAT, DoReFa, Method, QuantWrapper
 
 __all__ = [
@@ -27,4 +28,6 @@ __all__ = [
     "export_calibration",
     "deploy_model",
     "find_conv_bn_pairs",
+    "defer_range_sync",
+    "sync_ranges",
 ]

@@ -22,11 +22,12 @@ from torch import nn
 
 from .._errors import ConfigError, ModelStructureError
 from ..config import check_config_list, resolve_config
-from ..distributed import broadcast_
+from ..distributed import broadcast_, is_distributed
 from ..observers import HistogramObserver
 from ..primitives import SCALE_EPS
 from ..spec import LayerSpec
 from .fake_quant import ActivationQuant, LSQActivationQuant
+from .sync import defer_range_sync, sync_ranges, undefer_range_sync_
 from .wrapper import QAT, Method, Mode, QuantWrapper
 
 __all__ = [
@@ -114,6 +115,8 @@ def prepare_(
         model.set_submodule(name, wrapper)
         if bn_name:
             model.set_submodule(bn_name, nn.Identity())
+    if isinstance(method, QAT) and is_distributed():
+        defer_range_sync(model)  # one range all-reduce per step instead of one per observer
     return specs
 
 
@@ -175,6 +178,7 @@ def freeze_(model: nn.Module, allow_unobserved: bool = False) -> nn.Module:
     calibration data yet) unless ``allow_unobserved``; otherwise (a module the config names but ``forward``
     never calls) a warning names it and it stays float."""
     wrappers = _wrappers_or_error(model)
+    sync_ranges(model)
     calibrating = {n: w for n, w in wrappers.items() if w.mode is Mode.CALIBRATE}
     for observer in _activation_observers(calibrating):
         observer.sync()
@@ -224,6 +228,7 @@ def export_calibration(model: nn.Module, allow_unobserved: bool = False) -> dict
     """
     out = {}
     wrappers = _wrappers_or_error(model)
+    sync_ranges(model)
     unobserved = set(_check_observed(wrappers, allow_unobserved, "train or calibrate before exporting"))
     for w in wrappers.values():
         if w.bn is not None:
@@ -277,6 +282,7 @@ def deploy_model(model: nn.Module) -> nn.Module:
 def deploy_(model: nn.Module) -> nn.Module:
     """:func:`deploy_model` in place: ``model`` gets its plain modules back (NNI's ``export_model`` unwraps
     the model it quantized)."""
+    undefer_range_sync_(model)
     for name, w in quantized_layers(model).items():
         module = w.module
         if w.layer_spec.weight is not None or w.bn is not None:
@@ -308,6 +314,7 @@ def load_calibration_(model: nn.Module, calibration: Mapping) -> list[str]:
 
     calibration = normalize_calibration_config(calibration)
     wrappers = _wrappers_or_error(model)
+    sync_ranges(model)  # a range update still in flight would land on top of the loaded ranges
     missing = []
     for name, w in wrappers.items():
         entry = calibration.get(name)
