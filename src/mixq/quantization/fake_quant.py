@@ -3,6 +3,8 @@ owned by the layer's :class:`~mixq.quantization.wrapper.QuantWrapper`."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import torch
@@ -29,12 +31,36 @@ __all__ = [
     "WeightQuant",
     "LSQWeightQuant",
     "DoReFaWeightQuant",
+    "use_fused",
+    "fused_available",
 ]
 
 
 Gate = bool | torch.Tensor
 """Whether to quantize now: a Python bool, or a device bool tensor (``quant_start_step`` counting, an observer
 that may not have seen data) so that the training step never waits for the GPU and never recompiles."""
+
+
+def fused_available(device_type: str, compiling: bool) -> bool:
+    """Whether fake quantization runs as the fused Triton kernels of :mod:`mixq.quantization.fused`: on CUDA, in
+    eager mode (a compiled graph keeps the plain torch ops, which inductor fuses itself), with Triton installed."""
+    return device_type == "cuda" and not compiling and _triton_installed()
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """:func:`fused_available` for a tensor about to be fake-quantized, here and now."""
+    return fused_available(x.device.type, torch.compiler.is_compiling())
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _fused():
+    from . import fused  # imports Triton: only once a CUDA tensor is fake-quantized in eager mode
+
+    return fused
 
 
 def gated(gate: Gate, quantized: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +83,10 @@ class ActivationQuant(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: Gate, calibrating: bool) -> torch.Tensor:
         observing = calibrating or (self.training and self.observe_in_training)
+        if observing and not calibrating and gate is not False and use_fused(x):
+            fused = _fused()
+            if fused.supports_observed(self.observer, self.spec, x):
+                return fused.observe_and_fake_quantize(x, self.observer, gate)
         if observing:
             self.observer.observe(x)
         if calibrating or gate is False:
@@ -116,7 +146,10 @@ class LSQActivationQuant(nn.Module):
         if gate is False or calibrating:
             return x
         grad_scale = 1.0 / math.sqrt(x.numel() * _positive_qmax(self.spec))
-        out = fake_quantize_lsq(x, self.scale.abs().clamp(min=1e-8), self.zero_point, self.spec.dtype, None, grad_scale)
+        scale = self.scale.abs().clamp(min=1e-8)
+        if use_fused(x):
+            return _fused().fake_quantize_lsq(x, scale, self.zero_point, self.spec, None, grad_scale, gate)
+        out = fake_quantize_lsq(x, scale, self.zero_point, self.spec.dtype, None, grad_scale)
         return gated(gate, out, x)
 
     def qparams(self):
@@ -135,6 +168,8 @@ class WeightQuant(nn.Module):
         self.spec = spec
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if use_fused(w) and _fused().supports_weight(w, self.spec):
+            return _fused().fake_quantize_weight(w, self.spec)
         scale, zp = choose_qparams_from_tensor(w, self.spec, check=False)  # no host sync in the training loop
         return fake_quantize(w, scale.to(w.device), zp.to(w.device), self.spec.dtype, self.spec.axis)
 
@@ -164,6 +199,8 @@ class LSQWeightQuant(nn.Module):
         per_channel_numel = w.numel() // max(1, self.scale.numel())
         grad_scale = 1.0 / math.sqrt(per_channel_numel * _positive_qmax(self.spec))
         scale = self.scale.abs().clamp(min=1e-8)
+        if use_fused(w) and _fused().supports_lsq(w, self.spec.axis):
+            return _fused().fake_quantize_lsq(w, scale, self.zero_point, self.spec, self.spec.axis, grad_scale)
         return fake_quantize_lsq(w, scale, self.zero_point, self.spec.dtype, self.spec.axis, grad_scale)
 
     def deploy_weight(self, w: torch.Tensor) -> torch.Tensor:
