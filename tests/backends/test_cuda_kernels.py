@@ -384,3 +384,26 @@ def test_quantize_float_to_nhwc(layout):
     got = first[OUT].double()
     assert float((got - expected).abs().max()) <= 1
     assert float((got == expected).double().mean()) >= 0.99
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, pytest.param((1, 8, 9, 8, 7, 3, 2, 1), id="stride2-ragged")])
+def test_border_table_holds_the_weight_sum_over_the_taps_inside(shape):
+    """Every output pixel's entry in the BORDER table equals the brute-force sum of the weights over the
+    kernel taps that fall inside the image (what the kernel subtracts times the zero point)."""
+    from mixq.backends.cuda import border_table
+
+    gen = torch.Generator().manual_seed(17)
+    _, cin, h, w, cout, k, s, p = shape
+    geo = geometry(cin, h, w, cout, k, s, p)
+    wq = torch.randint(-127, 128, (cout, cin, k, k), generator=gen).numpy().astype(np.int8)
+    cols = cout + 3
+    table = border_table(wq, geo, cols).astype(np.int64)
+    for oh in range(geo["oh"]):
+        for ow in range(geo["ow"]):
+            want = np.zeros(cols, dtype=np.int64)
+            for kh in range(k):
+                for kw in range(k):
+                    if 0 <= oh * s - p + kh < h and 0 <= ow * s - p + kw < w:
+                        want[:cout] += wq[:, :, kh, kw].astype(np.int64).sum(1)
+            start = table[oh] + table[geo["oh"] + ow]
+            assert np.array_equal(table[start : start + cols], want), (oh, ow)

@@ -93,6 +93,8 @@ _TENSOR_CORE = [
     (128, 256, 64, 8, 3, "f16"),
     (64, 64, 64, 4, 4, "f16"),
     (128, 128, 32, 4, 4, "f16"),
+    (32, 64, 64, 4, 3, "int8"),  # tiles of 32 rows run mma.sync, which Triton 3.6 pipelines for int8 (its
+    (32, 128, 64, 4, 4, "int8"),  # int8 wgmma it does not): for layers with few output rows and long reductions
 ]
 _FMA = [(128, 64, 32, 4, 1, "fma"), (64, 64, 32, 4, 1, "fma"), (256, 32, 32, 8, 1, "fma")]
 _FLOAT = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4)]
@@ -117,6 +119,36 @@ def candidate_configs(op) -> list:
         if cfg not in out:
             out.append(cfg)
     return out
+
+
+def _inside_taps(size: int, out: int, k: int, stride: int, pad: int, dil: int) -> tuple[list[int], list[tuple]]:
+    """Per output position along one axis, the index of its pattern (which kernel taps fall inside the
+    image), and the distinct patterns (tuples of booleans, one per tap)."""
+    patterns, index = [], []
+    for o in range(out):
+        inside = tuple(0 <= o * stride - pad + t * dil < size for t in range(k))
+        if inside not in patterns:
+            patterns.append(inside)
+        index.append(patterns.index(inside))
+    return index, patterns
+
+
+def border_table(weight: np.ndarray, g: dict, np_cols: int) -> np.ndarray:
+    """The int32 table the conv kernel's BORDER epilogue reads (the input is read as 0 outside the image, so
+    ``acc - zp * sum(w over the taps inside)`` is the exact result): ``[OH]`` row offsets, ``[OW]`` column
+    offsets, then one ``[np_cols]`` weight sum per (row pattern, column pattern). Output pixel (oh, ow) finds
+    its sums at ``table[table[oh] + table[OH + ow] + c]``; a 3x3 conv with padding 1 has 3 x 3 patterns."""
+    hi, hpat = _inside_taps(g["h"], g["oh"], g["kh"], g["sh"], g["ph"], g["dh"])
+    wi, wpat = _inside_taps(g["w"], g["ow"], g["kw"], g["sw"], g["pw"], g["dw"])
+    per_tap = weight.astype(np.int64).sum(1)  # [Cout, KH, KW]
+    head = g["oh"] + g["ow"]
+    sums = np.zeros((len(hpat), len(wpat), np_cols), dtype=np.int64)
+    for a, hin in enumerate(hpat):
+        for b, win in enumerate(wpat):
+            sums[a, b, : g["cout"]] = per_tap[:, np.array(hin)][:, :, np.array(win)].sum((1, 2))
+    rows = head + np.array(hi, dtype=np.int64) * len(wpat) * np_cols
+    cols = np.array(wi, dtype=np.int64) * np_cols
+    return np.concatenate([rows, cols, sums.reshape(-1)]).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------ runners
@@ -207,9 +239,8 @@ class ConvRunner(_Runner):
         a_float = op.x_float and not self.prequant
         self.border = self.dot == k.DOT_INT8 and not a_float and has_border(g)
         self.wtap = self.wsum
-        if self.border:  # per-tap weight sums [KH*KW, NP]: the epilogue adds only the taps inside the image
-            taps = op.weight.astype(np.int64).sum(1).reshape(g["cout"], -1).T  # [KH*KW, Cout]
-            self.wtap = torch.cat([self._vec(t, torch.int32) for t in taps])
+        if self.border:  # the weight sums over the taps inside the image, one per border pattern of a pixel
+            self.wtap = torch.from_numpy(border_table(op.weight, g, self.np)).to(device)
         self.scale = self._vec(scale, torch.float32)
         self.bias = self._vec(bias, torch.float32)
         self.dummy = torch.zeros(16, device=device, dtype=torch.int8)

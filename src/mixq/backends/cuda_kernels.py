@@ -79,19 +79,30 @@ class KernelConfig:
         )
 
 
+RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + this rounds v to an integer, half to even, in one fp32 add
+
+
 @triton.jit
 def _rint(v):
-    """Round half to even (as torch.round and ONNX QuantizeLinear), exact for |v| < 2**22."""
-    f = tl.floor(v)
-    d = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    """Round half to even (as torch.round and ONNX QuantizeLinear), exact for |v| < 2**22; larger values stay
+    large and of the same sign (every caller clamps to [-128, 127] next). Two fp32 adds: the first rounds
+    (IEEE round to nearest even at a spacing of 1), the second is exact."""
+    return (v + RINT_MAGIC) - RINT_MAGIC
 
 
 @triton.jit
 def _quant(y, s, z):
     """The stored int8 value (as fp32, in [-128, 127]) of ``y`` on the grid (scale ``s``, stored zero point ``z``)."""
     return tl.minimum(tl.maximum(_rint(tl.div_rn(y, s)) + z, -128.0), 127.0)
+
+
+@triton.jit
+def _quant_inv(y, inv_s, z):
+    """:func:`_quant` with the reciprocal of the scale (``inv_s = 1 / s``, once per program): a multiply instead
+    of an IEEE division per element. ``y * (1/s)`` may differ from ``y / s`` in the last bit, which moves the
+    result one step only when ``y / s`` is within an ulp of a rounding tie (the conv kernels' tests allow one
+    step); the small elementwise kernels keep the exact division."""
+    return tl.minimum(tl.maximum(_rint(y * inv_s) + z, -128.0), 127.0)
 
 
 @triton.jit
@@ -104,6 +115,7 @@ def _load_a(
     kc,
     rk,
     a_scale,
+    a_inv,
     a_zp,
     a_zpi,
     a_f8,
@@ -156,9 +168,9 @@ def _load_a(
     if A_FLOAT:
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if DOT == 0:
-            a = _quant(x, a_scale, a_zp).to(tl.int8)
+            a = _quant_inv(x, a_inv, a_zp).to(tl.int8)
         elif DOT == 4:
-            a = (_quant(x, a_scale, a_zp) - a_zp).to(tl.float16)
+            a = (_quant_inv(x, a_inv, a_zp) - a_zp).to(tl.float16)
         elif DOT == 1:
             a = x.to(tl.float16)
         elif DOT == 2:
@@ -194,6 +206,7 @@ def _gemm(
     m_ok,
     rn,
     a_scale,
+    a_inv,
     a_zp,
     a_zpi,
     a_f8,
@@ -235,7 +248,7 @@ def _gemm(
             ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             ptrs = x_ptr + n * XSN + ih * XSH + iw * XSW + c * XSC
             if A_FLOAT:
-                a = _quant(tl.load(ptrs, mask=ok, other=0.0).to(tl.float32), a_scale, a_zp) - a_zp
+                a = _quant_inv(tl.load(ptrs, mask=ok, other=0.0).to(tl.float32), a_inv, a_zp) - a_zp
             else:
                 a = tl.load(ptrs, mask=ok, other=a_zpi).to(tl.float32) - a_zp
             b = tl.load(w_ptr + rn * KP + k)
@@ -243,7 +256,7 @@ def _gemm(
     else:
         for kc in range(NK):
             a = _load_a(
-                x_ptr, n, oh, ow, m_ok, kc, rk, a_scale, a_zp, a_zpi, a_f8,
+                x_ptr, n, oh, ow, m_ok, kc, rk, a_scale, a_inv, a_zp, a_zpi, a_f8,
                 H, W, CIN, XSN, XSC, XSH, XSW, KH, KW, SH, SW, PH, PW, DH, DW, BK, TAPS, CPT, A_FLOAT, DOT,
             )  # fmt: skip
             b = tl.load(w_ptr + rn[None, :] * KP + (kc * BK + rk)[:, None])
@@ -309,7 +322,7 @@ def conv_kernel(
     TAPS: tl.constexpr,
     A_FLOAT: tl.constexpr,
     DOT: tl.constexpr,
-    BORDER: tl.constexpr,  # int8 input read as 0 outside the image: correct per tap (wtap: per-tap weight sums)
+    BORDER: tl.constexpr,  # int8 input read as 0 outside the image: wtap (see border_table) corrects for it
     # the optional second GEMM (int8 only)
     HAS_SC: tl.constexpr,
     H2: tl.constexpr,
@@ -356,18 +369,14 @@ def conv_kernel(
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _gemm(
-        acc, x_ptr, w_ptr, n, oh, ow, m_ok, rn, a_scale, a_zp, a_zpi, a_f8,
+        acc, x_ptr, w_ptr, n, oh, ow, m_ok, rn, a_scale, 1.0 / a_scale, a_zp, a_zpi, a_f8,
         H, W, CIN, XSN, XSC, XSH, XSW, KH, KW, SH, SW, PH, PW, DH, DW, BK, TAPS, A_FLOAT, DOT,
     )  # fmt: skip
     if DOT == 0:
-        if BORDER:  # sum over the taps inside the image only: padding stands for 0.0, i.e. the zero point
-            corr = tl.zeros((BM, BN), dtype=tl.int32)
-            for t in tl.static_range(KH * KW):
-                ih = oh * SH - PH + (t // KW) * DH
-                iw = ow * SW - PW + (t % KW) * DW
-                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                corr += tl.where(inside[:, None], tl.load(wtap_ptr + t * NP + rn)[None, :], 0)
-            acc = acc - a_zpi * corr
+        if BORDER:  # the weight sum over the taps inside the image only (padding stands for the zero point):
+            # wtap holds a row offset per output row (oh) and column (ow), then one [NP] sum per border pattern
+            row = tl.load(wtap_ptr + oh) + tl.load(wtap_ptr + OH + ow)
+            acc = acc - a_zpi * tl.load(wtap_ptr + row[:, None] + rn[None, :])
         else:
             acc = acc - a_zpi * tl.load(wsum_ptr + rn)[None, :]
     y = acc.to(tl.float32) * tl.load(scale_ptr + rn)[None, :] + tl.load(bias_ptr + rn)[None, :]
@@ -377,14 +386,14 @@ def conv_kernel(
         else:
             acc2 = tl.zeros((BM, BN), dtype=tl.float32)
         acc2 = _gemm(
-            acc2, x2_ptr, w2_ptr, n, oh, ow, m_ok, rn, 1.0, a2_zpi * 1.0, a2_zpi, 1.0,
+            acc2, x2_ptr, w2_ptr, n, oh, ow, m_ok, rn, 1.0, 1.0, a2_zpi * 1.0, a2_zpi, 1.0,
             H2, W2, CIN2, X2SN, 1, X2SH, X2SW, KH2, KW2, SH2, SW2, PH2, PW2, 1, 1, BK, TAPS2, False, DOT,
         )  # fmt: skip
         if DOT == 0:
             acc2 = acc2 - a2_zpi * tl.load(wsum2_ptr + rn)[None, :]
         y += acc2.to(tl.float32) * tl.load(scale2_ptr + rn)[None, :]
     if HAS_Q0:
-        y = (_quant(y, g0_scale, g0_zp) - g0_zp) * g0_scale
+        y = (_quant_inv(y, 1.0 / g0_scale, g0_zp) - g0_zp) * g0_scale
     mask = m_ok[:, None] & (rn < COUT)[None, :]
     if RES == 1:
         rp = res_ptr + (n * RSN + oh * RSH + ow * RSW)[:, None] + (rn * RSC)[None, :]
@@ -401,11 +410,11 @@ def conv_kernel(
     if OUT == 0:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        q1 = _quant(y, g1_scale, g1_zp)
+        q1 = _quant_inv(y, 1.0 / g1_scale, g1_zp)
         if OUT != 2:
             tl.store(out_ptr + offs, q1.to(tl.int8), mask=mask)
         if OUT >= 2:
-            q2 = _quant((q1 - g1_zp) * g1_scale, g2_scale, g2_zp)
+            q2 = _quant_inv((q1 - g1_zp) * g1_scale, 1.0 / g2_scale, g2_zp)
             tl.store(out2_ptr + offs, q2.to(tl.int8), mask=mask)
 
 
