@@ -4,17 +4,17 @@
     torchrun --standalone --nproc_per_node 2 benchmarks/ddp_qat_scaling.py --out r2.json
     ... [--amp] [--compile MODE] [--float] [--range-sync per-observer] [--broadcast-buffers]
 
-Per-GPU batch is fixed (weak scaling). The data set (50k synthetic CIFAR-shaped images, the same on every
-rank) lives on the GPU and each rank indexes whole batches of its shard of a per-epoch permutation there, so no
-CPU DataLoader (per-sample indexing and collation) limits the rate. --amp trains under bf16 autocast with
-channels_last; --compile MODE compiles the DDP model (torch.compile(ddp, mode=MODE); "default",
-"reduce-overhead", "max-autotune-no-cudagraphs"); --float trains the float model (no QAT) for the same
-data-parallel baseline. Range sync: "deferred" (mixq's default under torch.distributed: one all-reduce of
-every activation range per step, mixq.quantization.sync) or "per-observer" (each EMA observer all-reduces
-as it observes, the previous behaviour). DDP's broadcast_buffers is off unless --broadcast-buffers: mixq's
-observer states are identical on all ranks by construction, and export folds rank 0's BatchNorm statistics.
-Images/s = world * batch * timed steps / seconds, timed after warm-up with CUDA synchronisation; the first
-warm-up step's time (compilation) is reported separately. At the end every rank exports its calibration
+Per-GPU batch is fixed (weak scaling). The data set (50k synthetic CIFAR-shaped images, the same on every rank)
+lives on the GPU and each rank indexes whole batches of its shard of a per-epoch permutation there, so no CPU
+DataLoader (per-sample indexing and collation) limits the rate. --amp trains under bf16 autocast with
+channels_last; --compile MODE compiles the model before DDP wraps it (DDP(torch.compile(model, mode=MODE));
+"default", "reduce-overhead", "max-autotune-no-cudagraphs"); --float trains the float model (no QAT) for the same
+data-parallel baseline. Range sync: "deferred" (mixq's default under torch.distributed: one all-reduce of every
+activation range per step, mixq.quantization.sync) or "per-observer" (each EMA observer all-reduces as it observes,
+the previous behaviour). --grad-bf16 sends gradients in bf16. DDP's broadcast_buffers is off unless --broadcast-
+buffers: mixq's observer states are identical on all ranks by construction, and export folds rank 0's BatchNorm
+statistics. Images/s = world * batch * timed steps / seconds, timed after warm-up with CUDA synchronisation; the
+first warm-up step's time (compilation) is reported separately. At the end every rank exports its calibration
 config and rank 0 checks that all ranks' configs are identical. Errors are written to --out, not lost.
 """
 
@@ -50,10 +50,11 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last")
-    p.add_argument("--compile", metavar="MODE", default=None, help="torch.compile the DDP model with this mode")
+    p.add_argument("--compile", metavar="MODE", default=None, help="torch.compile the model with this mode, then wrap")
     p.add_argument("--float", action="store_true", help="float training, no QAT (the DDP baseline)")
     p.add_argument("--range-sync", choices=["deferred", "per-observer"], default="deferred")
     p.add_argument("--broadcast-buffers", action="store_true")
+    p.add_argument("--grad-bf16", action="store_true", help="all-reduce gradients in bf16 (DDP's bf16_compress_hook)")
     p.add_argument("--cpu", action="store_true", help="gloo on the CPU: a smoke test of this script, not a benchmark")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -100,8 +101,19 @@ def run(args, rank: int, world: int) -> dict:
             undefer_range_sync_(model)
     if args.amp:
         model.to(memory_format=torch.channels_last)
-    ddp = DDP(model, device_ids=None if args.cpu else [local], broadcast_buffers=args.broadcast_buffers)
-    step_model = torch.compile(ddp, mode=args.compile) if args.compile else ddp
+    # Compile the model, then wrap it: torch.compile(ddp) splits the graph at DDP's bucket boundaries, and a
+    # split can save a BatchNorm's running_var for the backward of one piece while the next piece updates it in
+    # place (seen on two H200: "modified by an inplace operation", benchmarks/results/ddp/).
+    inner = model
+    if args.compile:
+        torch._dynamo.config.optimize_ddp = False  # see above: one graph per forward, no split at buckets
+        inner = torch.compile(model, mode=args.compile)
+    ddp = DDP(inner, device_ids=None if args.cpu else [local], broadcast_buffers=args.broadcast_buffers)
+    if args.grad_bf16:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    step_model = ddp
     step, t0, epoch, first_step_s = 0, None, 0, None
     ddp.train()
     while step < args.warmup + args.steps:
