@@ -102,3 +102,28 @@ def test_fake_quantize_16bit_inputs_use_float32_math(dtype):
     fake_quantize(xr, scale, zp, IntType(8, False)).sum().backward()
     q = torch.round(x.float() / scale) + zp
     torch.testing.assert_close(xr.grad, ((q >= 0) & (q <= 255)).to(dtype))
+
+
+def test_deferred_range_recording_compiles_once_without_graph_breaks():
+    """Under torch.distributed the observers only record their batch range in the forward
+    (mixq.quantization.sync); that forward must compile as one graph too, with no recompiles over steps."""
+    from mixq.observers import EMAMinMaxObserver
+
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet")
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(4)]
+    mixq.prepare_(model, CONFIG, mixq.QAT(), example_input=batches[0][0][:1])
+    observers = [m for m in model.modules() if isinstance(m, EMAMinMaxObserver)]
+    for o in observers:
+        o.deferred_sync = True
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for x, y in batches:
+            F.cross_entropy(compiled(x), y).backward()
+            lo, hi = observers[0].pending_range
+            assert torch.equal(lo, x.min()) and torch.equal(hi, x.max())  # conv1's input: this batch's range
+            for o in observers:  # what RangeSync does after the forward, here without another rank
+                o.apply_global_range(*o.pending_range)
+                o.pending_range = None
+    assert all(bool(o.observed) for o in observers)
