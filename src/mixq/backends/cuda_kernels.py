@@ -21,6 +21,11 @@ runs. The epilogue, all in fp32 per element::
     q1 = quant(y, grid1) -> store;  [q2 = quant(dequant(q1, grid1), grid2) -> store]
     or store y (fp16/fp32)
 
+``wsum`` is the weight sum over the kernel taps inside the image for the pixel (padding is read as 0, not as
+the zero point: a table per border pattern, see ``cuda.border_table``); ``quant`` multiplies by the
+reciprocal of the grid's scale and rounds half to even with one fp32 add (:func:`_quant_inv`). Both were
+the epilogue's largest costs when done per element with selects and an IEEE division (gpu-notes.md, note 5).
+
 Loop bounds are compile-time constants (shapes are specialized per layer), which also lets the kernels run
 under Triton's interpreter (``TRITON_INTERPRET=1``) on the CPU for the tests.
 """
