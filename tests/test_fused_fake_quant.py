@@ -433,6 +433,68 @@ def test_training_steps_of_a_prepared_model_match_the_torch_path(method, fused_c
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The compiled code (no GPU needed: Triton compiles for Hopper on any machine)
+
+PTX_PROBE = """
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mixq.quantization import fused as f
+
+F = "fp32"
+FINALIZE = ({"part_ptr": "*fp32", "n_parts": "i32", "rng_ptr": "*fp32", "min_ptr": "*fp32", "max_ptr": "*fp32",
+             "observed_ptr": "*u8", "qp_ptr": "*fp32", "decay": F, "keep": F, "qmin": F, "qmax": F, "sym_zp": F,
+             "sym_den": F, "eps": F, "EMA": "constexpr", "QPARAMS_FROM_STATE": "constexpr", "SYMMETRIC": "constexpr",
+             "P_BLOCK": "constexpr"}, {"EMA": True, "QPARAMS_FROM_STATE": True, "SYMMETRIC": False, "P_BLOCK": 1024})
+FAKE_QUANT = ({"x_ptr": "*bf16", "out_ptr": "*bf16", "mask_ptr": "*u8", "qp_ptr": "*fp32", "gate_ptr": "*u8",
+               "n": "i32", "qmin": F, "qmax": F, "HAS_GATE": "constexpr", "BF16": "constexpr", "BLOCK": "constexpr"},
+              {"HAS_GATE": True, "BF16": True, "BLOCK": 4096})
+LSQ_BACKWARD = ({"g_ptr": "*fp32", "x_ptr": "*fp32", "gx_ptr": "*fp32", "s_ptr": "*fp32", "zp_ptr": "*i32",
+                 "gate_ptr": "*u8", "part_ptr": "*fp32", "K": "i32", "gscale": F, "qmin": F, "qmax": F,
+                 "HAS_GATE": "constexpr", "BF16": "constexpr", "BLOCK": "constexpr"},
+                {"HAS_GATE": False, "BF16": False, "BLOCK": 4096})
+
+
+def ptx(kernel, sig, fusion):
+    src = ASTSource(fn=kernel, signature=sig[0], constexprs=sig[1])
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": fusion})
+    return k.asm["ptx"]
+
+
+def count(text, op):
+    return len(re.findall(op, text))
+
+
+for name, kernel, sig in (("finalize", f._finalize_kernel, FINALIZE), ("fake_quant", f._fake_quant_kernel,
+                          FAKE_QUANT), ("lsq_backward", f._lsq_backward_kernel, LSQ_BACKWARD)):
+    text = ptx(kernel, sig, fusion=False)
+    print(name, count(text, r"\\bfma\\."), count(text, r"div\\.(full|approx)"), count(text, r"div\\.rn"))
+print("finalize-with-fusion", count(ptx(f._finalize_kernel, FINALIZE, fusion=True), r"\\bfma\\."), 0, 0)
+"""
+
+
+def test_kernels_compile_for_hopper_with_ieee_division_and_no_fma(tmp_path):
+    """The kernels as built for an H100 (sm_90 PTX, compiled here without a GPU, in a process without the
+    interpreter): correctly rounded division only (no approximate ``div.full``) and no fused multiply-add, which
+    would round the EMA's ``decay * state + (1 - decay) * batch`` or LSQ's scale once instead of twice. The same EMA
+    kernel with fusion allowed does contain fma instructions, so the check can fail."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", PTX_PROBE], capture_output=True, text=True, env=env, timeout=600)
+    if run.returncode != 0 and "ptxas" in run.stderr:
+        pytest.skip(f"Triton cannot build for sm_90 here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr
+    counts = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in run.stdout.strip().splitlines()}
+    for name in ("finalize", "fake_quant", "lsq_backward"):
+        fma, approximate_div, ieee_div = counts[name]
+        assert fma == 0 and approximate_div == 0 and ieee_div > 0, (name, counts[name])
+    assert counts["finalize-with-fusion"][0] > 0
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Dispatch
 
 
