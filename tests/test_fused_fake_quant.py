@@ -364,8 +364,8 @@ def test_lsq_weight_matches_reference(spec_name, granularity, layout, fused_call
 
 
 def test_lsq_bf16_is_computed_in_float32():
-    """Under autocast the fused LSQ computes in float32 and rounds the result to bf16 (the unfused per-tensor
-    LSQ divides in bf16): equal to the float32 reference rounded, gradients included."""
+    """Under autocast LSQ computes in float32 and rounds the result to bf16, fused and unfused alike: equal to
+    the float32 reference rounded, and to the reference given the bf16 tensor, gradients included."""
     spec = SPECS["uint8-affine"]
     gen = torch.Generator().manual_seed(3)
     x = rand_activation(gen, (2, 3, 8, 8), 0, torch.bfloat16).requires_grad_()
@@ -380,6 +380,11 @@ def test_lsq_bf16_is_computed_in_float32():
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, want)
     assert torch.equal(x.grad, x32.grad.to(torch.bfloat16))
+    x16 = x.detach().clone().requires_grad_()
+    unfused = fake_quantize_lsq(x16, scale.detach(), zp, spec.dtype, None, 0.01)
+    unfused.backward(upstream)
+    assert unfused.dtype == torch.bfloat16 and torch.equal(unfused, want)
+    assert torch.equal(x16.grad, x.grad)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -159,14 +159,17 @@ def fake_quantize_lsq(
 
     Same forward values as :func:`fake_quantize`; the gradient flows to ``scale`` (multiplied by
     ``grad_scale``, the paper's ``1 / sqrt(numel * qmax)``) and straight through to ``x`` where not clamped.
+    16-bit inputs are computed in float32, as in :func:`fake_quantize`.
     """
     s, zp = _broadcast(scale, zero_point, x, axis)
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    x_c, s = x.to(compute), s.to(compute)
     s = s * grad_scale + (s - s * grad_scale).detach()  # value s, gradient scaled by grad_scale
-    zp = zp.to(x.dtype)
-    v = x / s
+    zp = zp.to(compute)
+    v = x_c / s
     v_rounded = v + (torch.round(v) - v).detach()
     q = torch.clamp(v_rounded + zp, dtype.qmin, dtype.qmax)
-    return (q - zp) * s
+    return ((q - zp) * s).to(x.dtype)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
