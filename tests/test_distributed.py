@@ -249,3 +249,42 @@ def test_cli_quantize_under_torchrun(method, data_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("fake-quant accuracy") == 1 and "(2 processes)" in r.stdout  # rank 0 reports
     assert mixq.load_calibration_config(out / "calibration.json")["fc1"]["weight_bits"] == 8
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+def test_deferred_sync_survives_deepcopy_and_pickling_with_a_collective_in_flight(tmp_path):
+    import copy
+    import io
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = TorchModel()
+        mixq.prepare_(model, QAT_CONFIG, mixq.QAT())  # a world of one is not distributed: defer by hand
+        sync = mixq.defer_range_sync(model)
+        model(_sync_batches(0, 0))  # records, and launches the all-reduce after the forward
+        assert sync._work is not None
+        clone = copy.deepcopy(model)  # waits for the all-reduce; both apply its result before their next forward
+        assert sync._work is None
+        observers, cloned = _ema_observers(model), _ema_observers(clone)
+        assert not any(bool(o.observed) for o in (*observers.values(), *cloned.values()))
+        mixq.sync_ranges(clone)
+        mixq.sync_ranges(model)
+        assert _observer_states(clone) == _observer_states(model) and all(bool(o.observed) for o in observers.values())
+        copied_sync = clone._mixq_range_sync
+        assert copied_sync is not sync and {id(o) for o in copied_sync.observers} == {id(o) for o in cloned.values()}
+        model(_sync_batches(0, 1))
+        buffer = io.BytesIO()
+        torch.save(model, buffer)  # pickles the model with a collective in flight
+        clone(_sync_batches(0, 1))
+        mixq.sync_ranges(clone)
+        mixq.sync_ranges(model)
+        assert _observer_states(clone) == _observer_states(model)  # the copy syncs its own observers
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert loaded._mixq_range_sync._work is None
+        mixq.sync_ranges(loaded)  # applies what was in flight when it was saved
+        assert _observer_states(loaded) == _observer_states(model)
+    finally:
+        dist.destroy_process_group()

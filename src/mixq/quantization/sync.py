@@ -20,7 +20,6 @@ first training step of an activation runs unquantized, since there is no range y
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 
@@ -49,7 +48,7 @@ class RangeSync:
         recorded = [o.pending_range for o in self.observers]
         if all(r is None for r in recorded):
             return
-        if self._work is not None:  # two forwards without a sync in between: fold the first in before
+        if self._packed is not None:  # two forwards without a sync in between: fold the first in before
             self.apply()
         device = next(r[0].device for r in recorded if r is not None)
         # An observer that saw no data on this rank adds nothing: its min +inf and its max -inf, neutral under
@@ -66,11 +65,11 @@ class RangeSync:
 
     def apply(self) -> None:
         """Wait for the all-reduce in flight and take one EMA step in every observer that some rank observed."""
-        if self._work is None:
+        self._wait()
+        if self._packed is None:
             return
-        self._work.wait()
         observers, packed = self.observers, self._packed
-        self._work = self._packed = None
+        self._packed = None
         device = observers[0].min_val.device
         n = len(observers)
         lo, hi = -packed[:n].to(device), packed[n:].to(device)
@@ -102,11 +101,17 @@ class RangeSync:
         self.launch()
         self.apply()
 
-    def __deepcopy__(self, memo):
-        self.apply()  # a Work handle cannot be copied; the next forward would apply it anyway
-        new = RangeSync(copy.deepcopy(self.observers, memo))
-        memo[id(self)] = new
-        return new
+    def _wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()  # the reduced ranges are now in self._packed
+            self._work = None
+
+    def __getstate__(self):
+        # A Work handle can be neither copied nor pickled: wait for it; the reduced ranges travel as a tensor and
+        # the copy applies them before its next forward, like the original (deepcopy may copy the observers
+        # before this object, so applying here would reach the original only).
+        self._wait()
+        return {"observers": self.observers, "_work": None, "_packed": self._packed}
 
 
 def defer_range_sync(model: nn.Module) -> RangeSync | None:
@@ -169,5 +174,18 @@ def _after_forward(module: nn.Module, args, output) -> None:
 @functools.cache
 def _hooks():
     # Collectives stay out of compiled graphs (torch.compile of a DDP model): the hooks always run eagerly.
-    # Made once, on first use, so that importing mixq does not import torch._dynamo.
-    return torch.compiler.disable(_before_forward), torch.compiler.disable(_after_forward)
+    # Made once, on first use, so that importing mixq does not import torch._dynamo; named so that pickle
+    # (torch.save of a whole model) finds them through the module's __getattr__ below.
+    hooks = torch.compiler.disable(_before_forward), torch.compiler.disable(_after_forward)
+    for hook, name in zip(hooks, _HOOK_NAMES, strict=True):
+        hook.__name__ = hook.__qualname__ = name
+    return hooks
+
+
+_HOOK_NAMES = ("_before_forward_eager", "_after_forward_eager")
+
+
+def __getattr__(name: str):
+    if name in _HOOK_NAMES:
+        return _hooks()[_HOOK_NAMES.index(name)]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
