@@ -526,3 +526,36 @@ def test_ctrl_c_inside_exec_of_a_string_exits_130(tmp_path):
     )
     assert proc.returncode == 130
     assert proc.stderr.strip().splitlines() == ["mixq inspect: interrupted"]
+
+
+def test_quantize_device_and_speed_options_are_checked_before_training(cfg, tmp_path, capsys):
+    argv = ["quantize", "--model", "lenet", "--config", str(cfg), "--dataset", "mnist", "--out", str(tmp_path)]
+    assert main([*argv, "--method", "ptq", "--random-weights", "--compile"]) == 2
+    assert _error(capsys) == "mixq quantize: error: --compile applies to QAT training; PTQ only calibrates"
+    if not torch.cuda.is_available():
+        assert main([*argv, "--device", "cuda"]) == 2
+        assert _error(capsys) == (
+            "mixq quantize: error: --device cuda: this machine has no usable CUDA GPU (torch.cuda.is_available() is "
+            "False)"
+        )
+
+
+def test_quantize_qat_with_amp_and_compile(data_dir, cfg, tmp_path, capsys, monkeypatch):
+    """--amp (bf16 autocast, channels_last) and --compile train and export; the compiler is swapped for
+    aot_eager here (the same graph capture, without inductor's minutes of code generation on this CPU)."""
+    compiled = []
+    real_compile = torch.compile
+
+    def aot_eager_compile(model, mode=None, **kwargs):
+        compiled.append(mode)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", "lenet", "--config", str(cfg), "--dataset", "mnist", "--data-dir", str(data_dir)]
+    limits = ["--train-limit", "1000", "--test-limit", "500", "--batch-size", "128", "--no-progress"]
+    assert main([*argv, *limits, "--device", "cpu", "--amp", "--compile", "--out", str(out)]) == 0
+    assert compiled == [None]  # reduce-overhead (CUDA graphs) only on a GPU
+    assert "fake-quant accuracy" in capsys.readouterr().out
+    calibration = mixq.load_calibration_config(out / "calibration.json")
+    assert calibration["fc1"]["input_bits"] == 8 and calibration["fc1"]["tracked_max_input"] > 0

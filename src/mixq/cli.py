@@ -575,6 +575,15 @@ def _prepare_quantize(args) -> _QuantizeJob:
         )
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this machine has no usable CUDA GPU (torch.cuda.is_available() is False)")
+    if args.distributed and args.device != "auto":
+        raise ConfigError(
+            "--distributed takes the device from torchrun (one GPU per process, else the CPU); drop --device"
+        )
+    if (args.compile or args.amp) and args.method != "qat":
+        raise ConfigError(f"--{'compile' if args.compile else 'amp'} applies to QAT training; PTQ only calibrates")
+
     torch.manual_seed(args.seed)
     model = load_model(args.model)
     if args.weights:
@@ -595,7 +604,7 @@ def cmd_quantize(args) -> int:
     model = job.model
     train = _dataset(args.dataset, args.data_dir, True, args.train_limit)
     test = _dataset(args.dataset, args.data_dir, False, args.test_limit)
-    rank, world, device = _init_distributed() if args.distributed else (0, 1, torch.device("cpu"))
+    rank, world, device = _init_distributed() if args.distributed else (0, 1, _training_device(args.device))
     model.to(device)
     progress = _progress_factory(not args.no_progress and rank == 0)
     torch.manual_seed(args.seed)
@@ -622,7 +631,17 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _training_device(choice: str):
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(choice)
+
+
 def _qat(model, config, train, args, placement, progress):
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
@@ -632,8 +651,17 @@ def _qat(model, config, train, args, placement, progress):
     rank, world, device = placement
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     quantizer = QAT_Quantizer(model, config, optimizer, train.tensors[0][:2].to(device))
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    memory_format = torch.channels_last if args.amp and train.tensors[0].dim() == 4 else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    net = model
+    if args.compile:
+        # Compiled before DDP wraps it, with optimize_ddp off (docs/distributed.md); CUDA graphs on a GPU.
+        torch._dynamo.config.optimize_ddp = False
+        net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+    if world > 1:
+        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     loss_fn = F.nll_loss if args.model == "lenet" else F.cross_entropy
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
     # The data set lives on the training device and whole batches are indexed there: no per-sample indexing and
     # collation on the CPU, which at GPU rates is a bottleneck of its own. The permutation is RandomSampler's
     # (randperm with the epoch's seed); under DDP each rank takes an equal strided shard of it.
@@ -643,13 +671,16 @@ def _qat(model, config, train, args, placement, progress):
         if world > 1:
             order = order[: len(order) // world * world][rank::world]
         order = order.to(device)
-        steps = len(order) // args.batch_size if world > 1 else -(-len(order) // args.batch_size)
+        # Full batches only under DDP (every rank the same count) and when compiled (one batch shape, one graph).
+        full_only = world > 1 or args.compile
+        steps = len(order) // args.batch_size if full_only else -(-len(order) // args.batch_size)
         bar = progress(total=steps, desc=f"QAT epoch {epoch + 1}/{args.epochs}") if progress else None
         net.train()
         for i in range(steps):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size]
             optimizer.zero_grad()
-            loss = loss_fn(net(images[idx]), labels[idx])
+            with autocast():
+                loss = loss_fn(net(images[idx].contiguous(memory_format=memory_format)), labels[idx])
             loss.backward()
             optimizer.step()
             if bar is not None:
@@ -978,6 +1009,16 @@ def _add_quantize(add) -> None:
     q.add_argument("--out", required=True, metavar="DIR", help="output folder for model.pth and calibration.json")
     q.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines on stderr")
     q.add_argument("--distributed", action="store_true", help="under torchrun: DDP QAT / sharded PTQ, rank 0 writes")
+    q.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (auto: a GPU if there is one)"
+    )
+    q.add_argument("--amp", action="store_true", help="QAT under bf16 autocast with channels_last (fake quant in fp32)")
+    q.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the prepared model for QAT (CUDA graphs on a GPU; full batches only; the first steps "
+        "compile, about a minute for ResNet-18)",
+    )
 
 
 def _add_build(add) -> None:
