@@ -407,3 +407,71 @@ def test_border_table_holds_the_weight_sum_over_the_taps_inside(shape):
                         want[:cout] += wq[:, :, kh, kw].astype(np.int64).sum(1)
             start = table[oh] + table[geo["oh"] + ow]
             assert np.array_equal(table[start : start + cols], want), (oh, ow)
+
+
+PERSISTENT = [  # (tile config, with a shortcut GEMM): programs that each loop over several output tiles
+    pytest.param(KernelConfig(32, 16, 32, 4, 2, "int8", 1), False, id="p1-mma"),
+    pytest.param(KernelConfig(32, 16, 32, 4, 2, "int8", 1), True, id="p1-mma-shortcut"),
+    pytest.param(KernelConfig(64, 32, 64, 4, 3, "int8", 2), False, id="p2-wgmma"),
+    pytest.param(KernelConfig(64, 32, 64, 4, 3, "int8", 2), True, id="p2-wgmma-shortcut"),
+]
+# Triton 3.6's interpreter cannot run a loop with run-time bounds under numpy 2.4 (it calls int() on a 1-element
+# array); the tile body the loop calls (_conv_tile) is the one every other test here runs in the interpreter
+NATIVE_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="a loop with run-time bounds: the interpreter fails on it")
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize(("config", "shortcut"), PERSISTENT)
+def test_persistent_grid_covers_every_tile(config, shortcut):
+    """A persistent grid (``KernelConfig.persist``): fewer programs than output tiles, each looping over tiles
+    (the compiled loop nest is flattened), with the full epilogue (border correction, int8 residual, ReLU,
+    requantize) and optionally the shortcut GEMM; every output written, within one step of the reference."""
+    from mixq.backends.cuda_kernels import sm_count
+
+    gen = torch.Generator().manual_seed(11 + shortcut)
+    shape = (600, 8, 9, 9, 20, 3, 1, 1)
+    op, geo, g, xq, wq, w_scale, bias, env = _conv_case(shape, gen)
+    n, cout, oh, ow = shape[0], geo["cout"], geo["oh"], geo["ow"]
+    tiles = -(-n * oh * ow // config.bm) * -(-cout // config.bn)
+    assert tiles > 2 * config.persist * sm_count()  # each program runs more than two tiles
+    g1, gr = rand_grid(gen), rand_grid(gen)
+    rq = torch.randint(-128, 128, (n, cout, oh, ow), generator=gen)
+    env[RES] = nhwc(rq).to(torch.int8).to(DEVICE)
+    op.out, op.out_grid, op.res, op.act = OUT, g1, (RES, gr), (0.0, float("inf"))
+    tensors = {X: ((8, 9, 9), "int8"), RES: ((cout, oh, ow), "int8"), OUT: ((cout, oh, ow), "int8")}
+    _, y = conv_reference(xq, g, wq, w_scale, bias, geo)
+    if shortcut:  # a 1x1 stride-2 conv of an 18x18 tensor, as a block's downsampling shortcut
+        g2 = rand_grid(gen)
+        x2 = torch.randint(-128, 128, (n, 6, 18, 18), generator=gen)
+        w2 = torch.randint(-127, 128, (cout, 6, 1, 1), generator=gen)
+        s2 = (0.001 + 0.01 * torch.rand(cout, generator=gen, dtype=torch.float64)).numpy()
+        b2 = (torch.randn(cout, generator=gen, dtype=torch.float64) * 0.5).numpy()
+        geo2 = geometry(6, 18, 18, cout, 1, 2, 0)
+        op.sc = Shortcut("sc", X2, g2, w2.numpy().astype(np.int8), s2, b2, geo2)
+        env[X2] = nhwc(x2).to(torch.int8).to(DEVICE)
+        tensors[X2] = ((6, 18, 18), "int8")
+        y = y + conv_reference(x2, g2, w2, s2, b2, geo2)[1]
+    expected = quant((y + deq(rq, gr)).clamp(min=0), g1)
+    runner = ConvRunner(op, plan_for(tensors), torch.device(DEVICE), config)
+    first, second = run_twice(runner, env, {OUT: ((n, oh, ow, cout), torch.int8)})
+    assert torch.equal(first[OUT], second[OUT]), "an output element was not written"
+    diff = (first[OUT].double() - expected).abs()
+    assert float(diff.max()) <= 1 and float((diff == 0).double().mean()) >= 0.99
+
+
+def test_persistent_configs_are_tuning_candidates_and_round_trip(monkeypatch):
+    """The tuner times persistent-grid tiles next to the one-tile-per-program ones (MIXQ_CUDA_PERSIST=0 leaves
+    them out); a config keeps ``persist`` through the engine file, and configs stored before it load as 0."""
+    from mixq.backends.cuda import candidate_configs
+
+    op, *_ = _conv_case((2, 64, 8, 8, 64, 3, 1, 1), torch.Generator().manual_seed(3))
+    configs = candidate_configs(op)
+    persistent = [c for c in configs if c.persist]
+    assert persistent and any(not c.persist for c in configs)
+    assert all(KernelConfig.from_dict(c.to_dict()) == c for c in configs)
+    assert str(persistent[0]).endswith(f"/p{persistent[0].persist}")
+    old = {k: v for k, v in persistent[0].to_dict().items() if k != "persist"}
+    assert KernelConfig.from_dict(old).persist == 0
+    monkeypatch.setenv("MIXQ_CUDA_PERSIST", "0")
+    assert [c for c in candidate_configs(op) if c.persist] == []
+    assert [c for c in candidate_configs(op) if not c.persist] == [c for c in configs if not c.persist]

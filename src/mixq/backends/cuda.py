@@ -80,7 +80,7 @@ def default_config(op) -> object:
     return k.KernelConfig(64, bn, bk, 4, 3)
 
 
-# (bm, bn, bk, warps, stages, math): tensor-core tiles for int8 (int32 accumulation) and for int8 values on
+# (bm, bn, bk, warps, stages, math[, persist]): tensor-core tiles for int8 (int32 accumulation) and for int8 values on
 # the fp16 tensor cores, then CUDA-core tiles for small reductions
 _TENSOR_CORE = [
     (128, 128, 64, 8, 3, "int8"),
@@ -95,6 +95,13 @@ _TENSOR_CORE = [
     (128, 128, 32, 4, 4, "f16"),
     (32, 64, 64, 4, 3, "int8"),  # tiles of 32 rows run mma.sync, which Triton 3.6 pipelines for int8 (its
     (32, 128, 64, 4, 4, "int8"),  # int8 wgmma it does not): for layers with few output rows and long reductions
+    (128, 64, 64, 4, 4, "int8"),  # taller tiles for 64-channel layers: fewer weight-tile reads per output
+    (256, 64, 64, 8, 3, "int8"),  # (gpu-notes.md, note 7)
+    (64, 128, 128, 4, 3, "int8"),  # long reductions: half the wgmma waits of BK = 64 with one warpgroup
+    (64, 64, 64, 4, 4, "int8", 3),  # persistent grids (programs per SM): the next tile's loads overlap
+    (128, 64, 64, 8, 3, "int8", 1),  # this tile's epilogue
+    (64, 128, 64, 4, 4, "int8", 2),
+    (128, 128, 128, 8, 3, "int8", 1),
 ]
 _FMA = [(128, 64, 32, 4, 1, "fma"), (64, 64, 32, 4, 1, "fma"), (256, 32, 32, 8, 1, "fma")]
 _FLOAT = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4)]
@@ -110,12 +117,14 @@ def candidate_configs(op) -> list:
         if _reduction(op.geometry) <= FMA_MAX_K and op.sc is None:
             base += _FMA
         if op.x_float:  # or quantize the float input in a pass of its own, then read int8 (fewer bytes gathered)
-            base += [(*c[:5], "q+" + c[5]) for c in base if c[5] != "f16"]
+            base += [(*c[:5], "q+" + c[5], *c[6:]) for c in base if c[5] != "f16"]
     else:
         base = [(*c, "int8") for c in _FLOAT]
+    if os.environ.get("MIXQ_CUDA_PERSIST", "1") == "0":  # leave the persistent-grid tiles out of the tuning
+        base = [c for c in base if len(c) < 7]
     out = []
-    for bm, bn, bk, warps, stages, math in base:
-        cfg = k.KernelConfig(bm, min(bn, max_bn), min(bk, max_bk), warps, stages, math)
+    for bm, bn, bk, warps, stages, math, *persist in base:
+        cfg = k.KernelConfig(bm, min(bn, max_bn), min(bk, max_bk), warps, stages, math, *persist)
         if cfg not in out:
             out.append(cfg)
     return out

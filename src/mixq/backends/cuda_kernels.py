@@ -33,6 +33,7 @@ under Triton's interpreter (``TRITON_INTERPRET=1``) on the CPU for the tests.
 # ruff: noqa: N803, N806, SIM108 - Triton style: constexprs upper case, constexpr branches as if/else blocks
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,6 +69,7 @@ class KernelConfig:
     warps: int = 4
     stages: int = 3
     math: str = "int8"  # int8 layers: int8 tensor cores | f16 (int8 values on fp16 tensor cores) | fma (CUDA cores)
+    persist: int = 0  # 0: one output tile per program; p > 0: p programs per SM, each looping over tiles
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,12 +77,20 @@ class KernelConfig:
     @staticmethod
     def from_dict(d: dict) -> KernelConfig:
         return KernelConfig(
-            int(d["bm"]), int(d["bn"]), int(d["bk"]), int(d["warps"]), int(d["stages"]), str(d.get("math", "int8"))
+            int(d["bm"]),
+            int(d["bn"]),
+            int(d["bk"]),
+            int(d["warps"]),
+            int(d["stages"]),
+            str(d.get("math", "int8")),
+            int(d.get("persist", 0)),
         )
 
     def __str__(self) -> str:
-        return f"{self.bm}x{self.bn}x{self.bk}/w{self.warps}s{self.stages}" + (
-            "" if self.math == "int8" else f"/{self.math}"
+        return (
+            f"{self.bm}x{self.bn}x{self.bk}/w{self.warps}s{self.stages}"
+            + ("" if self.math == "int8" else f"/{self.math}")
+            + (f"/p{self.persist}" if self.persist else "")
         )
 
 
@@ -274,6 +284,156 @@ def _gemm(
     return acc
 
 
+@triton.jit
+def _conv_tile(
+    pid,
+    x_ptr,
+    w_ptr,
+    wsum_ptr,
+    wtap_ptr,
+    scale_ptr,
+    bias_ptr,
+    x2_ptr,
+    w2_ptr,
+    wsum2_ptr,
+    scale2_ptr,
+    res_ptr,
+    out_ptr,
+    out2_ptr,
+    M,
+    a_scale,
+    a_zp,
+    a_zpi,
+    a_f8,
+    a2_zpi,
+    g0_scale,
+    g0_zp,
+    res_scale,
+    res_zp,
+    lo,
+    hi,
+    g1_scale,
+    g1_zp,
+    g2_scale,
+    g2_zp,
+    # geometry of the main conv
+    H: tl.constexpr,
+    W: tl.constexpr,
+    CIN: tl.constexpr,
+    XSN: tl.constexpr,
+    XSC: tl.constexpr,
+    XSH: tl.constexpr,
+    XSW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    OH: tl.constexpr,
+    OW: tl.constexpr,
+    COUT: tl.constexpr,
+    TAPS: tl.constexpr,
+    A_FLOAT: tl.constexpr,
+    DOT: tl.constexpr,
+    BORDER: tl.constexpr,  # int8 input read as 0 outside the image: wtap (see border_table) corrects for it
+    # the optional second GEMM (int8 only)
+    HAS_SC: tl.constexpr,
+    H2: tl.constexpr,
+    W2: tl.constexpr,
+    CIN2: tl.constexpr,
+    X2SN: tl.constexpr,
+    X2SH: tl.constexpr,
+    X2SW: tl.constexpr,
+    KH2: tl.constexpr,
+    KW2: tl.constexpr,
+    SH2: tl.constexpr,
+    SW2: tl.constexpr,
+    PH2: tl.constexpr,
+    PW2: tl.constexpr,
+    TAPS2: tl.constexpr,
+    # epilogue
+    HAS_Q0: tl.constexpr,
+    RES: tl.constexpr,  # 0 none, 1 int8 on its grid, 2 float
+    RSN: tl.constexpr,
+    RSC: tl.constexpr,
+    RSH: tl.constexpr,
+    RSW: tl.constexpr,
+    ACT: tl.constexpr,  # 0 none, 1 max(y, lo), 2 clamp(y, lo, hi)
+    OUT: tl.constexpr,  # 0 float (out_ptr's dtype), 1 int8 q1 stored, 2 int8 q2 only, 3 both
+    NP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One [BM, BN] output tile (number ``pid``) of :func:`conv_kernel`: the GEMM(s) and the epilogue."""
+    num_n: tl.constexpr = NP // BN
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n = rm // (OH * OW)
+    r = rm % (OH * OW)
+    oh = r // OW
+    ow = r % OW
+
+    if DOT == 0:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _gemm(
+        acc, x_ptr, w_ptr, n, oh, ow, m_ok, rn, a_scale, 1.0 / a_scale, a_zp, a_zpi, a_f8,
+        H, W, CIN, XSN, XSC, XSH, XSW, KH, KW, SH, SW, PH, PW, DH, DW, BK, TAPS, A_FLOAT, DOT,
+    )  # fmt: skip
+    if DOT == 0:
+        if BORDER:  # the weight sum over the taps inside the image only (padding stands for the zero point):
+            # wtap holds a row offset per output row (oh) and column (ow), then one [NP] sum per border pattern
+            row = tl.load(wtap_ptr + oh) + tl.load(wtap_ptr + OH + ow)
+            acc = acc - a_zpi * tl.load(wtap_ptr + row[:, None] + rn[None, :])
+        else:
+            acc = acc - a_zpi * tl.load(wsum_ptr + rn)[None, :]
+    y = acc.to(tl.float32) * tl.load(scale_ptr + rn)[None, :] + tl.load(bias_ptr + rn)[None, :]
+    if HAS_SC:  # int8 x int8 as the main GEMM (DOT 0 or 4)
+        if DOT == 0:
+            acc2 = tl.zeros((BM, BN), dtype=tl.int32)
+        else:
+            acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+        acc2 = _gemm(
+            acc2, x2_ptr, w2_ptr, n, oh, ow, m_ok, rn, 1.0, 1.0, a2_zpi * 1.0, a2_zpi, 1.0,
+            H2, W2, CIN2, X2SN, 1, X2SH, X2SW, KH2, KW2, SH2, SW2, PH2, PW2, 1, 1, BK, TAPS2, False, DOT,
+        )  # fmt: skip
+        if DOT == 0:
+            acc2 = acc2 - a2_zpi * tl.load(wsum2_ptr + rn)[None, :]
+        y += acc2.to(tl.float32) * tl.load(scale2_ptr + rn)[None, :]
+    if HAS_Q0:
+        y = (_quant_inv(y, 1.0 / g0_scale, g0_zp) - g0_zp) * g0_scale
+    mask = m_ok[:, None] & (rn < COUT)[None, :]
+    if RES == 1:
+        rp = res_ptr + (n * RSN + oh * RSH + ow * RSW)[:, None] + (rn * RSC)[None, :]
+        rq = tl.load(rp, mask=mask, other=0).to(tl.float32)
+        y += (rq - res_zp) * res_scale
+    elif RES == 2:
+        rp = res_ptr + (n * RSN + oh * RSH + ow * RSW)[:, None] + (rn * RSC)[None, :]
+        y += tl.load(rp, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 1:
+        y = tl.maximum(y, lo)
+    elif ACT == 2:
+        y = tl.minimum(tl.maximum(y, lo), hi)
+    offs = rm[:, None] * COUT + rn[None, :]
+    if OUT == 0:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        q1 = _quant_inv(y, 1.0 / g1_scale, g1_zp)
+        if OUT != 2:
+            tl.store(out_ptr + offs, q1.to(tl.int8), mask=mask)
+        if OUT >= 2:
+            q2 = _quant_inv((q1 - g1_zp) * g1_scale, 1.0 / g2_scale, g2_zp)
+            tl.store(out2_ptr + offs, q2.to(tl.int8), mask=mask)
+
+
 @triton.jit(do_not_specialize=["M", "a_zpi", "a2_zpi"])  # one compiled kernel for every batch size
 def conv_kernel(
     x_ptr,
@@ -356,71 +516,34 @@ def conv_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    PERSIST: tl.constexpr = 0,
 ):
-    num_n: tl.constexpr = NP // BN
-    pid = tl.program_id(0)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    m_ok = rm < M
-    n = rm // (OH * OW)
-    r = rm % (OH * OW)
-    oh = r // OW
-    ow = r % OW
-
-    if DOT == 0:
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    """The conv/linear layer as an implicit GEMM (see the module docstring). PERSIST = 0: one output tile per
+    program. PERSIST > 0: a grid of PERSIST programs per SM, each looping over output tiles; the compiler flattens
+    that loop nest, so the next tile's A and B loads are in flight while this tile's epilogue runs (gpu-notes.md,
+    note 7)."""
+    if PERSIST:
+        num_tiles = tl.cdiv(M, BM) * (NP // BN)
+        for pid in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _conv_tile(
+                pid,
+                x_ptr, w_ptr, wsum_ptr, wtap_ptr, scale_ptr, bias_ptr, x2_ptr, w2_ptr, wsum2_ptr, scale2_ptr,
+                res_ptr, out_ptr, out2_ptr, M, a_scale, a_zp, a_zpi, a_f8, a2_zpi, g0_scale, g0_zp, res_scale,
+                res_zp, lo, hi, g1_scale, g1_zp, g2_scale, g2_zp, H, W, CIN, XSN, XSC, XSH, XSW, KH, KW, SH, SW,
+                PH, PW, DH, DW, OH, OW, COUT, TAPS, A_FLOAT, DOT, BORDER, HAS_SC, H2, W2, CIN2, X2SN, X2SH,
+                X2SW, KH2, KW2, SH2, SW2, PH2, PW2, TAPS2, HAS_Q0, RES, RSN, RSC, RSH, RSW, ACT, OUT, NP, BM,
+                BN, BK
+            )  # fmt: skip
     else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc = _gemm(
-        acc, x_ptr, w_ptr, n, oh, ow, m_ok, rn, a_scale, 1.0 / a_scale, a_zp, a_zpi, a_f8,
-        H, W, CIN, XSN, XSC, XSH, XSW, KH, KW, SH, SW, PH, PW, DH, DW, BK, TAPS, A_FLOAT, DOT,
-    )  # fmt: skip
-    if DOT == 0:
-        if BORDER:  # the weight sum over the taps inside the image only (padding stands for the zero point):
-            # wtap holds a row offset per output row (oh) and column (ow), then one [NP] sum per border pattern
-            row = tl.load(wtap_ptr + oh) + tl.load(wtap_ptr + OH + ow)
-            acc = acc - a_zpi * tl.load(wtap_ptr + row[:, None] + rn[None, :])
-        else:
-            acc = acc - a_zpi * tl.load(wsum_ptr + rn)[None, :]
-    y = acc.to(tl.float32) * tl.load(scale_ptr + rn)[None, :] + tl.load(bias_ptr + rn)[None, :]
-    if HAS_SC:  # int8 x int8 as the main GEMM (DOT 0 or 4)
-        if DOT == 0:
-            acc2 = tl.zeros((BM, BN), dtype=tl.int32)
-        else:
-            acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-        acc2 = _gemm(
-            acc2, x2_ptr, w2_ptr, n, oh, ow, m_ok, rn, 1.0, 1.0, a2_zpi * 1.0, a2_zpi, 1.0,
-            H2, W2, CIN2, X2SN, 1, X2SH, X2SW, KH2, KW2, SH2, SW2, PH2, PW2, 1, 1, BK, TAPS2, False, DOT,
+        _conv_tile(
+            tl.program_id(0),
+            x_ptr, w_ptr, wsum_ptr, wtap_ptr, scale_ptr, bias_ptr, x2_ptr, w2_ptr, wsum2_ptr, scale2_ptr,
+            res_ptr, out_ptr, out2_ptr, M, a_scale, a_zp, a_zpi, a_f8, a2_zpi, g0_scale, g0_zp, res_scale,
+            res_zp, lo, hi, g1_scale, g1_zp, g2_scale, g2_zp, H, W, CIN, XSN, XSC, XSH, XSW, KH, KW, SH, SW,
+            PH, PW, DH, DW, OH, OW, COUT, TAPS, A_FLOAT, DOT, BORDER, HAS_SC, H2, W2, CIN2, X2SN, X2SH,
+            X2SW, KH2, KW2, SH2, SW2, PH2, PW2, TAPS2, HAS_Q0, RES, RSN, RSC, RSH, RSW, ACT, OUT, NP, BM,
+            BN, BK
         )  # fmt: skip
-        if DOT == 0:
-            acc2 = acc2 - a2_zpi * tl.load(wsum2_ptr + rn)[None, :]
-        y += acc2.to(tl.float32) * tl.load(scale2_ptr + rn)[None, :]
-    if HAS_Q0:
-        y = (_quant_inv(y, 1.0 / g0_scale, g0_zp) - g0_zp) * g0_scale
-    mask = m_ok[:, None] & (rn < COUT)[None, :]
-    if RES == 1:
-        rp = res_ptr + (n * RSN + oh * RSH + ow * RSW)[:, None] + (rn * RSC)[None, :]
-        rq = tl.load(rp, mask=mask, other=0).to(tl.float32)
-        y += (rq - res_zp) * res_scale
-    elif RES == 2:
-        rp = res_ptr + (n * RSN + oh * RSH + ow * RSW)[:, None] + (rn * RSC)[None, :]
-        y += tl.load(rp, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 1:
-        y = tl.maximum(y, lo)
-    elif ACT == 2:
-        y = tl.minimum(tl.maximum(y, lo), hi)
-    offs = rm[:, None] * COUT + rn[None, :]
-    if OUT == 0:
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        q1 = _quant_inv(y, 1.0 / g1_scale, g1_zp)
-        if OUT != 2:
-            tl.store(out_ptr + offs, q1.to(tl.int8), mask=mask)
-        if OUT >= 2:
-            q2 = _quant_inv((q1 - g1_zp) * g1_scale, 1.0 / g2_scale, g2_zp)
-            tl.store(out2_ptr + offs, q2.to(tl.int8), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -537,11 +660,21 @@ def next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
+@functools.cache
+def sm_count() -> int:
+    """Multiprocessors of the current GPU (4 under the CPU interpreter: a persistent grid still loops there)."""
+    if not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def launch_conv(args: dict, consts: dict, config: KernelConfig, m: int, warmup: bool = False) -> None:
     """Launch :func:`conv_kernel` for ``m`` output rows: ``args`` are the tensors and runtime scalars,
     ``consts`` the compile-time geometry and epilogue (see the kernel signature). ``warmup``: compile only."""
-    grid = (triton.cdiv(m, config.bm) * (consts["NP"] // config.bn),)
-    kwargs = dict(M=m, BM=config.bm, BN=config.bn, BK=config.bk, num_warps=config.warps, num_stages=config.stages)
+    tiles = triton.cdiv(m, config.bm) * (consts["NP"] // config.bn)
+    grid = (min(tiles, config.persist * sm_count()) if config.persist else tiles,)
+    kwargs = dict(M=m, BM=config.bm, BN=config.bn, BK=config.bk, PERSIST=config.persist)
+    kwargs.update(num_warps=config.warps, num_stages=config.stages)
     if warmup:
         conv_kernel.warmup(grid=grid, **kwargs, **args, **consts)
     else:
