@@ -13,9 +13,10 @@ from mixq.zoo.models import TorchModel
 class _FakeEngine(Engine):
     backend = "fake"
 
-    def __init__(self, name):
+    def __init__(self, name, inexact=""):
         super().__init__((1, 4), {})
         self.name = name
+        self.inexact = inexact
 
     def run(self, x, check_finite=True):
         return x
@@ -30,14 +31,16 @@ class _FakeEngine(Engine):
         return {}
 
 
-def _select(monkeypatch, times: dict[str, float], fail=()):
-    monkeypatch.setattr(auto, "_median_ms", lambda engines, x, warmup, runs: {k: times[k] for k in engines})
+def _select(monkeypatch, times: dict[str, float], fail=(), inexact=()):
+    monkeypatch.setattr(
+        auto, "median_latency", lambda runners, x, warmup, runs, rounds: {k: times[k] / 1e3 for k in runners}
+    )
 
     def build(name):
         def make():
             if name in fail:
                 raise EngineError(f"{name} cannot build this")
-            return _FakeEngine(name)
+            return _FakeEngine(name, f"{name} saturates here" if name in inexact else "")
 
         return make
 
@@ -64,7 +67,24 @@ def test_auto_skips_a_backend_that_fails_and_says_so(monkeypatch):
         monkeypatch, {"ort quantized": 5.0, "ov quantized": 1.0, "ort float": 9.0}, fail={"ov quantized"}
     )
     assert engine.name == "ort quantized"
-    assert sel.reason.endswith("not built: ov quantized: ov quantized cannot build this")
+    assert sel.reason.endswith("not built or skipped: ov quantized: ov quantized cannot build this")
+
+
+def test_auto_skips_an_inexact_quantized_engine_however_fast_and_says_why(monkeypatch):
+    times = {"ort quantized": 5.0, "ov quantized": 1.0, "ort float": 9.0, "ov float": 8.0}
+    engine, sel = _select(monkeypatch, times, inexact={"ov quantized"})
+    assert engine.name == "ort quantized"
+    assert "ov quantized" not in {c.name for c in sel.candidates}
+    assert sel.reason.endswith("skipped: ov quantized: skipped, not exact: ov quantized saturates here")
+    assert "not exact: ov quantized saturates here" in str(sel)
+
+
+def test_auto_with_every_quantized_engine_inexact_keeps_float_and_says_why(monkeypatch):
+    times = {"ov quantized": 1.0, "ort float": 9.0, "ov float": 8.0}
+    engine, sel = _select(monkeypatch, times, inexact={"ov quantized"})
+    assert engine.name == "ov float"
+    assert sel.reason.startswith("no quantized engine was left to time: kept the fastest float engine")
+    assert "ov quantized: skipped, not exact" in sel.reason
 
 
 def test_auto_with_nothing_buildable_is_one_error(monkeypatch):

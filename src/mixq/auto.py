@@ -8,13 +8,12 @@ LeNet is fastest as ONNX Runtime float because OpenVINO has a fixed cost per cal
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ._timing import median_latency
 from .backends import Engine, EngineError, get_backend, list_backends
 
 __all__ = ["Candidate", "Selection", "candidate_backends", "select_engine"]
@@ -70,20 +69,6 @@ def candidate_backends(on_cuda: bool = False) -> list[str]:
     return out
 
 
-def _median_ms(engines: dict[str, Engine], x: torch.Tensor, warmup: int, runs: int) -> dict[str, float]:
-    """Median latency per engine, interleaved round by round so that drift in machine load hits all alike."""
-    for e in engines.values():
-        for _ in range(warmup):
-            e.run(x)
-    samples: dict[str, list[float]] = {k: [] for k in engines}
-    for _ in range(runs):
-        for k, e in engines.items():
-            start = time.perf_counter()
-            e.run(x)
-            samples[k].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def select_engine(
     quantized: dict[str, Callable[[], Engine]],
     floats: dict[str, Callable[[], Engine]],
@@ -93,8 +78,8 @@ def select_engine(
 ) -> tuple[Engine, Selection]:
     """Build every candidate (``{backend: build}``), time them on ``x``, return the fastest quantized engine
     unless the fastest float engine beats it, in which case the float engine is returned and the reason
-    says so. A backend that fails to build is skipped (and named in the reason); if none builds, the
-    first error is raised."""
+    says so. A backend that fails to build, and a quantized engine that knows it is not exact here
+    (:attr:`Engine.inexact`), are skipped and named in the reason; if none is left, that is an error."""
     built: dict[str, Engine] = {}
     kinds: dict[str, tuple[str, bool]] = {}
     failures: list[str] = []
@@ -106,10 +91,16 @@ def select_engine(
             except EngineError as e:
                 failures.append(f"{name}: {e}")
                 continue
+            if is_quantized and built[name].inexact:
+                # Fast but wrong is no candidate: say why it was left out.
+                failures.append(f"{name}: skipped, not exact: {built.pop(name).inexact}")
+                continue
             kinds[name] = (backend, is_quantized)
     if not built:
         raise EngineError("backend 'auto': no candidate engine could be built: " + "; ".join(failures))
-    times = _median_ms(built, x, warmup, runs)
+    # One call per round, interleaved, so that drift in machine load hits all engines alike.
+    seconds = median_latency({k: e.run for k, e in built.items()}, x, warmup, runs, rounds=runs)
+    times = {k: 1e3 * v for k, v in seconds.items()}
     candidates = tuple(Candidate(n, kinds[n][0], kinds[n][1], times[n]) for n in built)
     best_q = min((c for c in candidates if c.quantized), key=lambda c: c.milliseconds, default=None)
     best_f = min((c for c in candidates if not c.quantized), key=lambda c: c.milliseconds, default=None)
@@ -128,8 +119,12 @@ def select_engine(
         )
     else:
         chosen = best_f
-        reason = "no quantized layers requested: kept the fastest float engine"
+        reason = (
+            "no quantized engine was left to time: kept the fastest float engine"
+            if quantized
+            else "no quantized layers requested: kept the fastest float engine"
+        )
     if failures:
-        reason += "; not built: " + "; ".join(failures)
+        reason += "; not built or skipped: " + "; ".join(failures)
     selection = Selection(candidates, chosen.name, reason, int(x.shape[0]), runs)
     return built[chosen.name], selection

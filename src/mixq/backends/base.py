@@ -60,7 +60,7 @@ class BuildOptions:
     threads: int | None = None
     keep_pools_float: bool = True
     workspace_bytes: int = 1 << 30
-    uint8_weights: bool | None = None  # ONNX Runtime: None = decide from the CPU (see onnxruntime backend)
+    uint8_weights: bool | None = None  # None = decide from the CPU (see cpu_features)
     strict_precision: bool = True  # NNI's strict_datatype; TensorRT 10.12+/11 builds strongly typed: always obeyed
     calibration_data: tuple = field(default=(), compare=False, repr=False)
 
@@ -90,9 +90,12 @@ class LayerTime:
 
 
 class Engine(ABC):
-    """A built engine: ``run`` validates its input and returns a CPU float32 tensor."""
+    """A built engine: ``run`` validates its input and returns a CPU float32 tensor. ``inexact``: why its
+    results differ from the fake-quant model beyond rounding, where the backend knows it will (e.g. int8
+    kernels that saturate on this CPU); empty otherwise. ``backend="auto"`` never keeps such an engine."""
 
     backend: str
+    inexact: str = ""
 
     def __init__(self, input_shape: tuple[int, ...], layers: dict, max_batch: int | None = None):
         self.input_shape = tuple(int(d) for d in input_shape)

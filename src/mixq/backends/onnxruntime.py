@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +25,15 @@ from .base import (
     layer_of_node,
     read_engine_file,
     register_backend,
+)
+from .cpu_features import (
+    SAFE_U8S8_WEIGHT,
+    cpu_has_vnni,
+    int8_weight_maxima,
+    max_abs_int8_weight,
+    saturating_layers,
+    saturation_message,
+    weights_to_uint8,
 )
 from .ort_legalize import LEGALIZED_KEY, float_output_convs, quantize_conv_outputs
 
@@ -84,75 +94,6 @@ def _note(info: dict, runs_as: str) -> str:
     return ""
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI); non-x86 CPUs count as having it."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # cannot tell (not Linux): keep int8 weights
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-def weights_to_uint8(model) -> int:
-    """Rewrite every int8 weight initializer feeding a DequantizeLinear as uint8 with zero point + 128.
-
-    The grid is identical (q + 128 with zp + 128 dequantizes to the same values). Why: on x86 CPUs without
-    VNNI, ONNX Runtime's u8 x s8 kernels sum pairs of products in int16 with saturation, which gives wrong
-    results for trained weights (benchmarks/results/ort-exactness-cpu.md: 98.19% top-1 agreement with the
-    fake-quant LeNet, up to 104 output steps off); its u8 x u8 kernels are exact but slower (ResNet-18:
-    750 vs 472 ms with 7-bit int8 weights, benchmarks/results/engines-cpu-603a7af.md). Returns the number
-    of weights rewritten.
-    """
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    from ..export import constant_resolver
-
-    inits = {i.name: i for i in model.graph.initializer}
-    const = constant_resolver(model, required=True)
-
-    count = 0
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
-            continue
-        w = inits[node.input[0]]
-        if w.data_type != onnx.TensorProto.INT8 or len(node.input) < 3:
-            continue
-        q = numpy_helper.to_array(w).astype(np.int16) + 128
-        w.CopyFrom(numpy_helper.from_array(q.astype(np.uint8), w.name))
-        zp = const(node.input[2]).astype(np.int16) + 128
-        zp_name = f"{w.name}_zero_point_u8"
-        model.graph.initializer.append(numpy_helper.from_array(zp.astype(np.uint8), zp_name))
-        node.input[2] = zp_name
-        count += 1
-    return count
-
-
-# u8 x s8 pairs summed in int16 stay exact when |w| <= 64: 2 * 255 * 64 = 32640 <= 32767.
-SAFE_U8S8_WEIGHT = 64
-
-
-def max_abs_int8_weight(model) -> int:
-    """Largest |q| over the int8 weight initializers that feed a DequantizeLinear (0 if none)."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    top = 0
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            w = inits[node.input[0]]
-            if w.data_type == onnx.TensorProto.INT8 and len(w.dims) > 1:
-                top = max(top, int(np.abs(numpy_helper.to_array(w).astype(np.int16)).max()))
-    return top
-
-
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
@@ -167,12 +108,22 @@ class OnnxRuntimeEngine(Engine):
         self.options = options
         self.qdq_bytes = qdq_bytes
         model = onnx.load_from_string(qdq_bytes)
+        # Why uint8 weights (see .cpu_features): ResNet-18 runs 750 vs 472 ms with them (7-bit int8 weights,
+        # benchmarks/results/engines-cpu-603a7af.md), but without them, on a CPU without VNNI, trained 8-bit
+        # weights give wrong results (98.19% top-1 agreement with the fake-quant LeNet, up to 104 output
+        # steps off: benchmarks/results/ort-exactness-cpu.md).
         uint8 = options.uint8_weights
+        vnni = cpu_has_vnni()
         if uint8 is None:
-            uint8 = not cpu_has_vnni() and max_abs_int8_weight(model) > SAFE_U8S8_WEIGHT
+            uint8 = not vnni and max_abs_int8_weight(model) > SAFE_U8S8_WEIGHT
         self.uint8_weights = bool(uint8)
         if self.uint8_weights:
             weights_to_uint8(model)
+        elif not vnni:
+            risky = saturating_layers(int8_weight_maxima(model), layers)
+            if risky:
+                self.inexact = saturation_message("ONNX Runtime", risky)
+                warnings.warn(self.inexact, stacklevel=2)
         self.session_bytes = model.SerializeToString() if self.uint8_weights else qdq_bytes
         so = self._session_options(ort)
         fd, opt_path = tempfile.mkstemp(suffix=".onnx")

@@ -5,6 +5,12 @@ The engine file holds the Q/DQ ONNX, not a compiled blob: a blob is specific to 
 so the model is compiled where it is loaded and an engine built on one CPU class runs right on another.
 Each batch size gets its own static-shape compilation (OpenVINO's CPU plugin is fastest on static shapes),
 made on first use and kept.
+
+On x86 CPUs without VNNI, OpenVINO's u8 x s8 int8 convolutions saturate for weights with |q| > 64
+(:mod:`.cpu_features`), and no OpenVINO setting avoids that (EXECUTION_MODE_HINT=ACCURACY gives the same
+wrong results; measured in benchmarks/results/openvino-exactness-cpu.md). There the engine splits each such
+weight into two int8 halves with |q| <= 64 and runs the layer as two int8 kernels whose outputs are added:
+exact, still int8, about twice the layer's int8 work. 7-bit weights need no split.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import statistics
 import tempfile
 import threading
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,6 +37,15 @@ from .base import (
     layer_of_node,
     read_engine_file,
     register_backend,
+)
+from .cpu_features import (
+    SAFE_U8S8_WEIGHT,
+    cpu_has_vnni,
+    int8_weight_maxima,
+    layer_maxima,
+    saturation_message,
+    split_int8_weights,
+    weights_to_uint8,
 )
 
 __all__ = ["OpenVINOBackend", "OpenVINOEngine"]
@@ -65,14 +81,18 @@ class OpenVINOEngine(Engine):
     backend = "openvino"
 
     def __init__(self, onnx_bytes: bytes, input_shape, layers: dict, options: BuildOptions):
+        """``onnx_bytes``: the backend-neutral Q/DQ model (int8 weights). Which weights become uint8 is
+        decided here, where the model is compiled, so an engine file built on one CPU class runs right on
+        another (see :meth:`_weight_layout`)."""
         super().__init__(input_shape, layers, max_batch=None)
         ov = _ov()
         self.options = options
         self.onnx_bytes = onnx_bytes
+        model_bytes = self._weight_layout(onnx_bytes)
         self.core = ov.Core()
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "model.onnx"
-            path.write_bytes(onnx_bytes)
+            path.write_bytes(model_bytes)
             try:
                 self.model = self.core.read_model(str(path))
             except Exception as e:
@@ -85,6 +105,37 @@ class OpenVINOEngine(Engine):
         self._compiled: dict[tuple[int, bool], tuple[object, object]] = {}
         self._lock = threading.Lock()  # one infer request per batch size: calls from several threads take turns
         self._request(self.input_shape[0])  # compile now, so a build error surfaces at build time
+
+    def _weight_layout(self, onnx_bytes: bytes) -> bytes:
+        """The model to compile, with the weight layout for this CPU (``options.uint8_weights``):
+
+        - None (default): on a CPU without VNNI, each layer with int8 weights |q| > 64 gets them split in two
+          int8 halves with |q| <= 64 (:func:`.cpu_features.split_int8_weights`): exact and still int8, about
+          twice the layer's int8 work (measured: benchmarks/results/openvino-exactness-cpu.md). A weight the
+          split does not handle gets uint8 weights instead (exact, runs float). With VNNI: unchanged.
+        - True: every int8 weight as uint8 with zero point 128 (OpenVINO runs those layers in float, exact).
+        - False: int8 weights as they are: on a CPU without VNNI the layers with |q| > 64 are wrong; the
+          engine warns and says so in ``inexact``.
+
+        Sets ``split_layers``, ``uint8_layers`` and ``saturating_layers`` (each ``{layer: largest |q|}``)."""
+        import onnx
+
+        model = onnx.load_from_string(onnx_bytes)
+        maxima = int8_weight_maxima(model)
+        risky = set() if cpu_has_vnni() else {n for n, top in maxima.items() if top > SAFE_U8S8_WEIGHT}
+        choice = self.options.uint8_weights
+        to_split = risky if choice is None else set()
+        split = split_int8_weights(model, to_split)
+        to_uint8 = set(maxima) if choice else to_split - split
+        weights_to_uint8(model, to_uint8)
+
+        self.split_layers = layer_maxima({n: maxima[n] for n in split}, self.layers)
+        self.uint8_layers = layer_maxima({n: maxima[n] for n in to_uint8}, self.layers)
+        self.saturating_layers = layer_maxima({n: maxima[n] for n in risky}, self.layers) if choice is False else {}
+        if self.saturating_layers:
+            self.inexact = saturation_message("OpenVINO", self.saturating_layers)
+            warnings.warn(self.inexact, stacklevel=3)
+        return model.SerializeToString() if split or to_uint8 else onnx_bytes
 
     def _config(self, profiling: bool) -> dict:
         config = {
@@ -160,6 +211,25 @@ class OpenVINOEngine(Engine):
                 runs_as, note = "fused", f"no kernel of its own: fused into {fused_into[layer]}"
             else:
                 runs_as, note = "fused", "no kernel of its own: folded or removed by OpenVINO"
+            if layer in self.split_layers:
+                note = (
+                    f"int8 weights (|q| up to {self.split_layers[layer]}) split into two int8 halves with "
+                    "|q| <= 64, run as two int8 kernels and added: exact on this CPU (no VNNI: one kernel would "
+                    "saturate in int16), about twice the int8 work; 7-bit weights need one"
+                )
+            elif layer in self.uint8_layers and runs_as != "int8":
+                note = (
+                    f"given uint8 weights (zero point 128, same grid; |q| up to {self.uint8_layers[layer]}), "
+                    "which OpenVINO runs in float: exact"
+                    + (
+                        ". Its int8 kernel would be wrong on this CPU (no VNNI: int16 saturation for |q| > 64); "
+                        "7-bit weights run it int8 and exact"
+                        if self.options.uint8_weights is None
+                        else " (uint8_weights=True)"
+                    )
+                )
+            elif layer in self.saturating_layers and requested == "int8":
+                note = "NOT EXACT: int8 weights with |q| > 64 saturate on this CPU (no VNNI); use 7-bit weights"
             rows.append(LayerPlacement(layer, info["op_type"], requested, runs_as, ks, 0, note))
         return rows
 
@@ -197,7 +267,8 @@ class OpenVINOEngine(Engine):
         return sorted(rows, key=lambda r: -r.microseconds)
 
     def members(self) -> dict[str, bytes]:
-        options = {"threads": self.options.threads}
+        # The canonical int8 model only: which weights become uint8 is re-decided on load.
+        options = {"threads": self.options.threads, "uint8_weights": self.options.uint8_weights}
         return {"model.onnx": self.onnx_bytes, "options.json": json.dumps(options).encode()}
 
 
@@ -216,7 +287,7 @@ class OpenVINOBackend(Backend):
                 members["model.onnx"],
                 tuple(manifest["input_shape"]),
                 manifest["layers"],
-                BuildOptions(threads=opts["threads"]),
+                BuildOptions(threads=opts["threads"], uint8_weights=opts.get("uint8_weights")),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
