@@ -74,6 +74,9 @@ def test_demo_quick_prints_table_and_writes_results(data_dir, tmp_path, capsys):
         assert 30.0 < row["accuracy_engine"] <= 100.0, row
         assert abs(row["accuracy_engine"] - row["accuracy_pytorch"]) < 2.0, row
         assert row["latency_ms"] > 0
+    # Every QAT strategy's engine holds its quantized layers (a float engine here once went unnoticed).
+    assert [r["engine"] for r in results["rows"]] == ["onnxruntime float"] + ["onnxruntime quantized"] * 3
+    assert "| conv1 | Conv2d | int8 | int8 |" in out  # the all-8-bit placement report
     fp32 = results["rows"][0]
     assert fp32["avg_bits_mac"] == 32.0 and fp32["latency_vs_fp32"] == 1.0
     assert results["rows"][2]["avg_bits_mac"] == 8.0

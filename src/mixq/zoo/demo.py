@@ -75,7 +75,7 @@ def _machine(backend: str) -> str:
     )
 
 
-def _all8_report(speedup: ModelSpeedup, model, opts: DemoOptions):
+def _all8_report(speedup: ModelSpeedup, model, calibration: dict, opts: DemoOptions):
     """The placement report of the all-8-bit strategy's quantized engine, timed against its float form. Where
     backend auto kept a float engine (every quantized one was slower), the report is of the fastest quantized
     candidate, rebuilt on its backend, since that is the engine whose placement explains the choice."""
@@ -88,7 +88,9 @@ def _all8_report(speedup: ModelSpeedup, model, opts: DemoOptions):
     if best is None:
         why = "Why all-8-bit runs as it does (per-layer placement and time on this backend):"
         return speedup.report(compare_float=True, batch=opts.batch, runs=runs), why
-    quantized = ModelSpeedup(model, speedup.input_shape, batchsize=opts.batch, backend=best.backend).compress()
+    quantized = ModelSpeedup(
+        model, speedup.input_shape, config=calibration, batchsize=opts.batch, backend=best.backend
+    ).compress()
     report = quantized.report(compare_float=True, batch=opts.batch, runs=runs)
     report.selection = selection
     why = (
@@ -106,7 +108,10 @@ def _engine_label(speedup: ModelSpeedup, quantized: bool) -> str:
         if quantized and label.endswith(" float"):
             label += " (auto: quantized was slower)"
         return label
-    return f"{speedup.engine.backend} {'quantized' if quantized else 'float'}"
+    # What the engine holds, not what the strategy asked for: a quantized strategy whose export came out all float
+    # must not be labelled quantized.
+    holds_quantized = any(info["precision"] != "fp32" for info in speedup.qdq.layers.values())
+    return f"{speedup.engine.backend} {'quantized' if holds_quantized else 'float'}"
 
 
 def _slug(strategy: str) -> str:
@@ -131,7 +136,7 @@ def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
     costs = layer_costs(variants[FP32].model, example)
     shape = (opts.batch, 1, 28, 28)
 
-    engines, rows, written = {}, [], []
+    engines, calibrations, rows, written = {}, {}, [], []
     for name, v in variants.items():
         slug = _slug(name)
         if v.quantizer is None:
@@ -141,11 +146,13 @@ def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
             written.append(f"{slug}_model.pth")
             speedup = ModelSpeedup(v.model, shape, config={}, batchsize=opts.batch, backend=opts.backend)
         else:
+            # export_model unwraps the model (NNI's behaviour): the engine is built from the float deploy model and
+            # the calibration config it returns.
             calibration = v.quantizer.export_model(out / f"{slug}_model.pth", out / f"{slug}_calibration.json")
             written += [f"{slug}_model.pth", f"{slug}_calibration.json"]
-            speedup = ModelSpeedup(v.model, shape, batchsize=opts.batch, backend=opts.backend)
+            speedup = ModelSpeedup(v.model, shape, config=calibration, batchsize=opts.batch, backend=opts.backend)
         speedup.compress()
-        engines[name] = speedup
+        engines[name], calibrations[name] = speedup, calibration
         engine = _engine_label(speedup, quantized=v.quantizer is not None)
         by_mac, by_param = average_bits(costs, calibration)
         rows.append(
@@ -169,7 +176,7 @@ def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
         row["latency_ms"] = latency[row["strategy"]] * 1e3
         row["latency_vs_fp32"] = latency[row["strategy"]] / base
 
-    report, why = _all8_report(engines[ALL8], variants[ALL8].model, opts)
+    report, why = _all8_report(engines[ALL8], variants[ALL8].model, calibrations[ALL8], opts)
     machine = _machine(opts.backend)
     header = (
         f"MNIST LeNet (NNI tutorial), {epochs} epoch(s) per strategy, {len(task.train_set)} train / "
