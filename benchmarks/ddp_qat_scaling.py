@@ -113,7 +113,6 @@ def run(args, rank: int, world: int) -> dict:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    step_model = ddp
     step, t0, epoch, first_step_s = 0, None, 0, None
     ddp.train()
     while step < args.warmup + args.steps:
@@ -130,7 +129,7 @@ def run(args, rank: int, world: int) -> dict:
             if args.amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                loss = F.cross_entropy(step_model(x), y)
+                loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

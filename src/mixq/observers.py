@@ -21,6 +21,7 @@ __all__ = [
     "Observer",
     "MinMaxObserver",
     "EMAMinMaxObserver",
+    "ema_range_step",
     "HistogramObserver",
     "PercentileObserver",
     "EntropyObserver",
@@ -156,9 +157,9 @@ class EMAMinMaxObserver(MinMaxObserver):
         """One EMA step with a range every rank agrees on (the first one sets the state)."""
         if self.min_val.shape != lo.shape:
             self.min_val, self.max_val = lo.clone(), hi.clone()
-        first = ~self.observed
-        self.min_val.copy_(torch.where(first, lo, self.decay * self.min_val + (1 - self.decay) * lo))
-        self.max_val.copy_(torch.where(first, hi, self.decay * self.max_val + (1 - self.decay) * hi))
+        new_min, new_max = ema_range_step(self.min_val, self.max_val, self.observed, lo, hi, self.decay)
+        self.min_val.copy_(new_min)
+        self.max_val.copy_(new_max)
         self.observed.fill_(True)
 
     def reset(self):
@@ -173,6 +174,22 @@ class EMAMinMaxObserver(MinMaxObserver):
         if prefix + "observed" not in state_dict and prefix + "min_val" in state_dict:  # saved before the flag
             state_dict[prefix + "observed"] = torch.tensor(state_dict[prefix + "min_val"].numel() > 0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def ema_range_step(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    observed: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    decay: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One EMA step of a tracked range with a batch's (lo, hi); where nothing was observed yet, the batch's range.
+    Element-wise, so one observer's state and a stack of many observers' (mixq.quantization.sync) take the same
+    arithmetic."""
+    new_min = torch.where(observed, decay * min_val + (1 - decay) * lo, lo)
+    new_max = torch.where(observed, decay * max_val + (1 - decay) * hi, hi)
+    return new_min, new_max
 
 
 class HistogramObserver(Observer):

@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import collective_device
-from ..observers import EMAMinMaxObserver
+from ..observers import EMAMinMaxObserver, ema_range_step
 
-__all__ = ["RangeSync", "defer_range_sync", "sync_ranges"]
+__all__ = ["RangeSync", "defer_range_sync", "sync_ranges", "undefer_range_sync_"]
 
 _ATTRIBUTE = "_mixq_range_sync"
 
@@ -79,9 +79,7 @@ class RangeSync:
             g_lo, g_hi, g_seen = lo[start:stop], hi[start:stop], seen[start:stop]
             observed = torch.stack([o.observed for o in group])
             mins, maxs = torch.stack([o.min_val for o in group]), torch.stack([o.max_val for o in group])
-            # The same element-wise arithmetic as EMAMinMaxObserver.apply_global_range, vectorised.
-            new_min = torch.where(observed, decay * mins + (1 - decay) * g_lo, g_lo)
-            new_max = torch.where(observed, decay * maxs + (1 - decay) * g_hi, g_hi)
+            new_min, new_max = ema_range_step(mins, maxs, observed, g_lo, g_hi, decay)
             torch._foreach_copy_([o.min_val for o in group], list(torch.where(g_seen, new_min, mins).unbind(0)))
             torch._foreach_copy_([o.max_val for o in group], list(torch.where(g_seen, new_max, maxs).unbind(0)))
             torch._foreach_copy_([o.observed for o in group], list((observed | g_seen).unbind(0)))
