@@ -57,6 +57,11 @@ class QDQExport:
     model: object  # onnx.ModelProto
     layers: dict
 
+    @property
+    def requests_quantized(self) -> bool:
+        """Whether any layer asks for a precision other than fp32."""
+        return any(info["precision"] != "fp32" for info in self.layers.values())
+
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_write(path, "wb") as f:
             f.write(self.model.SerializeToString())

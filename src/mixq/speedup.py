@@ -301,9 +301,8 @@ class ModelSpeedup:
         def build(name, graph):
             return lambda: get_backend(name).build(graph, self.input_shape, options)
 
-        requested_quantized = any(info["precision"] != "fp32" for info in qdq.layers.values())
-        float_qdq = self._export(model, {}, 32) if requested_quantized else qdq
-        quantized = {n: build(n, qdq) for n in backends} if requested_quantized else {}
+        float_qdq = self._export(model, {}, 32) if qdq.requests_quantized else qdq
+        quantized = {n: build(n, qdq) for n in backends} if qdq.requests_quantized else {}
         floats = {n: build(n, float_qdq) for n in backends}
         x = torch.randn(self.options.opt_batch, *self.input_shape[1:])
         return select_engine(quantized, floats, x)

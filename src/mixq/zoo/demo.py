@@ -110,8 +110,7 @@ def _engine_label(speedup: ModelSpeedup, quantized: bool) -> str:
         return label
     # What the engine holds, not what the strategy asked for: a quantized strategy whose export came out all float
     # must not be labelled quantized.
-    holds_quantized = any(info["precision"] != "fp32" for info in speedup.qdq.layers.values())
-    return f"{speedup.engine.backend} {'quantized' if holds_quantized else 'float'}"
+    return f"{speedup.engine.backend} {'quantized' if speedup.qdq.requests_quantized else 'float'}"
 
 
 def _slug(strategy: str) -> str:
