@@ -1,8 +1,9 @@
-"""The native GPU backend (``cuda``: Triton int8 kernels, one CUDA graph per batch size) against PyTorch on
+"""The native GPU backend (``cuda``: Triton int8/fp8 kernels, one CUDA graph per batch size) against PyTorch on
 the same GPU, in one process: LeNet and CIFAR ResNet-18, all-int8 PTQ (conv/linear input + weight, ReLU
-output, the config ``ModelSpeedup(extra_layer_bits=8)`` uses), at batch 128 and 1024.
+output, the config ``ModelSpeedup(extra_layer_bits=8)`` uses) and, with ``--precisions int8,fp8``, the same
+layers all-fp8 (e4m3, ``mixq.speedup.all_fp8_config``), at batch 128 and 1024.
 
-    PYTHONPATH=src MIXQ_DATA=<dir with cifar10/> python benchmarks/gpu_engines.py --out <dir>
+    PYTHONPATH=src MIXQ_DATA=<dir with cifar10/> python benchmarks/gpu_engines.py --out <dir> [--precisions int8,fp8]
 
 Baselines, re-measured in this run: eager fp32 (TF32 off), fp16 channels-last replayed as a CUDA graph, and
 ``torch.compile(mode="max-autotune")`` fp16 channels-last (Inductor's own CUDA graphs). Every latency is the
@@ -136,9 +137,15 @@ def load_models(data_dir):
     return out
 
 
-def ptq(model, calib: torch.Tensor):
+def ptq(model, calib: torch.Tensor, precision: str = "int8"):
     q = copy.deepcopy(model).cuda().eval()
-    mixq.prepare_(q, all_int8_config(q), mixq.PTQ(), example_input=calib[:1].cuda())
+    if precision == "fp8":
+        from mixq.speedup import all_fp8_config
+
+        config = all_fp8_config(q)
+    else:
+        config = all_int8_config(q)
+    mixq.prepare_(q, config, mixq.PTQ(), example_input=calib[:1].cuda())
     with torch.no_grad():
         mixq.calibrate_(q, lambda m: [m(b.cuda()) for b in calib.split(256)])
     q.eval()
@@ -245,7 +252,7 @@ def roofline(engine, batch: int, ceil: dict, times: dict) -> list[dict]:
             nbytes += batch * sg["cin"] * sg["h"] * sg["w"] + op.sc.weight.size
         if op.res is not None:
             nbytes += m * g["cout"] * (1 if op.res[1] is not None else 4)
-        peak = int8_peak(ceil) if op.mode == "int8" else ceil["fp16_flops_per_s"]
+        peak = int8_peak(ceil) if op.mode in ("int8", "fp8") else ceil["fp16_flops_per_s"]
         t_flop, t_byte = flops / peak * 1e6, nbytes / ceil["copy_bytes_per_s"] * 1e6
         layer = engine._op_layer(op) or op.node
         rows.append({"layer": layer, "kernel": r.describe(), "gflop": flops / 1e9, "mbytes": nbytes / 1e6,
@@ -268,6 +275,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("MIXQ_DATA"))
     p.add_argument("--batches", default="128,1024")
     p.add_argument("--models", default="lenet,resnet18")
+    p.add_argument("--precisions", default="int8", help="engines to build: int8, fp8 or both (int8,fp8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--compile-for", default="all", help="model:batch pairs that get the torch.compile baseline")
     p.add_argument("--budget-s", type=float, default=480, help="skip torch.compile once this much time has passed")
@@ -292,49 +300,62 @@ def main() -> None:
     results = {"machine": info, "ceilings": ceil, "warmup_ms": WARMUP_MS, "rep_ms": REP_MS, "runs": [],
                "command": " ".join(sys.argv)}  # fmt: skip
     models = load_models(args.data_dir)
+    precisions = args.precisions.split(",")
     for name in args.models.split(","):
         fp32, calib, test_x, test_y, note = models[name]
-        fq, qdq = ptq(fp32, calib)
+        quantized = {prec: ptq(fp32, calib, prec) for prec in precisions}
         fp32_cuda = copy.deepcopy(fp32).cuda().eval()
         for batch in [int(b) for b in args.batches.split(",")]:
-            row = {"model": name, "batch": batch, "weights": note}
-            engine = None
+            row = {"model": name, "batch": batch, "weights": note, "engines": {}}
+            x = test_x[:batch].cuda() if len(test_x) >= batch else torch.randn(batch, *calib.shape[1:], device="cuda")
+            built = {}
+            for prec, (fq, qdq) in quantized.items():
+                eng = row["engines"][prec] = {}
+                try:
+                    start = time.perf_counter()
+                    engine = build_engine(qdq, (batch, *calib.shape[1:]), BuildOptions(opt_batch=batch))
+                    eng["build_seconds"] = time.perf_counter() - start
+                    engine.run_device(x)  # capture the graph for this batch
+                    eng["run_device"] = bench(lambda e=engine, x=x: e.run_device(x, check_finite=False))
+                    eng["replay"] = bench(engine._graphs[batch].graph.replay)
+                    if batch == max(int(b) for b in args.batches.split(",")) or name == "lenet":
+                        eng["quality"] = quality(engine, fq, fp32_cuda, test_x, test_y)
+                    prof = engine.profile(x, runs=20)
+                    times = {t.layer: t.microseconds for t in prof}
+                    eng["profile_total_us"] = sum(times.values())
+                    eng["layers"] = roofline(engine, batch, ceil, times)
+                    eng["placement"] = [
+                        (r.layer, r.requested, r.runs_as, list(r.kernels), r.note) for r in engine.placement()
+                    ]
+                    eng["tuning"] = engine.tuning
+                    built[prec] = engine
+                except Exception as e:  # keep going: the table says what failed
+                    import traceback
+
+                    eng["error"] = f"{type(e).__name__}: {e}"
+                    traceback.print_exc()
             try:
-                start = time.perf_counter()
-                engine = build_engine(qdq, (batch, *calib.shape[1:]), BuildOptions(opt_batch=batch))
-                row["build_seconds"] = time.perf_counter() - start
-                x = (
-                    test_x[:batch].cuda()
-                    if len(test_x) >= batch
-                    else torch.randn(batch, *calib.shape[1:], device="cuda")
-                )
-                engine.run_device(x)  # capture the graph for this batch
-                row["cuda int8 (run_device)"] = bench(lambda e=engine, x=x: e.run_device(x, check_finite=False))
-                g = engine._graphs[batch]
-                row["cuda int8 graph replay only"] = bench(g.graph.replay)
-                if batch == max(int(b) for b in args.batches.split(",")) or name == "lenet":
-                    row["quality"] = quality(engine, fq, fp32_cuda, test_x, test_y)
-                prof = engine.profile(x, runs=20)
-                times = {t.layer: t.microseconds for t in prof}
-                row["profile_total_us"] = sum(times.values())
-                row["layers"] = roofline(engine, batch, ceil, times)
-                row["placement"] = [
-                    (r.layer, r.requested, r.runs_as, list(r.kernels), r.note) for r in engine.placement()
-                ]
-                row["tuning"] = engine.tuning
                 wanted = args.compile_for == "all" or f"{name}:{batch}" in args.compile_for.split(",")
                 compile_ok = wanted and not args.no_compile and time.perf_counter() - t0 < args.budget_s
                 row.update(baselines(fp32, x, compile_ok))
-                row["cuda int8 (run_device), again"] = bench(lambda e=engine, x=x: e.run_device(x, check_finite=False))
-            except Exception as e:  # keep going: the table says what failed
+            except Exception as e:
                 import traceback
 
-                row["error"] = f"{type(e).__name__}: {e}"
+                row["baseline_error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-            log(json.dumps({k: v for k, v in row.items() if k not in ("layers", "placement", "tuning")}, default=str))
+            for prec, engine in built.items():  # the engines again, after the baselines
+                row["engines"][prec]["again"] = bench(lambda e=engine, x=x: e.run_device(x, check_finite=False))
+            log(json.dumps({k: v for k, v in row.items() if k != "engines"}, default=str))
+            for prec, eng in row["engines"].items():
+                log(
+                    f"  {prec}: "
+                    + json.dumps(
+                        {k: v for k, v in eng.items() if k not in ("layers", "placement", "tuning")}, default=str
+                    )
+                )
             results["runs"].append(row)
             (out / "gpu-engines.json").write_text(json.dumps(results, indent=1, default=str))
-            del engine
+            del built
             torch.cuda.empty_cache()
     results["seconds"] = time.perf_counter() - t0
     (out / "gpu-engines.json").write_text(json.dumps(results, indent=1, default=str))
@@ -345,12 +366,30 @@ def main() -> None:
 COMPILED = "torch.compile max-autotune fp16"
 
 
+def _engines(r: dict) -> dict:
+    """``{precision: engine results}`` of a run row; rows of the int8-only json before --precisions existed
+    are read as one int8 engine."""
+    if "engines" in r:
+        return r["engines"]
+    if "error" in r:
+        return {"int8": {"error": r["error"]}}
+    keys = {"run_device": "cuda int8 (run_device)", "again": "cuda int8 (run_device), again",
+            "replay": "cuda int8 graph replay only"}  # fmt: skip
+    eng = {new: r.get(old) for new, old in keys.items()}
+    eng.update(
+        {k: r[k] for k in ("build_seconds", "quality", "profile_total_us", "layers", "placement", "tuning") if k in r}
+    )
+    return {"int8": eng}
+
+
 def _recompute_floors(results: dict) -> None:
     """Floors from the stored FLOPs and bytes with :func:`int8_peak` (reports rendered from older json)."""
     c = results["ceilings"]
     for r in results["runs"]:
-        for row in r.get("layers", []):
-            rate = int8_peak(c) if "conv int8" in row["kernel"] else c["fp16_flops_per_s"]
+        for row in (row for eng in _engines(r).values() for row in eng.get("layers", [])):
+            rate = (
+                int8_peak(c) if "conv int8" in row["kernel"] or "conv fp8" in row["kernel"] else c["fp16_flops_per_s"]
+            )
             t_flop, t_byte = row["gflop"] * 1e9 / rate * 1e6, row["mbytes"] * 1e6 / c["copy_bytes_per_s"] * 1e6
             row["floor_us"], row["bound"] = max(t_flop, t_byte), "compute" if t_flop >= t_byte else "memory"
 
@@ -369,65 +408,71 @@ def report(results: dict, command: str, other: dict | None = None, other_name: s
         f"GEMM 8192^3 {c['int8_ops_per_s'] / 1e12:.0f} TOP/s (`torch._int_mm`), fp16 GEMM "
         f"{c['fp16_flops_per_s'] / 1e12:.0f} TFLOP/s. Floors below use int8 at {int8_peak(c) / 1e12:.0f} TOP/s: "
         "the larger of the measured int8 rate and twice the measured fp16 rate (Hopper's int8 peak is twice its "
-        "fp16 peak).",
+        "fp16 peak; its fp8 peak equals its int8 peak, so fp8 layers get the same floor).",
         f"Latency: median of `triton.testing.do_bench` (warm-up {results['warmup_ms']} ms, repetitions "
-        f"{results['rep_ms']} ms, L2 flushed before each call), input already on the GPU. Config: all-int8 PTQ.",
+        f"{results['rep_ms']} ms, L2 flushed before each call), input already on the GPU. Configs: all-int8 PTQ "
+        "(`all_int8_config`) and all-fp8 PTQ (`all_fp8_config`, e4m3) where the engine column says fp8; the "
+        "baselines are measured once per model and batch, between the engines' first and second timing.",
         "",
-        "| model | batch | weights | cuda int8 ms | again | graph replay only | eager fp32 | eager tf32 | "
-        "CUDA-graph fp16 CL | torch.compile fp16 | int8 / compiled fp16 | build s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | weights | engine | cuda ms | again | graph replay only | eager fp32 | eager tf32 | "
+        "CUDA-graph fp16 CL | torch.compile fp16 | cuda / compiled fp16 | build s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['weights']} | failed: {r['error']} |")
-            continue
         comp, mark = r.get(COMPILED), ""
         if comp is None and other is not None:
             same = [o for o in other["runs"] if o["model"] == r["model"] and o["batch"] == r["batch"] and COMPILED in o]
             if same:
                 comp, mark = same[0][COMPILED], " *"
-        ratio = f"{r['cuda int8 (run_device)'] / comp:.2f}x{mark}" if comp else "-"
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['weights']} | {fmt_ms(r['cuda int8 (run_device)'])} | "
-            f"{fmt_ms(r.get('cuda int8 (run_device), again'))} | {fmt_ms(r['cuda int8 graph replay only'])} | "
-            f"{fmt_ms(r.get('eager fp32'))} | {fmt_ms(r.get('eager tf32'))} | "
-            f"{fmt_ms(r.get('CUDA-graph fp16 channels-last'))} | {fmt_ms(comp)}{mark} | "
-            f"{ratio} | {r['build_seconds']:.0f} | {_seconds(r.get('compile_seconds'))} |"
-        )
+        for prec, eng in _engines(r).items():
+            if "error" in eng:
+                lines.append(f"| {r['model']} | {r['batch']} | {r['weights']} | {prec} | failed: {eng['error']} |")
+                continue
+            ratio = f"{eng['run_device'] / comp:.2f}x{mark}" if comp else "-"
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['weights']} | {prec} | {fmt_ms(eng['run_device'])} | "
+                f"{fmt_ms(eng.get('again'))} | {fmt_ms(eng['replay'])} | "
+                f"{fmt_ms(r.get('eager fp32'))} | {fmt_ms(r.get('eager tf32'))} | "
+                f"{fmt_ms(r.get('CUDA-graph fp16 channels-last'))} | {fmt_ms(comp)}{mark} | "
+                f"{ratio} | {eng['build_seconds']:.0f} | {_seconds(r.get('compile_seconds'))} |"
+            )
     if other is not None:
         om = other["machine"]
         lines.append(
             f"\n\\* torch.compile not measured in this run (device time); taken from `{other_name}` ({om['gpu']}, "
             f"driver {om['driver']}, torch {om['torch']}), a run on the same kind of card: compare with care.\n"
         )
-    lines += ["", "## Quality (int8 engine vs the fake-quant PyTorch model)", "",
-              "| model | batch | images | top-1 agreement | max abs logit error | accuracy: engine | fake-quant "
-              "| fp32 |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## Quality (each engine vs its own fake-quant PyTorch model)", "",
+              "| model | batch | engine | images | top-1 agreement | max abs logit error | accuracy: engine | "
+              "fake-quant | fp32 |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["runs"]:
-        q = r.get("quality")
-        if not q:
+        for prec, eng in _engines(r).items():
+            q = eng.get("quality")
+            if not q:
+                continue
+            acc = [
+                f"{100 * q[k]:.2f}%" if k in q else "-"
+                for k in ("accuracy_engine", "accuracy_fake_quant", "accuracy_fp32")
+            ]
+            lines.append(f"| {r['model']} | {r['batch']} | {prec} | {q['images']} | {100 * q['agreement']:.2f}% | "
+                         f"{q['max_abs_error']:.4f} | {' | '.join(acc)} |")  # fmt: skip
+    for r, prec, eng in ((run, p, e) for run in results["runs"] for p, e in _engines(run).items()):
+        if "layers" not in eng:
             continue
-        acc = [
-            f"{100 * q[k]:.2f}%" if k in q else "-" for k in ("accuracy_engine", "accuracy_fake_quant", "accuracy_fp32")
-        ]
-        lines.append(f"| {r['model']} | {r['batch']} | {q['images']} | {100 * q['agreement']:.2f}% | "
-                     f"{q['max_abs_error']:.4f} | {' | '.join(acc)} |")  # fmt: skip
-    for r in results["runs"]:
-        if "layers" not in r:
-            continue
-        lines += ["", f"## Per layer: {r['model']} batch {r['batch']} (floor = max(FLOPs / int8 ceiling, bytes / copy "
-                  "ceiling); measured: the layer's kernels, each replayed alone as a CUDA graph)", "",
+        lines += ["", f"## Per layer: {r['model']} batch {r['batch']}, {prec} engine (floor = max(FLOPs / int8 "
+                  "ceiling, bytes / copy ceiling); measured: the layer's kernels, each replayed alone as a CUDA graph)",
+                  "",
                   "| layer | kernel | GFLOP | MB | floor us | bound | measured us | measured / floor |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for row in r["layers"]:
+        for row in eng["layers"]:
             meas = row["measured_us"]
             gap = f"{meas / row['floor_us']:.1f}x" if meas else "-"
             shown = "-" if meas is None else f"{meas:.1f}"
             lines.append(f"| {row['layer']} | {row['kernel']} | {row['gflop']:.2f} | {row['mbytes']:.1f} | "
                          f"{row['floor_us']:.1f} | {row['bound']} | {shown} | {gap} |")  # fmt: skip
-        lines.append(f"\nAll kernels, each alone: {r['profile_total_us']:.1f} us.")
-        slow = sorted((row for row in r["layers"] if row["measured_us"]), key=lambda row: -row["measured_us"])[:3]
+        lines.append(f"\nAll kernels, each alone: {eng['profile_total_us']:.1f} us.")
+        slow = sorted((row for row in eng["layers"] if row["measured_us"]), key=lambda row: -row["measured_us"])[:3]
         gaps = ", ".join(f"{row['layer']} {row['measured_us']:.1f} us vs floor {row['floor_us']:.1f} us "
                          f"({row['measured_us'] / row['floor_us']:.1f}x)" for row in slow)  # fmt: skip
         lines.append(f"Three slowest layers: {gaps}.")
