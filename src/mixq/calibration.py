@@ -22,7 +22,7 @@ import torch
 from ._errors import CalibrationFileError
 from ._io import atomic_write
 from .primitives import SCALE_EPS
-from .spec import MAX_BITS, MIN_BITS, QUANT_TYPES, QuantSpec
+from .spec import FP8_DTYPE, FP8_E4M3, MAX_BITS, MIN_BITS, QUANT_TYPES, QuantSpec
 
 __all__ = [
     "save_calibration_config",
@@ -175,6 +175,8 @@ def _scale_from_weight_range(e: dict) -> None:
         return
     bits = e["weight_bits"]
     qmax = e.get("tracked_qmax_weight", (1 << (bits - 1)) - 1 if isinstance(bits, int) else None)
+    if isinstance(e.get("weight_qspec"), Mapping) and e["weight_qspec"].get("dtype") == FP8_DTYPE:
+        qmax = FP8_E4M3.max
     if _is_number(qmax) and qmax > 0:
         e["weight_scale"] = max(max(abs(lo), abs(hi)) / qmax, SCALE_EPS)
         e["weight_zero_point"] = 0
@@ -262,7 +264,9 @@ def _check_qparams(entry: dict, t: str, spec: QuantSpec | None, where: str, requ
     for z in zps:
         if isinstance(z, bool) or not isinstance(z, int):
             raise CalibrationFileError(f"{where}: {zk} must be an int, got {z!r}")
-        if spec is not None and not spec.dtype.qmin <= z <= spec.dtype.qmax:
+        if spec is not None and spec.is_float and z != 0:
+            raise CalibrationFileError(f"{where}: {zk} must be 0 for fp8 ({spec.dtype.name}), got {z}")
+        if spec is not None and not spec.is_float and not spec.dtype.qmin <= z <= spec.dtype.qmax:
             raise CalibrationFileError(
                 f"{where}: {zk} {z} is outside the {spec.dtype.name} range [{spec.dtype.qmin}, {spec.dtype.qmax}]"
             )

@@ -5,6 +5,9 @@ entry wins whole (entries are not merged), and a matching ``exclude`` entry remo
 NNI, anything that would silently match nothing is an error: unknown keys, unknown ``op_names``,
 ``op_types`` that no module has, entries that match no module.
 
+``quant_dtype`` takes ``'fp8'`` besides NNI's ``'int'``/``'uint'``: float8 e4m3 (see :class:`~mixq.spec.FloatType`),
+with ``quant_bits`` 8 and a symmetric scheme (by default per-tensor for activations, per-channel for weights).
+
 One key is mixq's own: ``quant_convention`` (``'mixq'``, the default, or ``'nni'``, per quant type like
 ``quant_bits``) picks NNI 2.x's integer conventions (narrow int range, uint symmetric zero point 127; see
 :class:`~mixq.spec.QuantSpec`). ``mixq.nni.QAT_Quantizer`` sets it where NNI's scheme/dtype settings are given.
@@ -19,14 +22,26 @@ from torch import nn
 
 from ._errors import ConfigError
 from .calibration import FORMAT_KEY
-from .observers import OBSERVERS
-from .spec import CONVENTIONS, MAX_BITS, MIN_BITS, QUANT_TYPES, SCHEMES, LayerSpec, QuantSpec
+from .observers import ENTROPY_FP8_ERROR, OBSERVERS
+from .spec import (
+    CONVENTIONS,
+    DTYPES,
+    FP8_DTYPE,
+    FP8_E4M3,
+    MAX_BITS,
+    MIN_BITS,
+    QUANT_TYPES,
+    SCHEMES,
+    LayerSpec,
+    QuantSpec,
+)
 
 __all__ = [
     "WEIGHTED_OP_TYPES",
     "ACTIVATION_OP_TYPES",
     "DEFAULT_SCHEME",
     "DEFAULT_DTYPE",
+    "FP8_DEFAULT_SCHEME",
     "resolve_config",
     "check_config_list",
     "is_calibration_config",
@@ -41,6 +56,12 @@ QUANTIZABLE_OP_TYPES = WEIGHTED_OP_TYPES + ACTIVATION_OP_TYPES
 # per-channel weights and uint8 affine activations are what ONNX Runtime and TensorRT run fastest.
 DEFAULT_SCHEME = {"input": "per_tensor_affine", "weight": "per_channel_symmetric", "output": "per_tensor_affine"}
 DEFAULT_DTYPE = {"input": "uint", "weight": "int", "output": "uint"}
+# fp8 is symmetric: per-tensor activations, per-channel weights.
+FP8_DEFAULT_SCHEME = {
+    "input": "per_tensor_symmetric",
+    "weight": "per_channel_symmetric",
+    "output": "per_tensor_symmetric",
+}
 DEFAULT_OBSERVER = "minmax"
 DEFAULT_CONVENTION = "mixq"
 
@@ -178,10 +199,12 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
     entry["quant_types"] = tuple(types)
 
     entry["quant_bits"] = _per_type(i, "quant_bits", entry["quant_bits"], types, None, _check_bits)
-    entry["quant_scheme"] = _per_type(
-        i, "quant_scheme", entry.get("quant_scheme"), types, DEFAULT_SCHEME, _check_scheme
-    )
     entry["quant_dtype"] = _per_type(i, "quant_dtype", entry.get("quant_dtype"), types, DEFAULT_DTYPE, _check_dtype)
+    fp8 = [t for t in types if entry["quant_dtype"][t] == FP8_DTYPE]
+    default_scheme = {t: (FP8_DEFAULT_SCHEME if t in fp8 else DEFAULT_SCHEME)[t] for t in types}
+    entry["quant_scheme"] = _per_type(
+        i, "quant_scheme", entry.get("quant_scheme"), types, default_scheme, _check_scheme
+    )
     entry["quant_convention"] = _per_type(
         i,
         "quant_convention",
@@ -194,6 +217,7 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
     for t in types:
         if t != "weight" and SCHEMES[entry["quant_scheme"][t]][0]:
             raise _err(i, "quant_scheme", f"per-channel schemes apply to weights only, not to {t!r}")
+    _check_fp8(i, entry, fp8)
     start = entry.get("quant_start_step", 0)
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise _err(i, "quant_start_step", f"must be an int >= 0, got {start!r}")
@@ -267,9 +291,27 @@ def _check_scheme(i, key, v):
 
 
 def _check_dtype(i, key, v):
-    if v not in ("int", "uint"):
-        raise _err(i, key, f"unknown dtype {v!r}; expected 'int' or 'uint'")
+    if v not in DTYPES:
+        raise _err(i, key, f"unknown dtype {v!r}; expected one of {DTYPES}")
     return v
+
+
+def _check_fp8(i: int, entry: dict, fp8: list[str]) -> None:
+    """fp8 (e4m3) types: 8 bits, a symmetric scheme, mixq's convention, an observer that suits a float grid."""
+    for t in fp8:
+        if entry["quant_bits"][t] != FP8_E4M3.bits:
+            raise _err(i, "quant_bits", f"fp8 needs quant_bits {FP8_E4M3.bits}, got {entry['quant_bits'][t]} for {t!r}")
+        if not SCHEMES[entry["quant_scheme"][t]][1]:
+            raise _err(
+                i,
+                "quant_scheme",
+                f"fp8 is symmetric (zero point 0), got {entry['quant_scheme'][t]!r} for {t!r}; use "
+                f"{FP8_DEFAULT_SCHEME[t]!r} (the default for fp8)",
+            )
+        if entry["quant_convention"][t] != DEFAULT_CONVENTION:
+            raise _err(i, "quant_convention", f"NNI's convention is for integer types, not fp8 ({t!r})")
+    if fp8 and entry["observer"] == "entropy" and any(t != "weight" for t in fp8):
+        raise _err(i, "observer", ENTROPY_FP8_ERROR)
 
 
 def _check_convention(i, key, v):

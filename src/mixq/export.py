@@ -6,6 +6,12 @@ exported scales and zero points used verbatim. 16-bit layers are marked ``fp16``
 half precision; ONNX Runtime's CPU provider has no fast fp16 kernels, so they stay float there and the
 placement report says so). Layers not in the config run at ``extra_layer_bits`` (32: float). The batch
 dimension is dynamic.
+
+fp8 layers (e4m3, ``"dtype": "fp8"`` in their qspecs) take ONNX's float8 form, and the model opset 19 (13 when no
+layer is fp8): activations ``QuantizeLinear(x, scale, zp) -> DequantizeLinear`` with a float32 scalar scale and a
+``FLOAT8E4M3FN`` zero point 0; weights a ``FLOAT8E4M3FN`` initializer (quantized here by
+:func:`mixq.primitives.quantize`, so it holds what the fake-quant model computed) feeding a ``DequantizeLinear``
+(float32 scales, ``FLOAT8E4M3FN`` zero points, axis 0); their bias stays float.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from ._errors import CalibrationFileError, ConfigError, MixqError
 from ._io import atomic_write
 from .calibration import validate_calibration_config
 from .config import QUANTIZABLE_OP_TYPES, WEIGHTED_OP_TYPES
-from .primitives import choose_qparams, fold_batchnorm
-from .spec import QuantSpec
+from .primitives import FP8_TORCH_DTYPE, choose_qparams, fake_quantize, fake_quantize_fp8, fold_batchnorm, quantize
+from .spec import FP8_DTYPE, FP8_E4M3, QUANT_TYPES, QuantSpec
 
 __all__ = [
     "QDQExport",
@@ -41,11 +47,16 @@ __all__ = [
     "LAYERS_METADATA_KEY",
     "INPUT_NAME",
     "OUTPUT_NAME",
+    "OPSET",
+    "FP8_OPSET",
 ]
 
 LAYERS_METADATA_KEY = "mixq.layers"
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 OPSET = 13
+FP8_OPSET = 19  # the first with float8 QuantizeLinear / DequantizeLinear
+QUANTIZED = ("int8", "fp8")  # the layer precisions that carry Q/DQ
+_FP8_DOMAIN, _FP8_MARKER = "mixq.fp8", "Fp8QDQ"  # the trace's stand-in for a float8 Q/DQ pair, lowered after export
 _ACT_DEFAULT = {"bits": 8, "dtype": "uint", "scheme": "per_tensor_affine", "axis": None}
 _WEIGHT_DEFAULT = {"bits": 8, "dtype": "int", "scheme": "per_channel_symmetric", "axis": 0}
 
@@ -69,16 +80,27 @@ class QDQExport:
 
 
 def layer_precisions(calibration: dict, extra_layer_bits: int = 32) -> dict[str, str]:
-    """``{layer: "int8" | "fp16"}`` for each configured layer; errors name a layer that no engine can build.
+    """``{layer: "int8" | "fp8" | "fp16"}`` for each configured layer; errors name a layer that no engine can build.
 
     int8 layers have 8-bit activations and 2..8-bit weights (narrower weights are stored in int8 on their
     own grid: e.g. 7-bit weights keep ONNX Runtime's fast u8 x s8 kernels exact on CPUs without VNNI).
+    fp8 layers have every quantized type in fp8 (e4m3); a layer mixing fp8 and integer types is an error.
     fp16 layers have 16 bits everywhere.
     """
     if extra_layer_bits not in (16, 32):
         raise ConfigError(f"extra_layer_bits must be 16 or 32, got {extra_layer_bits}")
     out = {}
     for name, entry in calibration.items():
+        fp8 = [t for t in QUANT_TYPES if f"{t}_bits" in entry and _is_fp8(entry, t)]
+        if fp8:
+            ints = [t for t in QUANT_TYPES if f"{t}_bits" in entry and t not in fp8]
+            if ints:
+                raise CalibrationFileError(
+                    f"layer {name!r} mixes fp8 ({', '.join(fp8)}) and integer ({', '.join(ints)}) quantization; "
+                    "engines build a layer in fp8 or in int8 throughout"
+                )
+            out[name] = "fp8"
+            continue
         act = {entry[f"{t}_bits"] for t in ("input", "output") if f"{t}_bits" in entry}
         weight = entry.get("weight_bits")
         every = act | ({weight} if weight is not None else set())
@@ -94,6 +116,43 @@ def layer_precisions(calibration: dict, extra_layer_bits: int = 32) -> dict[str,
                 "2..8-bit weights) and fp16 layers (16 bits throughout); 32 bits: leave the layer out"
             )
     return out
+
+
+def _is_fp8(entry: dict, t: str) -> bool:
+    qspec = entry.get(f"{t}_qspec")
+    return isinstance(qspec, dict) and qspec.get("dtype") == FP8_DTYPE
+
+
+def _weight_spec(entry: dict) -> QuantSpec:
+    return QuantSpec.from_dict(entry.get("weight_qspec") or {**_WEIGHT_DEFAULT, "bits": entry["weight_bits"]})
+
+
+class _Fp8Marker(torch.autograd.Function):
+    """:func:`~mixq.primitives.fake_quantize_fp8` in torch; in the ONNX trace one ``Fp8QDQ`` node carrying the
+    scales, which :func:`_lower_fp8` turns into the float8 QuantizeLinear/DequantizeLinear form."""
+
+    @staticmethod
+    def forward(ctx, x, scales: tuple[float, ...], axis: int):
+        per_channel = len(scales) > 1
+        scale = torch.tensor(scales if per_channel else scales[0], dtype=torch.float32)
+        return fake_quantize_fp8(x, scale, axis if per_channel else None)
+
+    @staticmethod
+    def symbolic(g, x, scales, axis):
+        out = g.op(f"{_FP8_DOMAIN}::{_FP8_MARKER}", x, scales_f=list(scales), axis_i=axis)
+        out.setType(x.type())
+        return out
+
+
+class _Fp8QDQ(nn.Module):
+    """An fp8 activation's Q/DQ pair (per tensor)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scales = (float(torch.tensor(scale, dtype=torch.float32)),)
+
+    def forward(self, x):
+        return _Fp8Marker.apply(x, self.scales, 0)
 
 
 class _ActQDQ(nn.Module):
@@ -116,15 +175,17 @@ class _QDQLayer(nn.Module):
         self.output_qdq = _act_qdq(entry, "output", name)
         self.weighted = type(module).__name__ in WEIGHTED_OP_TYPES
         self.weight_axis = None
-        if self.weighted and "weight_bits" in entry:
-            spec = QuantSpec.from_dict(entry.get("weight_qspec") or {**_WEIGHT_DEFAULT, "bits": entry["weight_bits"]})
+        self.weight_fp8 = None  # (scales, axis) of fp8 weights
+        if self.weighted and "weight_bits" in entry and _is_fp8(entry, "weight"):
+            spec = _weight_spec(entry)
+            scales = tuple(float(v) for v in torch.tensor(entry["weight_scale"], dtype=torch.float32).reshape(-1))
+            _check_weight_scales(len(scales), module, spec, name)
+            self.weight_fp8 = (scales, spec.axis or 0)
+        elif self.weighted and "weight_bits" in entry:
+            spec = _weight_spec(entry)
             scale = torch.tensor(entry["weight_scale"], dtype=torch.float32).reshape(-1)
             zp = torch.tensor(entry["weight_zero_point"], dtype=torch.int32).reshape(-1)
-            channels = module.weight.shape[spec.axis or 0]
-            if scale.numel() not in (1, channels):
-                raise CalibrationFileError(
-                    f"layer {name!r}: {scale.numel()} weight scales for a weight with {channels} output channels"
-                )
+            _check_weight_scales(scale.numel(), module, spec, name)
             self.weight_axis = spec.axis if scale.numel() > 1 else None
             self.register_buffer("weight_scale", scale)
             self.register_buffer("weight_zero_point", zp)
@@ -135,7 +196,9 @@ class _QDQLayer(nn.Module):
         if self.input_qdq is not None:
             x = self.input_qdq(x)
         m = self.module
-        if self.weighted and self.weight_axis is not None:
+        if self.weight_fp8 is not None:
+            w = _Fp8Marker.apply(m.weight, *self.weight_fp8)
+        elif self.weighted and self.weight_axis is not None:
             w = torch.fake_quantize_per_channel_affine(
                 m.weight, self.weight_scale, self.weight_zero_point, self.weight_axis, *self.weight_range
             )
@@ -156,7 +219,15 @@ class _QDQLayer(nn.Module):
         return out
 
 
-def _act_qdq(entry: dict, t: str, name: str) -> _ActQDQ | None:
+def _check_weight_scales(count: int, module: nn.Module, spec: QuantSpec, name: str) -> None:
+    channels = module.weight.shape[spec.axis or 0]
+    if count not in (1, channels):
+        raise CalibrationFileError(
+            f"layer {name!r}: {count} weight scales for a weight with {channels} output channels"
+        )
+
+
+def _act_qdq(entry: dict, t: str, name: str) -> _ActQDQ | _Fp8QDQ | None:
     if f"{t}_bits" not in entry or entry[f"{t}_bits"] != 8:
         return None
     spec = QuantSpec.from_dict(entry.get(f"{t}_qspec") or _ACT_DEFAULT)
@@ -167,6 +238,8 @@ def _act_qdq(entry: dict, t: str, name: str) -> _ActQDQ | None:
         scale, zp = float(s), int(z)
     if isinstance(scale, list):
         raise CalibrationFileError(f"layer {name!r}: per-channel {t} quantization cannot be exported")
+    if spec.is_float:
+        return _Fp8QDQ(scale)
     return _ActQDQ(scale, zp, spec.dtype.signed)
 
 
@@ -237,16 +310,17 @@ def export_qdq_onnx(
             raise CalibrationFileError(f"layer {name!r} is a {op_type}, which cannot be quantized")
         _absorb_folded_bn(float_model, modules, name, entry)
         layers[name] = {"op_type": op_type, "precision": precisions[name]}
-        if precisions[name] == "int8":
+        if precisions[name] in QUANTIZED:
             float_model.set_submodule(name, _QDQLayer(module, entry, name))
     extra = "fp16" if extra_layer_bits == 16 else "fp32"
     for name, module in modules.items():
         if name and name not in layers and type(module).__name__ in QUANTIZABLE_OP_TYPES:
             layers[name] = {"op_type": type(module).__name__, "precision": extra}
 
+    fp8 = "fp8" in precisions.values()
     buffer = io.BytesIO()
     try:
-        unfolded = [n for n, info in layers.items() if info["precision"] == "int8" and "Conv" in info["op_type"]]
+        unfolded = [n for n, info in layers.items() if info["precision"] in QUANTIZED and "Conv" in info["op_type"]]
         for conv, bn in _convs_feeding_batchnorm(float_model, unfolded, dummy[:1]).items():
             layers[conv]["unfolded_bn"] = bn  # the placement note names the cause when the conv runs float
         with torch.no_grad(), warnings.catch_warnings():
@@ -258,9 +332,10 @@ def export_qdq_onnx(
                 input_names=[input_name],
                 output_names=[output_name],
                 dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                opset_version=OPSET,
+                opset_version=FP8_OPSET if fp8 else OPSET,
                 do_constant_folding=True,
                 dynamo=False,
+                **({"custom_opsets": {_FP8_DOMAIN: 1}} if fp8 else {}),
             )
     except MixqError:
         raise
@@ -276,6 +351,8 @@ def export_qdq_onnx(
         for layer in layers:
             if layer in scope:
                 layers[layer]["float_bias"] = True  # the report says why this layer may run float
+    if fp8:
+        _lower_fp8(proto)  # after the Gemm bias pass: an fp8 layer's bias stays float
     meta = proto.metadata_props.add()
     meta.key, meta.value = LAYERS_METADATA_KEY, json.dumps(layers)
     onnx.checker.check_model(proto)
@@ -370,7 +447,7 @@ def _fold_remaining_batchnorms(model: nn.Module, calibration: dict, precisions: 
     candidates = [
         n
         for n, e in calibration.items()
-        if precisions.get(n) == "int8"
+        if precisions.get(n) in QUANTIZED
         and isinstance(modules[n], nn.Conv1d | nn.Conv2d)
         and "weight_bits" in e
         and "output_bits" not in e
@@ -409,12 +486,12 @@ def _folded_entry(entry: dict, conv: nn.Module, bn: nn.Module, bn_name: str) -> 
         return None
     factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
     channels = conv.weight.shape[0]
-    spec = QuantSpec.from_dict(entry.get("weight_qspec") or {**_WEIGHT_DEFAULT, "bits": entry["weight_bits"]})
+    spec = _weight_spec(entry)
     scales = torch.tensor(entry["weight_scale"], dtype=torch.float64).reshape(-1).expand(channels)
     zps = torch.tensor(entry["weight_zero_point"], dtype=torch.int64).reshape(-1).expand(channels)
     if (factor < 0).any() and bool((zps != 0).any()):
         return None  # an affine grid does not flip onto itself
-    if (factor < 0).any():
+    if (factor < 0).any() and not spec.is_float:  # fp8's grid is symmetric about 0
         q = torch.round(conv.weight.detach().double() / scales.reshape(-1, *([1] * (conv.weight.dim() - 1))))
         if bool((q <= spec.dtype.qmin).any()) and -spec.dtype.qmin > spec.dtype.qmax:
             return None  # qmin (e.g. -128, reachable with LSQ) has no positive counterpart to flip to
@@ -432,14 +509,12 @@ def _folded_entry(entry: dict, conv: nn.Module, bn: nn.Module, bn_name: str) -> 
 
 def _snap_weight_to_grid(conv: nn.Module, entry: dict) -> None:
     """Put the conv's weight exactly on its quantization grid before a fold scales it, so the folded weight
-    divided by the folded scale rounds to the same integers (no value near a rounding tie can move)."""
-    spec = QuantSpec.from_dict(entry.get("weight_qspec") or {**_WEIGHT_DEFAULT, "bits": entry["weight_bits"]})
-    shape = (-1, *([1] * (conv.weight.dim() - 1)))
-    scale = torch.tensor(entry["weight_scale"], dtype=torch.float32).reshape(-1).reshape(shape)
-    zp = torch.tensor(entry["weight_zero_point"], dtype=torch.float32).reshape(-1).reshape(shape)
+    divided by the folded scale rounds to the same integers (or fp8 values): no value near a rounding tie can move."""
+    spec = _weight_spec(entry)
+    scale = torch.tensor(entry["weight_scale"], dtype=torch.float32).reshape(-1)
+    zp = torch.tensor(entry["weight_zero_point"], dtype=torch.int32).reshape(-1)
     with torch.no_grad():
-        q = torch.clamp(torch.round(conv.weight / scale) + zp, spec.dtype.qmin, spec.dtype.qmax)
-        conv.weight.copy_((q - zp) * scale)
+        conv.weight.copy_(fake_quantize(conv.weight, scale, zp, spec.dtype, 0 if scale.numel() > 1 else None))
 
 
 def _absorb_folded_bn(model: nn.Module, modules: dict, name: str, entry: dict) -> None:
@@ -509,14 +584,15 @@ def _fold_weight_quantize(model) -> None:
             model.graph.initializer.append(numpy_helper.from_array(q, name=node.output[0]))
             continue
         keep.append(node)
-    used = {i for n in keep for i in n.input}
     del model.graph.node[:]
     model.graph.node.extend(keep)
-    unused = [
-        i for i in model.graph.initializer if i.name not in used and i.name not in {o.name for o in model.graph.output}
-    ]
-    for i in unused:
-        model.graph.initializer.remove(i)
+    _drop_unused_initializers(model)
+
+
+def _drop_unused_initializers(model) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
 
 
 def _quantize_gemm_bias(model) -> list[str]:
@@ -571,7 +647,64 @@ def _quantize_gemm_bias(model) -> list[str]:
     for gemm, dq in new_nodes:
         idx = list(model.graph.node).index(gemm)
         model.graph.node.insert(idx, dq)
-    used = {i for n in model.graph.node for i in n.input}
-    for init in [i for i in model.graph.initializer if i.name not in used]:
-        model.graph.initializer.remove(init)
+    _drop_unused_initializers(model)
     return float_bias
+
+
+def _lower_fp8(model) -> None:
+    """Replace each ``Fp8QDQ`` stand-in by the contract's float8 form: on a constant (a weight) a FLOAT8E4M3FN
+    initializer quantized by :func:`mixq.primitives.quantize` feeding a DequantizeLinear (axis 0); elsewhere a
+    QuantizeLinear -> DequantizeLinear pair. Scales are float32 (scalar, or one per channel), zero points
+    FLOAT8E4M3FN zeros of the same shape. Names follow the int8 form's (``/fc1/input_qdq/QuantizeLinear``)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    value = constant_resolver(model)
+    taken = {i.name for i in model.graph.initializer}
+
+    def initializer(name: str, tensor) -> str:
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        tensor.name = name
+        model.graph.initializer.append(tensor)
+        return name
+
+    def fp8_tensor(q: torch.Tensor):  # a torch.float8_e4m3fn tensor, as its bytes
+        raw = q.contiguous().view(torch.uint8).numpy().tobytes()
+        return helper.make_tensor("", TensorProto.FLOAT8E4M3FN, list(q.shape), raw, raw=True)
+
+    graph_outputs = {o.name for o in model.graph.output}
+    renamed = {}  # a stand-in's output -> its DequantizeLinear's (a graph output keeps its name)
+    nodes = []
+    for node in model.graph.node:
+        if node.domain != _FP8_DOMAIN:
+            nodes.append(node)
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        scales = np.asarray(attrs["scales"].floats, dtype=np.float32)
+        scale = torch.from_numpy(scales if scales.size > 1 else scales.reshape(()))
+        weight = value(node.input[0])
+        base = node.input[0] if weight is not None else node.name.rsplit("/", 1)[0]
+        s_name = initializer(f"{base}_scale", numpy_helper.from_array(scale.numpy()))
+        z_name = initializer(f"{base}_zero_point", fp8_tensor(torch.zeros(scale.shape, dtype=FP8_TORCH_DTYPE)))
+        dq_node = node.name.replace(_FP8_MARKER, "DequantizeLinear")
+        out = node.output[0] if node.output[0] in graph_outputs else f"{dq_node}_output_0"
+        renamed[node.output[0]] = out
+        if weight is not None:
+            axis = attrs["axis"].i
+            w = torch.from_numpy(np.array(weight, dtype=np.float32))  # a writable copy
+            q = quantize(w, scale, None, FP8_E4M3, axis if scale.dim() == 1 else None)
+            q_name, dq_args = initializer(f"{base}_quantized", fp8_tensor(q)), {"axis": axis}
+        else:
+            q_node = node.name.replace(_FP8_MARKER, "QuantizeLinear")
+            q_name, dq_args = f"{q_node}_output_0", {}
+            nodes.append(helper.make_node("QuantizeLinear", [node.input[0], s_name, z_name], [q_name], q_node))
+        nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], dq_node, **dq_args))
+    for node in nodes:
+        for k, name in enumerate(node.input):
+            node.input[k] = renamed.get(name, name)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for opset in [o for o in model.opset_import if o.domain == _FP8_DOMAIN]:
+        model.opset_import.remove(opset)
+    _drop_unused_initializers(model)

@@ -303,13 +303,24 @@ class PercentileObserver(HistogramObserver):
         return edges[lo_idx].float(), edges[min(hi_idx + 1, self.bins)].float()
 
 
+ENTROPY_FP8_ERROR = (
+    "the entropy observer models evenly spaced integer levels, which fp8 does not have; "
+    "use 'minmax', 'ema', 'percentile' or 'mse' for fp8"
+)
+
+
 class EntropyObserver(HistogramObserver):
     """Clip where the KL divergence between the clipped and the quantized distribution is smallest.
 
     TensorRT's entropy calibration, generalised: it works on the histogram of ``|x|`` and the number of
     quantization levels the spec has on the positive side (all of them for non-negative data with an
-    affine spec, half otherwise).
+    affine spec, half otherwise). Those levels are evenly spaced: integer specs only (fp8's are not).
     """
+
+    def __init__(self, spec: QuantSpec, bins: int = 2048):
+        if spec.is_float:
+            raise ConfigError(ENTROPY_FP8_ERROR)
+        super().__init__(spec, bins)
 
     def range(self):
         centers, counts = self.bin_centers(), self.hist

@@ -14,13 +14,19 @@ Conventions (identical to ONNX ``QuantizeLinear``/``DequantizeLinear`` and Tenso
 * Quantized values are returned as ``torch.int32`` tensors whatever the bit width (2..16 bits, signed or
   unsigned, all fit); exporters narrow them to int8/uint8/int16 as the format needs.
 * Per-channel: ``scale``/``zero_point`` are 1-D with one entry per index along ``axis``.
+
+fp8 (a :class:`~mixq.spec.FloatType` dtype, e4m3fn) takes the same functions, as ONNX ``QuantizeLinear`` with a
+``FLOAT8E4M3FN`` zero point does (saturate=1): ``scale = max(|min|, |max|) / 448`` (the same ``SCALE_EPS`` floor),
+zero point 0, ``quantize(x) = cast_e4m3(clamp(x / scale, -448, 448))`` (round to nearest even, a
+``torch.float8_e4m3fn`` tensor), so ``fake_quantize(x) = float(cast_e4m3(clamp(x / scale, -448, 448))) * scale``.
+The straight-through gradient is 1 where ``|x / scale| <= 448`` and 0 where it saturates.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .spec import IntType, QuantSpec
+from .spec import FloatType, IntType, QuantSpec
 
 __all__ = [
     "SCALE_EPS",
@@ -31,12 +37,15 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_lsq",
+    "fake_quantize_fp8",
+    "FP8_TORCH_DTYPE",
     "symmetric_zero_point",
     "channels_first",
     "fold_batchnorm",
 ]
 
 SCALE_EPS = float(torch.finfo(torch.float32).eps)
+FP8_TORCH_DTYPE = torch.float8_e4m3fn  # the torch type of mixq.spec.FP8_E4M3
 
 
 def tensor_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +100,9 @@ def choose_qparams(
         raise ValueError("cannot choose qparams: min > max")
     lo = torch.clamp(min_val, max=0.0)
     hi = torch.clamp(max_val, min=0.0)
+    if spec.is_float:  # symmetric, zero point 0 (QuantSpec allows nothing else for fp8)
+        scale = torch.clamp(torch.maximum(-lo, hi) / spec.dtype.max, min=SCALE_EPS)
+        return scale.to(torch.float32), torch.zeros(scale.shape, dtype=torch.int32)
     qmin, qmax = spec.dtype.qmin, spec.dtype.qmax
     if spec.symmetric:
         zp_value = symmetric_zero_point(spec.dtype, spec.convention)
@@ -114,10 +126,17 @@ def choose_qparams_from_tensor(
 
 
 def quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: IntType, axis: int | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    dtype: IntType | FloatType,
+    axis: int | None = None,
 ) -> torch.Tensor:
-    """Integer values (int32 tensor) of ``x``; see the module doc for the exact rounding."""
+    """Integer values (int32 tensor) of ``x``, or for fp8 its e4m3 values (a ``torch.float8_e4m3fn`` tensor; fp8's
+    zero point is always 0 and not read); see the module doc for the exact rounding."""
     s, zp = _broadcast(scale, zero_point, x, axis)
+    if isinstance(dtype, FloatType):
+        return _to_fp8(x / s.to(x.dtype), dtype)
     q = torch.round(x / s.to(x.dtype)) + zp.to(x.dtype)
     return torch.clamp(q, dtype.qmin, dtype.qmax).to(torch.int32)
 
@@ -135,16 +154,44 @@ def dequantize(
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: IntType, axis: int | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    dtype: IntType | FloatType,
+    axis: int | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` in the dtype of ``x``, with the straight-through gradient.
 
     16-bit inputs (autocast) are quantized in float32 and the result rounded back: in bf16, ``x / scale`` could
-    not even hold the integers up to 255 exactly."""
+    not even hold the integers up to 255 exactly. fp8 dtypes go to :func:`fake_quantize_fp8` (zero point 0)."""
+    if isinstance(dtype, FloatType):
+        return fake_quantize_fp8(x, scale, axis, dtype)
     s, zp = _broadcast(scale, zero_point, x, axis)
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    compute = _compute_dtype(x)
     out = _FakeQuantizeSTE.apply(x.to(compute), s.to(compute), zp.to(compute), dtype.qmin, dtype.qmax)
     return out.to(x.dtype)
+
+
+def fake_quantize_fp8(
+    x: torch.Tensor, scale: torch.Tensor, axis: int | None = None, dtype: FloatType | None = None
+) -> torch.Tensor:
+    """``float(cast_e4m3(clamp(x / scale, -448, 448))) * scale`` in the dtype of ``x`` (16-bit inputs computed in
+    float32), with the straight-through gradient: 1 where ``|x / scale| <= 448``, 0 where it saturates."""
+    dtype = dtype or FloatType()
+    s, _ = _broadcast(scale, None, x, axis)
+    compute = _compute_dtype(x)
+    x_c = x if x.dtype == compute else x.to(compute)  # no identity cast: an ONNX trace would record one
+    return _FakeQuantizeFP8STE.apply(x_c, s.to(compute), dtype).to(x.dtype)
+
+
+def _to_fp8(v: torch.Tensor, dtype: FloatType) -> torch.Tensor:
+    """``v`` (already divided by the scale) saturated to the type's range and rounded to it (nearest, ties to
+    even: torch's cast, which would give NaN beyond the range, hence the clamp first)."""
+    return torch.clamp(v, -dtype.max, dtype.max).to(FP8_TORCH_DTYPE)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def fake_quantize_lsq(
@@ -161,8 +208,10 @@ def fake_quantize_lsq(
     ``grad_scale``, the paper's ``1 / sqrt(numel * qmax)``) and straight through to ``x`` where not clamped.
     16-bit inputs are computed in float32, as in :func:`fake_quantize`.
     """
+    if isinstance(dtype, FloatType):
+        raise ValueError("LSQ learns an integer step size; it does not apply to fp8")
     s, zp = _broadcast(scale, zero_point, x, axis)
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    compute = _compute_dtype(x)
     x_c, s = x.to(compute), s.to(compute)
     s = s * grad_scale + (s - s * grad_scale).detach()  # value s, gradient scaled by grad_scale
     zp = zp.to(compute)
@@ -186,9 +235,24 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
-def symmetric_zero_point(dtype: IntType, convention: str = "mixq") -> int:
-    """The fixed zero point of a symmetric scheme: 0 for signed types, ``2**(bits-1)`` for unsigned ones;
+class _FakeQuantizeFP8STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, dtype):
+        v = x / scale
+        ctx.save_for_backward(v.abs() <= dtype.max)
+        return _to_fp8(v, dtype).to(x.dtype) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def symmetric_zero_point(dtype: IntType | FloatType, convention: str = "mixq") -> int:
+    """The fixed zero point of a symmetric scheme: 0 for signed types and fp8, ``2**(bits-1)`` for unsigned ones;
     NNI's convention takes ``(qmin + qmax) // 2`` (the same 0 for its narrow signed types, 127 for uint8)."""
+    if isinstance(dtype, FloatType):
+        return 0
     if convention == "nni":
         return (dtype.qmin + dtype.qmax) // 2
     return 0 if dtype.signed else 1 << (dtype.bits - 1)
@@ -201,18 +265,20 @@ def _normalize_axis(axis: int, ndim: int) -> int:
 
 
 def _broadcast(scale, zero_point, x, axis):
+    """``scale`` and ``zero_point`` shaped to broadcast against ``x``; a zero point of None (fp8's) stays None."""
     scale = torch.as_tensor(scale, device=x.device)
-    zero_point = torch.as_tensor(zero_point, device=x.device)
+    zp = None if zero_point is None else torch.as_tensor(zero_point, device=x.device)
     if scale.numel() == 1 and axis is None:
-        return scale.reshape(()), zero_point.reshape(())
+        return scale.reshape(()), None if zp is None else zp.reshape(())
     if axis is None:
         raise ValueError(f"per-channel qparams ({scale.numel()} scales) need an axis")
     axis = _normalize_axis(axis, x.dim())
-    if scale.numel() != x.shape[axis] or zero_point.numel() != x.shape[axis]:
+    zp_count = scale.numel() if zp is None else zp.numel()
+    if scale.numel() != x.shape[axis] or zp_count != x.shape[axis]:
         raise ValueError(
-            f"per-channel qparams have {scale.numel()} scales / {zero_point.numel()} zero points but the "
+            f"per-channel qparams have {scale.numel()} scales / {zp_count} zero points but the "
             f"tensor has {x.shape[axis]} channels along axis {axis} (shape {tuple(x.shape)})"
         )
     shape = [1] * x.dim()
     shape[axis] = -1
-    return scale.reshape(shape), zero_point.reshape(shape)
+    return scale.reshape(shape), None if zp is None else zp.reshape(shape)

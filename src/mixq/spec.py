@@ -8,7 +8,17 @@ from typing import Literal
 
 from ._errors import ConfigError
 
-__all__ = ["IntType", "PerTensor", "PerChannel", "QuantSpec", "LayerSpec", "QUANT_TYPES", "CONVENTIONS"]
+__all__ = [
+    "IntType",
+    "FloatType",
+    "FP8_E4M3",
+    "PerTensor",
+    "PerChannel",
+    "QuantSpec",
+    "LayerSpec",
+    "QUANT_TYPES",
+    "CONVENTIONS",
+]
 
 QUANT_TYPES = ("input", "weight", "output")
 MIN_BITS, MAX_BITS = 2, 16
@@ -53,6 +63,36 @@ class IntType:
 
 
 @dataclass(frozen=True)
+class FloatType:
+    """An 8-bit float type: OCP float8 e4m3fn (4 exponent bits, 3 mantissa bits, no infinities, largest finite
+    value 448; ``torch.float8_e4m3fn``, ONNX ``FLOAT8E4M3FN``), the one float type mixq quantizes to.
+
+    Quantizing to it (see :mod:`mixq.primitives`): ``x / scale`` saturated to ``[-max, max]`` and rounded to the
+    nearest e4m3 value (ties to even); the zero point is always 0.
+    """
+
+    bits: int = 8
+    name: str = "fp8_e4m3"
+    max: float = 448.0
+
+    def __post_init__(self):
+        if (self.bits, self.name, self.max) != (8, "fp8_e4m3", 448.0):
+            raise ConfigError(
+                f"FloatType: only fp8_e4m3 (8 bits, max 448) is supported, got {self.name!r} with {self.bits} bits, "
+                f"max {self.max}"
+            )
+
+    @property
+    def signed(self) -> bool:
+        return True
+
+
+FP8_E4M3 = FloatType()
+FP8_DTYPE = "fp8"  # the quant_dtype / calibration-file name of FP8_E4M3
+DTYPES = ("int", "uint", FP8_DTYPE)
+
+
+@dataclass(frozen=True)
 class PerTensor:
     """One scale and zero point for the whole tensor."""
 
@@ -78,9 +118,12 @@ class QuantSpec:
     ``convention="nni"`` reproduces NNI 2.x's QAT_Quantizer exactly: signed types are narrow (qmin = -qmax),
     a symmetric zero point is ``(qmin + qmax) // 2`` (127 for uint8, where mixq uses 128) and a symmetric
     scale is ``max(|min|, |max|) / ((qmax - qmin) / 2)``. Build such specs with ``from_nni(..., convention="nni")``.
+
+    A :class:`FloatType` (fp8) spec is symmetric with zero point 0 and ``scale = max(|min|, |max|) / 448``, in
+    mixq's convention only.
     """
 
-    dtype: IntType
+    dtype: IntType | FloatType
     symmetric: bool
     granularity: Granularity = field(default_factory=PerTensor)
     convention: str = "mixq"
@@ -88,10 +131,21 @@ class QuantSpec:
     def __post_init__(self):
         if self.convention not in CONVENTIONS:
             raise ConfigError(f"unknown quantization convention {self.convention!r}; expected one of {CONVENTIONS}")
+        if self.is_float:
+            if not self.symmetric:
+                raise ConfigError(f"fp8 quantization is symmetric (zero point 0); got scheme {self.scheme!r}")
+            if self.convention != "mixq":
+                raise ConfigError("NNI's quantization convention is for integer types; fp8 uses mixq's")
+            return
         if self.convention == "nni" and self.dtype.signed and not self.dtype.narrow:
             raise ConfigError(
                 "NNI's convention uses narrow signed types (qmin = -qmax): IntType(bits, True, narrow=True)"
             )
+
+    @property
+    def is_float(self) -> bool:
+        """Whether the tensor is quantized to fp8 (a :class:`FloatType`) rather than to integers."""
+        return isinstance(self.dtype, FloatType)
 
     @property
     def per_channel(self) -> bool:
@@ -108,28 +162,34 @@ class QuantSpec:
 
     @classmethod
     def from_nni(
-        cls, bits: int, scheme: str, dtype: Literal["int", "uint"], axis: int = 0, convention: str = "mixq"
+        cls, bits: int, scheme: str, dtype: Literal["int", "uint", "fp8"], axis: int = 0, convention: str = "mixq"
     ) -> QuantSpec:
         """Build a spec from NNI's ``quant_bits`` / ``quant_scheme`` / ``quant_dtype`` values (with
-        ``convention="nni"``: NNI's integer range, zero point and scale rules as well)."""
+        ``convention="nni"``: NNI's integer range, zero point and scale rules as well; ``dtype="fp8"``: e4m3)."""
         if scheme not in SCHEMES:
             raise ConfigError(f"unknown quant_scheme {scheme!r}; expected one of {sorted(SCHEMES)}")
-        if dtype not in ("int", "uint"):
-            raise ConfigError(f"unknown quant_dtype {dtype!r}; expected 'int' or 'uint'")
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown quant_dtype {dtype!r}; expected one of {DTYPES}")
         if convention not in CONVENTIONS:
             raise ConfigError(f"unknown quantization convention {convention!r}; expected one of {CONVENTIONS}")
         per_channel, symmetric = SCHEMES[scheme]
         gran = PerChannel(axis) if per_channel else PerTensor()
+        if dtype == FP8_DTYPE:
+            if bits != FP8_E4M3.bits:
+                raise ConfigError(f"fp8 needs {FP8_E4M3.bits} bits, got {bits!r}")
+            return cls(FP8_E4M3, symmetric, gran, convention)
         signed = dtype == "int"
         return cls(IntType(bits, signed, narrow=signed and convention == "nni"), symmetric, gran, convention)
 
     def to_dict(self) -> dict:
         d = {
             "bits": self.dtype.bits,
-            "dtype": "int" if self.dtype.signed else "uint",
+            "dtype": FP8_DTYPE if self.is_float else "int" if self.dtype.signed else "uint",
             "scheme": self.scheme,
             "axis": self.axis,
         }
+        if self.is_float:
+            return d
         if self.convention != "mixq":  # mixq's own files stay as they were
             d["convention"] = self.convention
         if self.dtype.narrow and self.convention == "mixq":
@@ -145,7 +205,7 @@ class QuantSpec:
             d["axis"] if d.get("axis") is not None else 0,
             d.get("convention", "mixq"),
         )
-        if d.get("narrow") and not spec.dtype.narrow:
+        if d.get("narrow") and not spec.is_float and not spec.dtype.narrow:
             spec = dataclasses.replace(spec, dtype=dataclasses.replace(spec.dtype, narrow=True))
         return spec
 

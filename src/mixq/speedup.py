@@ -35,7 +35,7 @@ from .quantization import PTQ, calibrate_, deploy_model, export_calibration, pre
 from .report import PlacementReport, fusion_groups, group_times
 from .spec import QuantSpec
 
-__all__ = ["ModelSpeedup", "all_int8_config", "DEFAULT_BACKEND"]
+__all__ = ["ModelSpeedup", "all_int8_config", "all_fp8_config", "DEFAULT_BACKEND"]
 
 DEFAULT_BACKEND = "auto"  # build the engines this machine has, time them, keep the fastest (mixq.auto)
 
@@ -48,6 +48,11 @@ def all_int8_config(model: nn.Module, observer: str = "minmax") -> list[dict]:
     if relus:
         config.append({"quant_types": ["output"], "quant_bits": 8, "op_types": relus, "observer": observer})
     return config
+
+
+def all_fp8_config(model: nn.Module, observer: str = "minmax") -> list[dict]:
+    """:func:`all_int8_config`'s coverage in fp8 (e4m3): ``quant_dtype`` ``"fp8"`` on every entry."""
+    return [{**entry, "quant_dtype": "fp8"} for entry in all_int8_config(model, observer)]
 
 
 def _check_calibration_type(config) -> None:

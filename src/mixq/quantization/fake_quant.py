@@ -33,6 +33,7 @@ __all__ = [
     "DoReFaWeightQuant",
     "use_fused",
     "fused_available",
+    "check_integer_method",
 ]
 
 
@@ -48,8 +49,18 @@ def fused_available(device_type: str, compiling: bool) -> bool:
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    """:func:`fused_available` for a tensor about to be fake-quantized, here and now."""
+    """:func:`fused_available` for a tensor about to be fake-quantized, here and now. (The fused kernels compute
+    integer grids: fp8 specs never ask, they keep the torch ops of :func:`~mixq.primitives.fake_quantize_fp8`.)"""
     return fused_available(x.device.type, torch.compiler.is_compiling())
+
+
+def check_integer_method(spec: QuantSpec, method: str, where: str = "") -> None:
+    """LSQ and DoReFa learn integer steps: an fp8 spec is an error naming the method (and ``where``: layer, type)."""
+    if spec.is_float:
+        raise ConfigError(
+            f"{where + ': ' if where else ''}{method} learns an integer grid and does not apply to fp8 tensors "
+            "(quant_dtype 'fp8'); use QAT or PTQ for fp8"
+        )
 
 
 @functools.cache
@@ -83,7 +94,7 @@ class ActivationQuant(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: Gate, calibrating: bool) -> torch.Tensor:
         observing = calibrating or (self.training and self.observe_in_training)
-        if observing and not calibrating and gate is not False and use_fused(x):
+        if observing and not calibrating and gate is not False and not self.spec.is_float and use_fused(x):
             fused = _fused()
             if fused.supports_observed(self.observer, self.spec, x):
                 return fused.observe_and_fake_quantize(x, self.observer, gate)
@@ -122,6 +133,7 @@ class LSQActivationQuant(nn.Module):
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
+        check_integer_method(spec, "LSQ")
         self.spec = spec
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("zero_point", torch.tensor(_lsq_zero_point(spec), dtype=torch.int32))
@@ -168,7 +180,7 @@ class WeightQuant(nn.Module):
         self.spec = spec
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if use_fused(w) and _fused().supports_weight(w, self.spec):
+        if not self.spec.is_float and use_fused(w) and _fused().supports_weight(w, self.spec):
             return _fused().fake_quantize_weight(w, self.spec)
         scale, zp = choose_qparams_from_tensor(w, self.spec, check=False)  # no host sync in the training loop
         return fake_quantize(w, scale.to(w.device), zp.to(w.device), self.spec.dtype, self.spec.axis)
@@ -189,6 +201,7 @@ class LSQWeightQuant(nn.Module):
 
     def __init__(self, spec: QuantSpec, weight: torch.Tensor):
         super().__init__()
+        check_integer_method(spec, "LSQ")
         self.spec = spec
         channels = weight.shape[spec.axis] if spec.per_channel else 1
         init = _lsq_init_scale(weight, spec)
@@ -225,6 +238,7 @@ class DoReFaWeightQuant(nn.Module):
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
+        check_integer_method(spec, "DoReFa")
         if spec.dtype.bits >= MAX_BITS:
             raise ConfigError(
                 f"DoReFa weights are exported exactly on a (bits + 1)-bit grid; use at most {MAX_BITS - 1} bits, "

@@ -26,9 +26,9 @@ from ..distributed import broadcast_, is_distributed
 from ..observers import HistogramObserver
 from ..primitives import SCALE_EPS
 from ..spec import LayerSpec
-from .fake_quant import ActivationQuant, LSQActivationQuant
+from .fake_quant import ActivationQuant, LSQActivationQuant, check_integer_method
 from .sync import defer_range_sync, sync_ranges, undefer_range_sync_
-from .wrapper import QAT, Method, Mode, QuantWrapper
+from .wrapper import LSQ, QAT, DoReFa, Method, Mode, QuantWrapper
 
 __all__ = [
     "prepare_",
@@ -93,6 +93,10 @@ def prepare_(
             f"the layer specs name {', '.join(repr(n) for n in missing[:4])}"
             f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}, which {type(model).__name__} lacks"
         )
+    if isinstance(method, LSQ | DoReFa):
+        for name, spec in specs.items():
+            for t in spec.quant_types:
+                check_integer_method(spec.spec(t), type(method).__name__, f"layer {name!r} ({t})")
     pairs = find_conv_bn_pairs(model) if example_input is not None else {}
     folded = {conv: bn for conv, bn in pairs.items() if conv in specs}
     for conv, bn in folded.items():
