@@ -15,7 +15,7 @@ from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE, sqnr_db
 from mixq.backends import BuildOptions, EngineError, load_engine, read_engine_file
 from mixq.backends.cuda_lower import QConv, lower
 from mixq.export import export_qdq_onnx
-from mixq.speedup import all_int8_config
+from mixq.speedup import all_fp8_config, all_int8_config
 from mixq.zoo.models import create_model
 
 CONV_OUT = [  # conv outputs quantized too: the engine fake-quantizes them inside the epilogue
@@ -99,7 +99,20 @@ def build():
         os.environ["TRITON_INTERPRET"] = "1"
     from mixq.backends.cuda import build_engine
 
-    return lambda qdq, shape: build_engine(qdq, shape, BuildOptions(opt_batch=shape[0]), DEVICE)
+    def make(qdq, shape):
+        return build_engine(qdq, shape, BuildOptions(opt_batch=shape[0]), DEVICE)
+
+    if DEVICE != "cpu":
+        yield make
+        return
+    # the interpreter's e4m3 conversion is wrong (see test_cuda_kernels.py): torch's, for these engines' runs
+    from triton.runtime import interpreter
+
+    from backends.test_cuda_kernels import _torch_convert_float
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter, "_convert_float", _torch_convert_float(interpreter._convert_float))
+        yield make
 
 
 def _steps(out: torch.Tensor, ref: torch.Tensor, scale: float) -> torch.Tensor:
@@ -188,3 +201,230 @@ def test_profile_gives_every_layer_a_time(build):
     times = {t.layer: t.microseconds for t in engine.profile(torch.randn(2, 1, 28, 28), runs=2)}
     assert {"conv1", "conv2", "fc1", "fc2", "fc3", "pool1", "pool2"} <= set(times)
     assert all(v > 0 for v in times.values())
+
+
+# ------------------------------------------------------------------ fp8 (e4m3) graphs in the contract's ONNX form
+#
+# Built with onnx.helper as the fp8 contract writes them (opset 19; activations QuantizeLinear/DequantizeLinear
+# with FLOAT8E4M3FN zero points; weights FLOAT8E4M3FN initializers quantized as fake_quantize_fp8 through a
+# per-channel DequantizeLinear, axis 0; float biases), or int8 / float layers in between. ONNX Runtime runs the
+# same graph literally as the reference.
+
+
+def _fp8_graph(kinds: dict, seed: int = 0):
+    """A small residual network: stem conv -> ReLU -> Q/DQ; block 1 (conv1 -> ReLU -> Q/DQ -> conv2 + input ->
+    ReLU -> Q/DQ); block 2 (stride-2 conv1 -> ReLU -> Q/DQ -> conv2 + 1x1 stride-2 shortcut conv -> ReLU ->
+    Q/DQ); max pool; global average pool; Flatten; Gemm. ``kinds``: layer -> "fp8" | "int8" | "fp32" (its weight
+    and the activation Q/DQ it owns). Returns (onnx model, layers metadata)."""
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    gen = torch.Generator().manual_seed(seed)
+    nodes, inits, layers = [], [], {}
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def act_qdq(x, layer, amax):
+        """Q/DQ of ``x`` owned by ``layer`` (a conv's input, a ReLU's output), symmetric over +-amax."""
+        kind = kinds[layer]
+        if kind == "fp32":
+            return x
+        zp = np.zeros((), ml_dtypes.float8_e4m3fn) if kind == "fp8" else np.zeros((), np.int8)
+        y = f"{x}.{layer}"
+        s, z = const(f"{y}.s", np.float32(amax / (448 if kind == "fp8" else 127))), const(f"{y}.zp", zp)
+        nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [y + ".q"], name=f"/{layer}/QuantizeLinear"))
+        nodes.append(helper.make_node("DequantizeLinear", [y + ".q", s, z], [y + ".dq"],
+                                      name=f"/{layer}/DequantizeLinear"))  # fmt: skip
+        return y + ".dq"
+
+    def weight(layer, w):
+        kind = kinds[layer]
+        if kind == "fp32":
+            return const(f"{layer}.w", w.numpy())
+        amax = w.reshape(w.shape[0], -1).abs().amax(1).double()
+        if kind == "fp8":
+            scale = amax / 448
+            q = (w.double() / scale.reshape(-1, *[1] * (w.dim() - 1))).clamp(-448, 448).float()
+            q = q.to(torch.float8_e4m3fn).float().numpy().astype(ml_dtypes.float8_e4m3fn)
+            zp = np.zeros(w.shape[0], ml_dtypes.float8_e4m3fn)
+        else:
+            scale = amax / 127
+            q = torch.round(w.double() / scale.reshape(-1, *[1] * (w.dim() - 1))).clamp(-127, 127)
+            q, zp = q.numpy().astype(np.int8), np.zeros(w.shape[0], np.int8)
+        args = [const(f"{layer}.wq", q), const(f"{layer}.ws", scale.float().numpy()), const(f"{layer}.wzp", zp)]
+        nodes.append(helper.make_node("DequantizeLinear", args, [f"{layer}.w"], name=f"/{layer}/DequantizeLinear_w",
+                                      axis=0))  # fmt: skip
+        return f"{layer}.w"
+
+    def conv(layer, x, cin, cout, k, stride, amax):
+        layers[layer] = {"op_type": "Conv2d", "precision": kinds[layer]}
+        x = act_qdq(x, layer, amax)
+        w = weight(layer, torch.randn(cout, cin, k, k, generator=gen) * (2.0 / (cin * k * k)) ** 0.5)
+        b = const(f"{layer}.b", (torch.randn(cout, generator=gen) * 0.1).numpy())
+        nodes.append(helper.make_node("Conv", [x, w, b], [f"{layer}.out"], name=f"/{layer}/Conv",
+                                      kernel_shape=[k, k], strides=[stride] * 2, pads=[k // 2] * 4))  # fmt: skip
+        return f"{layer}.out"
+
+    def relu(layer, x, amax):
+        layers[layer] = {"op_type": "ReLU", "precision": kinds[layer]}
+        nodes.append(helper.make_node("Relu", [x], [f"{layer}.out"], name=f"/{layer}/Relu"))
+        return act_qdq(f"{layer}.out", layer, amax)
+
+    h = relu("stem_relu", conv("stem", "input", 3, 16, 3, 1, 3.0), 6.0)
+    a = relu("b1_relu1", conv("b1_conv1", h, 16, 16, 3, 1, 6.0), 6.0)
+    nodes.append(helper.make_node("Add", [conv("b1_conv2", a, 16, 16, 3, 1, 6.0), h], ["b1.sum"], name="/b1_add/Add"))
+    h = relu("b1_relu2", "b1.sum", 8.0)
+    a = relu("b2_relu1", conv("b2_conv1", h, 16, 24, 3, 2, 8.0), 6.0)
+    sc = conv("b2_shortcut", h, 16, 24, 1, 2, 8.0)
+    nodes.append(helper.make_node("Add", [conv("b2_conv2", a, 24, 24, 3, 1, 6.0), sc], ["b2.sum"], name="/b2_add/Add"))
+    h = relu("b2_relu2", "b2.sum", 8.0)
+    nodes.append(helper.make_node("MaxPool", [h], ["pool.out"], name="/pool/MaxPool", kernel_shape=[2, 2],
+                                  strides=[2, 2]))  # fmt: skip
+    nodes.append(helper.make_node("GlobalAveragePool", ["pool.out"], ["gap.out"], name="/gap/GlobalAveragePool"))
+    nodes.append(helper.make_node("Flatten", ["gap.out"], ["flat"], name="/flatten/Flatten"))
+    layers["fc"] = {"op_type": "Linear", "precision": kinds["fc"]}
+    fc_x = act_qdq("flat", "fc", 4.0)
+    w = weight("fc", torch.randn(10, 24, generator=gen) * 0.3)
+    b = const("fc.b", (torch.randn(10, generator=gen) * 0.1).numpy())
+    nodes.append(helper.make_node("Gemm", [fc_x, w, b], ["logits"], name="/fc/Gemm", transB=1))
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3, 8, 8])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])]
+    graph = helper.make_graph(nodes, "fp8net", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    onnx.checker.check_model(model)
+    return model, layers
+
+
+FP8_LAYERS = ["stem", "stem_relu", "b1_conv1", "b1_relu1", "b1_conv2", "b1_relu2", "b2_conv1", "b2_relu1",
+              "b2_shortcut", "b2_conv2", "b2_relu2", "fc"]  # fmt: skip
+
+
+def _ort(model, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph literally
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+class _QDQ:  # what build_engine reads of an export
+    def __init__(self, model, layers):
+        self.model, self.layers = model, layers
+
+
+def test_lowering_runs_an_all_fp8_network_in_fp8_kernels():
+    """Every conv and the linear layer fp8 (A read straight from e4m3 NHWC tensors), the stem quantizing the
+    float input on load, the residual (e4m3) and the shortcut conv (second e4m3 GEMM) fused, ReLU + Q into the
+    epilogues, the max pool on e4m3, the average pool's output quantized for the linear layer."""
+    model, layers = _fp8_graph(dict.fromkeys(FP8_LAYERS, "fp8"))
+    plan = lower(model, layers)
+    convs = [op for op in plan.ops if isinstance(op, QConv)]
+    assert [op.kind for op in plan.ops] == ["conv", "conv", "conv", "conv", "conv", "pool", "pool", "conv"], plan.ops
+    assert all(op.mode == "fp8" for op in convs) and convs[0].x_float
+    assert convs[2].res is not None and convs[2].res[1].dtype == "fp8" and convs[2].act is not None
+    assert convs[4].sc is not None and convs[4].sc.grid.dtype == "fp8"
+    assert all(op.out_grid.dtype == "fp8" for op in convs[:-1]) and convs[-1].out_grid is None
+    assert {plan.tensors[op.x].dtype for op in convs[1:]} == {"fp8"}
+    pools = [op for op in plan.ops if op.kind == "pool"]
+    assert pools[0].is_max and pools[0].grid.dtype == "fp8" and pools[1].out_grid.dtype == "fp8"
+    assert plan.notes == {}
+
+
+def test_lowering_of_a_mixed_int8_fp8_fp32_network():
+    kinds = dict.fromkeys(FP8_LAYERS, "fp8") | {"stem": "int8", "stem_relu": "int8", "b2_conv1": "fp32",
+                                                "b2_relu1": "fp32", "fc": "int8"}  # fmt: skip
+    model, layers = _fp8_graph(kinds)
+    plan = lower(model, layers)
+    modes = {op.node.split("/")[1]: op.mode for op in plan.ops if isinstance(op, QConv)}
+    assert modes["stem"] == "int8" and modes["b1_conv1"] == "fp8" and modes["fc"] == "int8"
+    assert modes["b2_conv1"] == "fp32"  # float weights after an fp8 input: dequantized on load
+    assert any(op.kind == "requant" and op.grid.dtype != op.out_grid.dtype for op in plan.ops) or any(
+        isinstance(op, QConv) and op.out2_grid is not None and op.out2_grid.dtype != op.out_grid.dtype
+        for op in plan.ops
+    )
+
+
+@needs_triton
+def test_fp8_layer_that_cannot_run_fp8_says_why(build):
+    """A layer asking fp8 whose weight is float (no FLOAT8E4M3FN DequantizeLinear) runs fp32 and the placement
+    note names the reason; so does one whose input comes from an int8 grid."""
+    kinds = dict.fromkeys(FP8_LAYERS, "fp8") | {"b2_conv1": "fp32", "b1_conv1": "int8"}
+    model, layers = _fp8_graph(kinds)
+    layers["b2_conv1"]["precision"] = "fp8"  # the layer asks fp8, its weight is a float initializer
+    plan = lower(model, layers)
+    assert set(plan.notes) == {"b2_conv1"} and "float initializer" in plan.notes["b2_conv1"]
+    rows = {r.layer: r for r in build(_QDQ(model, layers), (2, 3, 8, 8)).placement()}
+    assert rows["b2_conv1"].runs_as == "fp32"
+    assert rows["b2_conv1"].note.startswith("asked fp8, runs fp32: its weight is a float initializer")
+    assert rows["b1_conv1"].runs_as == "int8" and rows["b1_conv2"].runs_as == "fp8"
+
+
+@needs_triton
+@pytest.mark.parametrize("mix", ["all_fp8", "mixed"])
+def test_fp8_engine_matches_onnx_runtime_on_the_same_graph(build, mix):
+    kinds = dict.fromkeys(FP8_LAYERS, "fp8")
+    if mix == "mixed":
+        kinds |= {"stem": "int8", "stem_relu": "int8", "b2_conv1": "fp32", "b2_relu1": "fp32", "fc": "int8"}
+    model, layers = _fp8_graph(kinds, seed=1)
+    engine = build(_QDQ(model, layers), (6, 3, 8, 8))
+    x = torch.randn(6, 3, 8, 8) * 1.5  # fresh inputs
+    out, ref = engine.run(x), _ort(model, x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    # same math; an activation within a float rounding of an e4m3 tie may land one e4m3 step away (~6-12%
+    # of that element) and move a logit a little
+    assert sqnr_db(ref, out) > 30, sqnr_db(ref, out)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 5 / 6
+    rows = {r.layer: r for r in engine.placement()}
+    for layer, kind in kinds.items():
+        if layers[layer]["op_type"] in ("Conv2d", "Linear"):
+            assert rows[layer].runs_as in (kind, "fused"), (layer, rows[layer])
+    assert "fp8 tensor cores" in " ".join(rows["b1_conv1"].kernels)
+    assert rows["b2_shortcut"].runs_as == "fused" and "b2_conv2" in rows["b2_shortcut"].note
+    if mix == "all_fp8":
+        assert all(r.note == "" for r in rows.values() if r.runs_as == "fp8")
+
+
+def test_lowering_of_an_fp8_export_runs_every_layer_in_fp8_kernels():
+    """The exporter's all-fp8 ResNet (mixq.speedup.all_fp8_config): the int8 plan's shape, every op on e4m3."""
+    _, qdq = ptq_export("tiny_resnet", all_fp8_config(create_model("tiny_resnet")), (1, 3, 16, 16))
+    plan = lower(qdq.model, qdq.layers)
+    assert [op.kind for op in plan.ops] == ["conv", "conv", "conv", "conv", "conv", "pool", "conv"]
+    convs = [op for op in plan.ops if isinstance(op, QConv)]
+    assert all(op.mode == "fp8" for op in convs) and convs[0].x_float
+    assert convs[2].res is not None and convs[2].res[1].dtype == "fp8"
+    assert convs[4].sc is not None and convs[4].sc.grid.dtype == "fp8"
+    assert all(plan.tensors[t].dtype == "fp8" for t in plan.tensors if t not in (0, plan.output))
+    assert plan.notes == {}
+
+
+@needs_triton
+@pytest.mark.parametrize(("name", "shape"), [("lenet", (4, 1, 28, 28)), ("tiny_resnet", (4, 3, 16, 16))])
+def test_fp8_export_engine_matches_the_fake_quant_model(build, name, shape):
+    model, qdq = ptq_export(name, all_fp8_config(create_model(name)), (1, *shape[1:]))
+    engine = build(qdq, shape)
+    x = torch.randn(*shape) * 1.5  # fresh inputs, not the calibration batch
+    out = engine.run(x)
+    with torch.no_grad():
+        ref = model(x)
+    # the same e4m3 math; a value within a float rounding of an e4m3 tie (or, on the GPU, within the fp8
+    # wgmma's accumulation error of one) may land one step (6-12%) away and move the logits a little
+    assert sqnr_db(ref, out) > 30, sqnr_db(ref, out)
+    rows = [r for r in engine.placement() if r.op_type in ("Conv2d", "Linear")]
+    assert all(r.runs_as in ("fp8", "fused") for r in rows) and any(r.runs_as == "fp8" for r in rows), rows
+    assert all("fp8 tensor cores" in " ".join(r.kernels) for r in rows if r.runs_as == "fp8")
+
+
+def test_fp8_layers_on_a_gpu_without_e4m3_tensor_cores_fail_with_one_line(monkeypatch):
+    from mixq.backends.cuda import _check_fp8_support
+
+    model, layers = _fp8_graph(dict.fromkeys(FP8_LAYERS, "fp8"))
+    plan = lower(model, layers)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(EngineError, match=r"node '/stem/Conv' runs fp8 \(e4m3\).*capability 8.9.*this one is 8.0"):
+        _check_fp8_support(plan, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    _check_fp8_support(plan, torch.device("cuda"))  # Hopper: fine

@@ -4,7 +4,11 @@
 - int8 convs/linears: int8 tensor-core GEMMs with int32 accumulation and the whole epilogue fused (scale,
   bias, residual add or the shortcut conv as a second GEMM, ReLU/clip, requantization), so activations stay
   int8 channels-last between quantized layers; the network input is quantized as the first conv loads it.
-- fp16 layers: the same kernel with fp16 operands (fp32 accumulation); fp8 layers: e4m3 operands.
+- fp8 layers (input and weight through FLOAT8E4M3FN Q/DQ): e4m3 tensor-core GEMMs (fp32 accumulation) with A
+  read straight from the e4m3 NHWC activation and the same fused epilogue, activations staying e4m3
+  channels-last between fp8 layers; pools, requantization (fp8 <-> fp8, fp8 <-> int8), quantize and
+  dequantize on e4m3 tensors too.
+- fp16 layers: the same kernel with fp16 operands (fp32 accumulation).
 - float layers run as they are in torch (fp32 with TF32 off).
 - Kernel tile configs are chosen per layer shape at build time by timing candidates on the GPU (at the
   optimization batch) and stored in the engine file, so loading needs no tuning.
@@ -105,6 +109,10 @@ _TENSOR_CORE = [
 ]
 _FMA = [(128, 64, 32, 4, 1, "fma"), (64, 64, 32, 4, 1, "fma"), (256, 32, 32, 8, 1, "fma")]
 _FLOAT = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4)]
+_FP8 = [  # e4m3 tensor-core tiles (wgmma pipelined by Triton 3.6: gpu-notes.md, note 8)
+    (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3),
+    (128, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3),
+]  # fmt: skip
 
 
 def candidate_configs(op) -> list:
@@ -118,6 +126,8 @@ def candidate_configs(op) -> list:
             base += _FMA
         if op.x_float:  # or quantize the float input in a pass of its own, then read int8 (fewer bytes gathered)
             base += [(*c[:5], "q+" + c[5], *c[6:]) for c in base if c[5] != "f16"]
+    elif op.mode == "fp8":
+        base = [(*c, "int8") for c in _FP8]
     else:
         base = [(*c, "int8") for c in _FLOAT]
     if os.environ.get("MIXQ_CUDA_PERSIST", "1") == "0":  # leave the persistent-grid tiles out of the tuning
@@ -161,6 +171,13 @@ def border_table(weight: np.ndarray, g: dict, np_cols: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ runners
+
+
+STORED = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}  # torch storage of 8-bit tensors (plan dtype)
+
+
+def _is_fp8(grid) -> bool:
+    return grid is not None and grid.dtype == "fp8"
 
 
 def _storage_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -225,7 +242,7 @@ class ConvRunner(_Runner):
             k.DOT_FP32: torch.float32, k.DOT_FP8: torch.float8_e4m3fn,
         }[self.dot]  # fmt: skip
         self.w = self._pack(op.weight, g, self.taps, dtype)
-        scale = op.w_scale * (op.grid.scale if op.mode == "int8" else 1.0)
+        scale = op.w_scale * (op.grid.scale if op.mode in ("int8", "fp8") else 1.0)  # s_x * s_w[c]
         bias = op.bias.copy()
         self.sc_args = {}
         sc_consts = {"HAS_SC": False, "H2": 1, "W2": 1, "CIN2": 1, "X2SN": 1, "X2SH": 1, "X2SW": 1, "KH2": 1,
@@ -234,7 +251,8 @@ class ConvRunner(_Runner):
             sg = op.sc.geometry
             taps2 = _taps(sg)
             self.w2 = self._pack(op.sc.weight, sg, taps2, dtype)
-            self.wsum2 = self._vec(op.sc.weight.reshape(g["cout"], -1).astype(np.int64).sum(1), torch.int32)
+            wsum2 = op.sc.weight.reshape(g["cout"], -1).astype(np.int64).sum(1) if op.mode == "int8" else []
+            self.wsum2 = self._vec(wsum2, torch.int32)
             self.scale2 = self._vec(op.sc.w_scale * op.sc.grid.scale, torch.float32)
             bias = bias + op.sc.bias
             n2, _, h2s, w2s = _nhwc_strides(plan.tensors[op.sc.x].shape)
@@ -257,12 +275,13 @@ class ConvRunner(_Runner):
             "H": g["h"], "W": g["w"], "CIN": g["cin"], "KH": g["kh"], "KW": g["kw"], "SH": g["sh"], "SW": g["sw"],
             "PH": g["ph"], "PW": g["pw"], "DH": g["dh"], "DW": g["dw"], "OH": g["oh"], "OW": g["ow"],
             "COUT": g["cout"], "TAPS": self.taps, "A_FLOAT": a_float, "DOT": self.dot, "BORDER": self.border,
-            "HAS_Q0": op.q0 is not None, "RES": 0 if op.res is None else (1 if op.res[1] is not None else 2),
+            "Q0": 0 if op.q0 is None else (2 if op.q0.dtype == "fp8" else 1),
+            "RES": 0 if op.res is None else (1 if op.res[1] is not None else 2),
             "ACT": 0 if op.act is None else (1 if op.act[1] == float("inf") else 2),
             "OUT": 0 if op.out_grid is None else (1 if op.out2 is None else (3 if op.store1 else 2)),
-            "NP": self.np, **sc_consts,
+            "Q1_F8": _is_fp8(op.out_grid), "Q2_F8": _is_fp8(op.out2_grid), "NP": self.np, **sc_consts,
         }  # fmt: skip
-        if not a_float:  # int8 NHWC (the input itself, or this runner's own quantized copy of a float input)
+        if not a_float:  # 8-bit NHWC (the input itself, or this runner's own quantized copy of a float input)
             n, c, h, w = _nhwc_strides(plan.tensors[op.x].shape)
             self.consts.update(XSN=n, XSC=c, XSH=h, XSW=w)
         n, c, h, w = (0, 0, 0, 0)
@@ -273,7 +292,8 @@ class ConvRunner(_Runner):
         act = op.act or (0.0, 0.0)
         self.scalars = {
             "a_scale": op.grid.scale if op.grid else 1.0, "a_zp": float(op.grid.zp) if op.grid else 0.0,
-            "a_zpi": op.grid.zp if op.grid else 0, "a_f8": float(op.f8_scale), "a2_zpi": op.sc.grid.zp if op.sc else 0,
+            "a_zpi": op.grid.zp if op.grid else 0, "a2_zpi": op.sc.grid.zp if op.sc else 0,
+            "a_f8": 1.0 / op.grid.scale if op.mode == "fp8" else 1.0,  # fp8 quantize-on-load: x * (1/s)
             "g0_scale": grid0.scale if grid0 else 1.0, "g0_zp": float(grid0.zp) if grid0 else 0.0,
             "res_scale": res_grid.scale if res_grid else 1.0, "res_zp": float(res_grid.zp) if res_grid else 0.0,
             "lo": float(act[0]), "hi": float(min(act[1], 3.0e38)),
@@ -282,7 +302,7 @@ class ConvRunner(_Runner):
         }  # fmt: skip
         self.out_shape = _storage_shape(plan.tensors[op.out].shape) if op.out_grid else None
 
-    def _vec(self, v, dtype) -> torch.Tensor:
+    def _vec(self, v, dtype) -> torch.Tensor:  # [NP], zero padded
         out = torch.zeros(self.np, dtype=dtype)
         out[: len(v)] = torch.as_tensor(np.asarray(v), dtype=torch.float64).to(dtype)
         return out.to(self.device)
@@ -307,23 +327,31 @@ class ConvRunner(_Runner):
     def warmup(self, batch: int, float_strides: dict) -> None:
         """Compile this layer's kernel for ``batch`` without running it (inputs are uninitialized buffers;
         ``float_strides``: the (n, c, h, w) strides of each float input, as :func:`static_float_strides`)."""
+        self._launch(self._empty_inputs(batch, float_strides), warmup=True)
+
+    def kernel_arguments(self, batch: int, float_strides: dict) -> tuple[dict, dict, int]:
+        """(tensor and scalar arguments, compile-time constants, output rows) of this layer's ``conv_kernel``
+        launch for ``batch``, on uninitialized inputs: what an ahead-of-time compile needs (cuda_compile)."""
+        return self._launch(self._empty_inputs(batch, float_strides), warmup=True, launch=False)
+
+    def _empty_inputs(self, batch: int, float_strides: dict) -> dict:
         op, dev = self.op, self.device
         env = {}
         for tid in (op.x, op.res[0] if op.res else None, op.sc.x if op.sc else None):
             if tid is None:
                 continue
             info = self.plan.tensors[tid]
-            if info.dtype == "int8":
-                env[tid] = torch.empty((batch, *_storage_shape(info.shape)), device=dev, dtype=torch.int8)
+            if info.dtype in STORED:
+                env[tid] = torch.empty((batch, *_storage_shape(info.shape)), device=dev, dtype=STORED[info.dtype])
             else:
                 shape = (batch, *info.shape)
                 n, c, h, w = float_strides[tid]
                 strides = (n, c, h, w)[: len(shape)] if len(shape) == 4 else ((n, c, w) if len(shape) == 3 else (n, c))
                 dtype = torch.float16 if info.dtype == "fp16" else torch.float32
                 env[tid] = torch.empty_strided(shape, strides, device=dev, dtype=dtype)
-        self._launch(env, warmup=True)
+        return env
 
-    def _launch(self, env: dict, warmup: bool) -> None:
+    def _launch(self, env: dict, warmup: bool, launch: bool = True):
         k = _kernels()
         op, consts = self.op, dict(self.consts)
         x = env[op.x]
@@ -352,8 +380,10 @@ class ConvRunner(_Runner):
         m = batch * g["oh"] * g["ow"]
         if op.out_grid is not None:
             shape = (batch, *self.out_shape)
-            out = self.buffer(env, op.out, shape, torch.int8, x.device) if op.store1 else None
-            out2 = self.buffer(env, op.out2, shape, torch.int8, x.device) if op.out2 is not None else None
+            out = self.buffer(env, op.out, shape, STORED[op.out_grid.dtype], x.device) if op.store1 else None
+            out2 = None
+            if op.out2 is not None:
+                out2 = self.buffer(env, op.out2, shape, STORED[op.out2_grid.dtype], x.device)
         else:
             dtype = torch.float16 if op.out_dtype == "fp16" else torch.float32
             out = self.buffer(env, op.out, (batch, g["oh"], g["ow"], g["cout"]), dtype, x.device)
@@ -366,6 +396,8 @@ class ConvRunner(_Runner):
             "res_ptr": res, "out_ptr": out if out is not None else out2, "out2_ptr": out2 if out2 is not None else out,
             **self.scalars,
         }  # fmt: skip
+        if not launch:
+            return args, consts, m
         k.launch_conv(args, consts, self.config, m, warmup)
         if warmup:
             return
@@ -385,15 +417,17 @@ class ConvRunner(_Runner):
         if op.q0 is not None:
             parts.append("+fq")
         if op.res is not None:
-            parts.append("+residual(int8)" if op.res[1] is not None else "+residual(float)")
+            parts.append(f"+residual({op.res[1].dtype})" if op.res[1] is not None else "+residual(float)")
         if op.act is not None:
             parts.append("+relu" if op.act[1] == float("inf") else "+clip")
-        parts.append("->int8" if op.out_grid is not None else f"->{op.out_dtype}")
+        outs = [g.dtype for g in (op.out_grid if op.store1 else None, op.out2_grid) if g is not None]
+        parts.append("->" + ("+".join(outs) if op.out_grid is not None else op.out_dtype))
         if self.prequant:
             parts.insert(0, "quantize pass +")
-        elif op.x_float and op.mode == "int8":
+        elif op.x_float and op.mode in ("int8", "fp8"):
             parts.insert(0, "quantize-on-load")
-        math = {0: "int8 tensor cores", 4: "int8 on fp16 tensor cores", 5: "int8 on CUDA cores"}.get(self.dot, op.mode)
+        math = {0: "int8 tensor cores", 3: "fp8 tensor cores", 4: "int8 on fp16 tensor cores", 5: "int8 on CUDA cores"}
+        math = math.get(self.dot, op.mode)
         return f"triton conv {op.mode} [{' '.join(parts)}] {math} {self.config}"
 
 
@@ -448,7 +482,7 @@ class PoolRunner(_Runner):
         op, g = self.op, self.op.geometry
         x = env[op.x]
         batch = x.shape[0]
-        dtype = torch.int8 if op.out_grid is not None else torch.float32
+        dtype = STORED[op.out_grid.dtype] if op.out_grid is not None else torch.float32
         out = self.buffer(env, op.out, (batch, g["oh"], g["ow"], g["c"]), dtype, x.device)
         _kernels().launch_pool(x, out, batch * g["oh"] * g["ow"], self.scalars, self.consts)
         info = self.plan.tensors[op.out]
@@ -457,24 +491,26 @@ class PoolRunner(_Runner):
     def describe(self) -> str:
         g = self.op.geometry
         kind = "max" if self.op.is_max else "avg"
-        out = "int8" if self.op.out_grid is not None else "fp32"
-        return f"triton {kind}pool int8 {g['kh']}x{g['kw']}/s{g['sh']} ->{out}"
+        out = self.op.out_grid.dtype if self.op.out_grid is not None else "fp32"
+        return f"triton {kind}pool {self.op.grid.dtype} {g['kh']}x{g['kw']}/s{g['sh']} ->{out}"
 
 
 class RequantRunner(_Runner):
     def __init__(self, op, plan, device):
         self.op = op
+        lo = -3.0e38 if op.lo is None else float(op.lo)  # None: no clamp
         self.scalars = {"in_scale": op.grid.scale, "in_zp": float(op.grid.zp), "out_scale": op.out_grid.scale,
-                        "out_zp": float(op.out_grid.zp), "lo": float(op.lo)}  # fmt: skip
+                        "out_zp": float(op.out_grid.zp), "lo": lo}  # fmt: skip
 
     def __call__(self, env):
         x = env[self.op.x]
-        out = self.buffer(env, self.op.out, tuple(x.shape), torch.int8, x.device)
+        out = self.buffer(env, self.op.out, tuple(x.shape), STORED[self.op.out_grid.dtype], x.device)
         _kernels().launch_requant(x, out, self.scalars)
         env[self.op.out] = out
 
     def describe(self) -> str:
-        return "triton requant int8" + (" +relu" if self.op.lo > -128 else "")
+        relu = self.op.lo is not None and self.op.lo > -128
+        return f"triton requant {self.op.grid.dtype}->{self.op.out_grid.dtype}" + (" +relu" if relu else "")
 
 
 class QuantizeRunner(_Runner):
@@ -491,14 +527,15 @@ class QuantizeRunner(_Runner):
             n, c, h, w = _float_strides(x)
         channels = x.shape[1]
         pixels = int(np.prod(x.shape[2:])) if x.dim() > 2 else 1
-        out = self.buffer(env, self.op.out, (batch, *_storage_shape(self.shape)), torch.int8, x.device)
+        dtype = STORED[self.op.out_grid.dtype]
+        out = self.buffer(env, self.op.out, (batch, *_storage_shape(self.shape)), dtype, x.device)
         consts = {"C": channels, "XSN": n, "XSC": c, "XSP": w if x.dim() > 2 else 0, "P": pixels}
         g = self.op.out_grid
         _kernels().launch_quantize(x, out, batch * pixels, g.scale, float(g.zp), consts)
         env[self.op.out] = out
 
     def describe(self) -> str:
-        return "triton quantize ->int8 nhwc"
+        return f"triton quantize ->{self.op.out_grid.dtype} nhwc"
 
 
 class TorchRunner(_Runner):
@@ -593,6 +630,7 @@ class CudaEngine(Engine):
             raise
         except Exception as e:
             raise EngineError(f"the cuda backend could not lower the Q/DQ model: {type(e).__name__}: {e}") from e
+        _check_fp8_support(self.plan, self.device)
         self._views: dict[int, list[int]] = {}
         for view, base in self.plan.aliases.items():
             self._views.setdefault(base, []).append(view)
@@ -615,7 +653,7 @@ class CudaEngine(Engine):
             if op.kind != "conv":
                 continue
             floats = [t for t in (op.x, op.res[0] if op.res else None) if t is not None]
-            floats = [t for t in floats if self.plan.tensors[t].dtype != "int8"]
+            floats = [t for t in floats if self.plan.tensors[t].dtype not in STORED]
             strides = {t: static_float_strides(self.plan, t) for t in floats}
             if any(v is None for v in strides.values()):
                 continue  # an input torch produces: its strides are known only when it runs
@@ -665,8 +703,8 @@ class CudaEngine(Engine):
     def _tune(self, op, env: dict, cache: dict):
         """The fastest candidate config for this layer at the tuning batch (:func:`time_in_graph`: GPU time
         only, so host launch overhead does not decide between small kernels); layers of the same shape share
-        the result."""
-        key = (op.mode, op.x_float, op.sc is not None, tuple(sorted(op.geometry.items())))
+        the result (same epilogue too: a residual changed the best tile of ResNet-18's layer1, gpu-notes.md note 7)."""
+        key = (op.mode, op.x_float, op.sc is not None, tuple(sorted(op.geometry.items())), _epilogue(op))
         if key in cache:
             return cache[key]
         timings = {}
@@ -748,6 +786,7 @@ class CudaEngine(Engine):
     def placement(self) -> list[LayerPlacement]:
         kernels: dict[str, list[str]] = {}
         precisions: dict[str, set[str]] = {}
+        gemms: dict[str, str] = {}  # layer -> the precision its conv/linear kernel runs in
         fused_into: dict[str, str] = {}
         for runner in self.runners:
             op = runner.op
@@ -756,6 +795,8 @@ class CudaEngine(Engine):
                 continue
             kernels.setdefault(owner, []).append(runner.describe())
             precisions.setdefault(owner, set()).add(_runs_as(runner))
+            if isinstance(runner, ConvRunner) or (isinstance(runner, TorchRunner) and op.op in _GEMM_OPS):
+                gemms.setdefault(owner, _runs_as(runner))
             for node in op.absorbed:
                 other = layer_of_node(node, self.layers)
                 if other is not None and other != owner:
@@ -766,8 +807,8 @@ class CudaEngine(Engine):
             ks = tuple(kernels.get(layer, ()))
             p = precisions.get(layer, set())
             if ks:
-                runs_as = next((r for r in ("int8", "fp8", "fp16", "fp32") if r in p), "fp32")
-                note = _note(info, runs_as)
+                runs_as = gemms.get(layer) or next((r for r in ("int8", "fp8", "fp16", "fp32") if r in p), "fp32")
+                note = _note(info, runs_as, self.plan.notes.get(layer))
             elif layer in fused_into:
                 runs_as, note = "fused", f"no kernel of its own: fused into {fused_into[layer]}"
             else:
@@ -809,17 +850,22 @@ class CudaEngine(Engine):
         return {"model.onnx": self.qdq_bytes, KERNELS_MEMBER: json.dumps(kernels, indent=1).encode()}
 
 
+_GEMM_OPS = ("Conv", "Gemm", "MatMul")
+
+
 def _runs_as(runner) -> str:
     if isinstance(runner, ConvRunner):
         return runner.op.mode
     if isinstance(runner, PoolRunner | RequantRunner | QuantizeRunner):
-        return "int8"
+        grid = runner.op.out_grid or runner.op.grid
+        return grid.dtype
     if runner.op.op == "Dequantize":
         return "glue"
     return runner.op.dtype
 
 
-def _note(info: dict, runs_as: str) -> str:
+def _note(info: dict, runs_as: str, why_not_fp8: str | None = None) -> str:
+    """The placement report's note for a layer; ``why_not_fp8``: the lowering's reason (``Plan.notes``)."""
     requested = info["precision"]
     if requested == "int8" and runs_as == "fp32":
         if info.get("float_bias"):
@@ -829,8 +875,33 @@ def _note(info: dict, runs_as: str) -> str:
             "has no int8 kernel here)"
         )
     if requested == "fp8" and runs_as != "fp8":
-        return "asked fp8, runs fp16: fp8 needs the layer's input range (quantize its input in the config)"
+        why = why_not_fp8 or "its input and weight do not both come through fp8 (FLOAT8E4M3FN) DequantizeLinear"
+        return f"asked fp8, runs {runs_as}: {why}"
     return ""
+
+
+FP8_CAPABILITY = (8, 9)  # e4m3 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+
+
+def _check_fp8_support(plan, device: torch.device) -> None:
+    """fp8 layers need e4m3 tensor cores: one line naming the first fp8 layer and the GPU's capability otherwise
+    (before any compiling)."""
+    fp8 = next((op.node for op in plan.ops if getattr(op, "mode", None) == "fp8"), None)
+    if fp8 is None or device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FP8_CAPABILITY:
+        raise EngineError(
+            f"node {fp8!r} runs fp8 (e4m3), which needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+            f"this one is {cap[0]}.{cap[1]}: export those layers as int8 or fp16 instead"
+        )
+
+
+def _epilogue(op) -> tuple:
+    """What a conv's epilogue reads and writes, beyond its geometry: fake-quant, residual and output kinds."""
+    res = None if op.res is None else (op.res[1].dtype if op.res[1] is not None else "float")
+    grids = (op.q0, op.out_grid if op.store1 else None, op.out2_grid)
+    return (res, op.act is not None, *(None if g is None else g.dtype for g in grids), op.out_dtype)
 
 
 def time_in_graph(fn, runs: int, repeats: int = 5) -> float:

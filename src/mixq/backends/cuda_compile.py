@@ -6,6 +6,10 @@ would spend minutes compiling. Before tuning, a build therefore compiles every k
 worker processes (``python -c``, so no user script is re-imported); Triton's on-disk cache then serves the
 engine's own process. Anything a worker cannot compile is simply compiled (and its error raised) in the
 engine's process later. ``MIXQ_CUDA_COMPILE_WORKERS`` sets the number of workers (0: compile in-process).
+
+:func:`aot_compile` compiles one layer's kernel for a given GPU architecture on a machine without a GPU (no
+launch: Triton's ahead-of-time path), to read what the compiler made of it (TTGIR, PTX, SASS, registers):
+the notes in benchmarks/results/gpu-notes.md and the wgmma pipelining test use it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["precompile", "worker_count"]
+__all__ = ["aot_compile", "precompile", "wgmma_waits", "worker_count"]
 
 
 def worker_count(jobs: int) -> int:
@@ -67,3 +71,48 @@ def _work(path: str, index: str, count: str) -> None:
             ConvRunner(op, plan, device, config).warmup(data["batch"], strides)
         except Exception:
             continue
+
+
+_TRITON_TYPES = {"int8": "i8", "float8_e4m3fn": "fp8e4nv", "float32": "fp32", "float16": "fp16", "int32": "i32"}
+_RUNTIME_INTS = ("M", "a_zpi", "a2_zpi")  # not specialized (conv_kernel's do_not_specialize)
+
+
+def aot_compile(runner, batch: int = 128, arch: int = 90, float_strides: dict | None = None):
+    """The compiled ``conv_kernel`` of a ``ConvRunner`` (built on the CPU) for CUDA ``sm_<arch>``, without a GPU
+    (Triton's ahead-of-time compile; run it in a process where ``TRITON_INTERPRET`` is not set). Returns
+    Triton's compiled kernel: ``.asm["ttgir" | "ptx" | "cubin"]``, ``.metadata``."""
+    import inspect
+    import re
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .cuda_kernels import conv_kernel
+
+    config = runner.config
+    args, consts, _ = runner.kernel_arguments(batch, float_strides or {})
+    consts = dict(consts, BM=config.bm, BN=config.bn, BK=config.bk, PERSIST=config.persist)
+    params = list(inspect.signature(conv_kernel.fn).parameters)
+    signature, attrs = {}, {}
+    for i, p in enumerate(params):
+        if p in consts:
+            signature[p] = "constexpr"
+        elif isinstance(args.get(p), torch.Tensor):
+            signature[p] = "*" + _TRITON_TYPES[re.sub(r"^torch\.", "", str(args[p].dtype))]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # as Triton specializes 16-byte aligned pointers
+        else:
+            signature[p] = "i32" if p in _RUNTIME_INTS else "fp32"
+    constexprs = {(params.index(p),): v for p, v in consts.items()}
+    source = ASTSource(conv_kernel, signature, constexprs, attrs)
+    options = {"num_warps": config.warps, "num_stages": config.stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def wgmma_waits(ttgir: str) -> list[int]:
+    """The ``pendings`` count of every ``warp_group_dot_wait`` in a TTGIR listing: 0 after a wgmma means the
+    loop waits for each one to finish (not pipelined); >= 1 lets the next one be issued first."""
+    import re
+
+    return [int(n) for n in re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", ttgir)]

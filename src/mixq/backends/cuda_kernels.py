@@ -3,23 +3,29 @@
 One implicit-GEMM kernel runs every conv and linear layer (a linear layer is a 1x1 conv on a 1x1 image):
 rows are output pixels (batch x OH x OW), columns output channels, the reduction runs over KH x KW x Cin.
 Activations are int8, channels-last (NHWC), in a *stored* form where every 8-bit grid spans [-128, 127]
-(uint8 values are stored minus 128, their zero point too), so one signed tensor-core path serves both.
+(uint8 values are stored minus 128, their zero point too), so one signed tensor-core path serves both; or
+fp8 e4m3 (``torch.float8_e4m3fn``, NHWC), value = stored * scale, no zero point.
 
 Dot modes: int8 x int8 -> int32 (exact); int8 layers also as centred int8 values (x - zp, exact in fp16) on
 the fp16 tensor cores with fp32 accumulation (exact while partial sums stay below 2**24, as in the fp32
 fake-quant reference; Triton 3.6 pipelines fp16 wgmma but not int8 wgmma), or on the CUDA cores for small
-reductions (exact: at most 518 terms); fp16 x fp16 -> fp32, fp32 x fp32 -> fp32 (IEEE), e4m3 x e4m3 -> fp32.
-The A operand is read either from an int8 NHWC tensor or from a float tensor with any strides (the
-network's NCHW input), converted on load (quantized on load in int8 mode), so no separate quantize pass
-runs. The epilogue, all in fp32 per element::
+reductions (exact: at most 518 terms); fp16 x fp16 -> fp32, fp32 x fp32 -> fp32 (IEEE), e4m3 x e4m3 -> fp32
+(fp8 layers: A straight from the e4m3 NHWC tensor, no conversion, so both operands reach the wgmma from
+shared memory K-major and Triton 3.6 pipelines it, which it does not for int8 wgmma; padding read as 0.0 is
+exact: fp8 grids have no zero point). The A operand is read either from an 8-bit NHWC tensor or from a float
+tensor with any strides (the network's NCHW input), converted on load (quantized on load in int8 and fp8
+mode), so no separate quantize pass runs. The epilogue, all in fp32 per element::
 
     y = (acc - zx * wsum[c]) * scale[c] + bias[c]      (int8: the zero-point correction is exact in int32)
       [+ (acc2 - zx2 * wsum2[c]) * scale2[c]]           (a second GEMM: the 1x1 shortcut conv of a block)
     [y = fake_quant(y, grid0)]                          (the conv output quantized, then float ops)
-    [y += residual]                                     (int8 on its grid, or float)
+    [y += residual]                                     (int8 or e4m3 on its grid, or float)
     [y = clamp(y, lo, hi)]                              (ReLU, ReLU6)
     q1 = quant(y, grid1) -> store;  [q2 = quant(dequant(q1, grid1), grid2) -> store]
     or store y (fp16/fp32)
+
+where fp8 (e4m3) grids quantize as ``(y * (1/s))`` clamped to +-448 and converted by the hardware (round to
+nearest even), and (fp8 layers) ``scale[c] = s_x * s_w[c]``.
 
 ``wsum`` is the weight sum over the kernel taps inside the image for the pixel (padding is read as 0, not as
 the zero point: a table per border pattern, see ``cuda.border_table``); ``quant`` multiplies by the
@@ -94,6 +100,7 @@ class KernelConfig:
         )
 
 
+F8_MAX = tl.constexpr(FP8_MAX)
 RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + this rounds v to an integer, half to even, in one fp32 add
 
 
@@ -118,6 +125,33 @@ def _quant_inv(y, inv_s, z):
     result one step only when ``y / s`` is within an ulp of a rounding tie (the conv kernels' tests allow one
     step); the small elementwise kernels keep the exact division."""
     return tl.minimum(tl.maximum(_rint(y * inv_s) + z, -128.0), 127.0)
+
+
+@triton.jit
+def _f8_inv(y, inv_s):
+    """The e4m3 value of ``y`` on an fp8 grid, given the reciprocal of its scale: ``y * inv_s`` saturated to
+    +-448 (as ONNX QuantizeLinear's default), then converted with round to nearest even (one hardware cvt).
+    As :func:`_quant_inv`, the multiply may move a value within an ulp of a rounding tie by one step."""
+    return tl.minimum(tl.maximum(y * inv_s, -F8_MAX), F8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def _stored(y, s, z, F8: tl.constexpr):
+    """The stored value (as fp32) of ``y`` on a grid of scale ``s``: e4m3 (``F8``; no zero point) or int8 (stored
+    zero point ``z``), with an exact division (the small elementwise kernels)."""
+    if F8:
+        return tl.minimum(tl.maximum(tl.div_rn(y, s), -F8_MAX), F8_MAX).to(tl.float8e4nv).to(tl.float32)
+    else:
+        return _quant(y, s, z)
+
+
+@triton.jit
+def _load_q(ptrs, mask, zpi):
+    """Stored 8-bit values as fp32 (int8 or e4m3, by the pointer's type); masked elements read the zero point."""
+    if ptrs.dtype.element_ty == tl.float8e4nv:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=mask, other=zpi).to(tl.float32)
 
 
 @triton.jit
@@ -190,23 +224,22 @@ def _load_a(
             a = x.to(tl.float16)
         elif DOT == 2:
             a = x
-        else:
-            a = tl.minimum(tl.maximum(x * a_f8, -448.0), 448.0).to(tl.float8e4nv)
+        else:  # e4m3: quantized on load (a_f8 = 1 / the input grid's scale)
+            a = _f8_inv(x, a_f8)
     else:
         if DOT == 0:  # padding reads 0 (straight to shared memory); the epilogue corrects for it exactly
             a = tl.load(ptrs, mask=mask, other=0)
+        elif DOT == 3:  # e4m3 straight to shared memory (no zero point: padding 0.0 is exact)
+            a = tl.load(ptrs, mask=mask, other=0.0)
         elif DOT == 4:
             q = tl.load(ptrs, mask=mask, other=a_zpi)
             a = (q.to(tl.int32) - a_zpi).to(tl.float16)  # exact: |q - zp| <= 255
-        else:
-            q = tl.load(ptrs, mask=mask, other=a_zpi).to(tl.float32)
-            x = (q - a_zp) * a_scale
+        else:  # a float layer after an int8 or fp8 one: dequantized on load
+            x = (_load_q(ptrs, mask, a_zpi) - a_zp) * a_scale
             if DOT == 1:
                 a = x.to(tl.float16)
-            elif DOT == 2:
-                a = x
             else:
-                a = tl.minimum(tl.maximum(x * a_f8, -448.0), 448.0).to(tl.float8e4nv)
+                a = x
     return a
 
 
@@ -339,7 +372,7 @@ def _conv_tile(
     A_FLOAT: tl.constexpr,
     DOT: tl.constexpr,
     BORDER: tl.constexpr,  # int8 input read as 0 outside the image: wtap (see border_table) corrects for it
-    # the optional second GEMM (int8 only)
+    # the optional second GEMM (int8 or fp8, as the main one)
     HAS_SC: tl.constexpr,
     H2: tl.constexpr,
     W2: tl.constexpr,
@@ -355,14 +388,16 @@ def _conv_tile(
     PW2: tl.constexpr,
     TAPS2: tl.constexpr,
     # epilogue
-    HAS_Q0: tl.constexpr,
-    RES: tl.constexpr,  # 0 none, 1 int8 on its grid, 2 float
+    Q0: tl.constexpr,  # 0 none, 1 fake-quant on an int8 grid, 2 on an fp8 grid
+    RES: tl.constexpr,  # 0 none, 1 int8 or e4m3 (by res_ptr's type) on its grid, 2 float
     RSN: tl.constexpr,
     RSC: tl.constexpr,
     RSH: tl.constexpr,
     RSW: tl.constexpr,
     ACT: tl.constexpr,  # 0 none, 1 max(y, lo), 2 clamp(y, lo, hi)
-    OUT: tl.constexpr,  # 0 float (out_ptr's dtype), 1 int8 q1 stored, 2 int8 q2 only, 3 both
+    OUT: tl.constexpr,  # 0 float (out_ptr's dtype), 1 q1 stored, 2 q2 only, 3 both
+    Q1_F8: tl.constexpr,  # grid 1 is fp8 (q1 stored as e4m3), else int8
+    Q2_F8: tl.constexpr,
     NP: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -396,7 +431,7 @@ def _conv_tile(
         else:
             acc = acc - a_zpi * tl.load(wsum_ptr + rn)[None, :]
     y = acc.to(tl.float32) * tl.load(scale_ptr + rn)[None, :] + tl.load(bias_ptr + rn)[None, :]
-    if HAS_SC:  # int8 x int8 as the main GEMM (DOT 0 or 4)
+    if HAS_SC:  # int8 x int8 (DOT 0 or 4) or e4m3 x e4m3 (DOT 3), as the main GEMM
         if DOT == 0:
             acc2 = tl.zeros((BM, BN), dtype=tl.int32)
         else:
@@ -408,13 +443,14 @@ def _conv_tile(
         if DOT == 0:
             acc2 = acc2 - a2_zpi * tl.load(wsum2_ptr + rn)[None, :]
         y += acc2.to(tl.float32) * tl.load(scale2_ptr + rn)[None, :]
-    if HAS_Q0:
+    if Q0 == 1:
         y = (_quant_inv(y, 1.0 / g0_scale, g0_zp) - g0_zp) * g0_scale
+    elif Q0 == 2:
+        y = _f8_inv(y, 1.0 / g0_scale).to(tl.float32) * g0_scale
     mask = m_ok[:, None] & (rn < COUT)[None, :]
     if RES == 1:
         rp = res_ptr + (n * RSN + oh * RSH + ow * RSW)[:, None] + (rn * RSC)[None, :]
-        rq = tl.load(rp, mask=mask, other=0).to(tl.float32)
-        y += (rq - res_zp) * res_scale
+        y += (_load_q(rp, mask, 0) - res_zp) * res_scale
     elif RES == 2:
         rp = res_ptr + (n * RSN + oh * RSH + ow * RSW)[:, None] + (rn * RSC)[None, :]
         y += tl.load(rp, mask=mask, other=0.0).to(tl.float32)
@@ -426,12 +462,21 @@ def _conv_tile(
     if OUT == 0:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        q1 = _quant_inv(y, 1.0 / g1_scale, g1_zp)
-        if OUT != 2:
-            tl.store(out_ptr + offs, q1.to(tl.int8), mask=mask)
+        if Q1_F8:
+            f1 = _f8_inv(y, 1.0 / g1_scale)
+            if OUT != 2:
+                tl.store(out_ptr + offs, f1, mask=mask)
+            v1 = f1.to(tl.float32) * g1_scale
+        else:
+            q1 = _quant_inv(y, 1.0 / g1_scale, g1_zp)
+            if OUT != 2:
+                tl.store(out_ptr + offs, q1.to(tl.int8), mask=mask)
+            v1 = (q1 - g1_zp) * g1_scale
         if OUT >= 2:
-            q2 = _quant_inv((q1 - g1_zp) * g1_scale, 1.0 / g2_scale, g2_zp)
-            tl.store(out2_ptr + offs, q2.to(tl.int8), mask=mask)
+            if Q2_F8:
+                tl.store(out2_ptr + offs, _f8_inv(v1, 1.0 / g2_scale), mask=mask)
+            else:
+                tl.store(out2_ptr + offs, _quant_inv(v1, 1.0 / g2_scale, g2_zp).to(tl.int8), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "a_zpi", "a2_zpi"])  # one compiled kernel for every batch size
@@ -488,7 +533,7 @@ def conv_kernel(
     A_FLOAT: tl.constexpr,
     DOT: tl.constexpr,
     BORDER: tl.constexpr,  # int8 input read as 0 outside the image: wtap (see border_table) corrects for it
-    # the optional second GEMM (int8 only)
+    # the optional second GEMM (int8 or fp8, as the main one)
     HAS_SC: tl.constexpr,
     H2: tl.constexpr,
     W2: tl.constexpr,
@@ -504,14 +549,16 @@ def conv_kernel(
     PW2: tl.constexpr,
     TAPS2: tl.constexpr,
     # epilogue
-    HAS_Q0: tl.constexpr,
-    RES: tl.constexpr,  # 0 none, 1 int8 on its grid, 2 float
+    Q0: tl.constexpr,  # 0 none, 1 fake-quant on an int8 grid, 2 on an fp8 grid
+    RES: tl.constexpr,  # 0 none, 1 int8 or e4m3 (by res_ptr's type) on its grid, 2 float
     RSN: tl.constexpr,
     RSC: tl.constexpr,
     RSH: tl.constexpr,
     RSW: tl.constexpr,
     ACT: tl.constexpr,  # 0 none, 1 max(y, lo), 2 clamp(y, lo, hi)
-    OUT: tl.constexpr,  # 0 float (out_ptr's dtype), 1 int8 q1 stored, 2 int8 q2 only, 3 both
+    OUT: tl.constexpr,  # 0 float (out_ptr's dtype), 1 q1 stored, 2 q2 only, 3 both
+    Q1_F8: tl.constexpr,  # grid 1 is fp8 (q1 stored as e4m3), else int8
+    Q2_F8: tl.constexpr,
     NP: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -531,7 +578,7 @@ def conv_kernel(
                 res_ptr, out_ptr, out2_ptr, M, a_scale, a_zp, a_zpi, a_f8, a2_zpi, g0_scale, g0_zp, res_scale,
                 res_zp, lo, hi, g1_scale, g1_zp, g2_scale, g2_zp, H, W, CIN, XSN, XSC, XSH, XSW, KH, KW, SH, SW,
                 PH, PW, DH, DW, OH, OW, COUT, TAPS, A_FLOAT, DOT, BORDER, HAS_SC, H2, W2, CIN2, X2SN, X2SH,
-                X2SW, KH2, KW2, SH2, SW2, PH2, PW2, TAPS2, HAS_Q0, RES, RSN, RSC, RSH, RSW, ACT, OUT, NP, BM,
+                X2SW, KH2, KW2, SH2, SW2, PH2, PW2, TAPS2, Q0, RES, RSN, RSC, RSH, RSW, ACT, OUT, Q1_F8, Q2_F8, NP, BM,
                 BN, BK
             )  # fmt: skip
     else:
@@ -541,7 +588,7 @@ def conv_kernel(
             res_ptr, out_ptr, out2_ptr, M, a_scale, a_zp, a_zpi, a_f8, a2_zpi, g0_scale, g0_zp, res_scale,
             res_zp, lo, hi, g1_scale, g1_zp, g2_scale, g2_zp, H, W, CIN, XSN, XSC, XSH, XSW, KH, KW, SH, SW,
             PH, PW, DH, DW, OH, OW, COUT, TAPS, A_FLOAT, DOT, BORDER, HAS_SC, H2, W2, CIN2, X2SN, X2SH,
-            X2SW, KH2, KW2, SH2, SW2, PH2, PW2, TAPS2, HAS_Q0, RES, RSN, RSC, RSH, RSW, ACT, OUT, NP, BM,
+            X2SW, KH2, KW2, SH2, SW2, PH2, PW2, TAPS2, Q0, RES, RSN, RSC, RSH, RSW, ACT, OUT, Q1_F8, Q2_F8, NP, BM,
             BN, BK
         )  # fmt: skip
 
@@ -568,14 +615,16 @@ def pool_kernel(
     OW: tl.constexpr,
     IS_MAX: tl.constexpr,
     COUNT_PAD: tl.constexpr,
-    OUT: tl.constexpr,  # 0: max -> the stored maximum; avg -> float. 1: int8 on the out grid
+    OUT: tl.constexpr,  # 0: max -> the stored maximum; avg -> float. 1: on the out grid (out_ptr's type)
     BP: tl.constexpr,
     BC: tl.constexpr,
 ):
-    """Max or average pooling over an int8 NHWC tensor, a [BP output pixels, BC channels] tile per program.
+    """Max or average pooling over an int8 or e4m3 NHWC tensor, a [BP output pixels, BC channels] tile per
+    program.
 
-    Max pools the stored integers (a monotonic grid commutes with max) and, with OUT=1, requantizes to the
-    out grid; average pools dequantized values in fp32 and stores them as float or quantized (OUT=1)."""
+    Max pools the stored values (a monotonic grid commutes with max) and, with OUT=1, requantizes to the
+    out grid (int8 or fp8, by ``out_ptr``'s type); average pools dequantized values in fp32 and stores them as
+    float or quantized (OUT=1)."""
     rm = tl.program_id(0) * BP + tl.arange(0, BP)
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     m_ok = rm < M
@@ -584,8 +633,12 @@ def pool_kernel(
     r = rm % (OH * OW)
     oh = r // OW
     ow = r % OW
+    if x_ptr.dtype.element_ty == tl.float8e4nv:
+        lowest = -F8_MAX
+    else:
+        lowest = -128.0
     if IS_MAX:
-        acc = tl.full((BP, BC), -128.0, tl.float32)
+        acc = tl.full((BP, BC), lowest, tl.float32)
     else:
         acc = tl.zeros((BP, BC), dtype=tl.float32)
     for t in range(KH * KW):
@@ -593,16 +646,18 @@ def pool_kernel(
         iw = ow * SW - PW + t % KW
         ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         ptrs = x_ptr + (((n * H + ih) * W + iw) * C)[:, None] + rc[None, :]
-        v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=-128).to(tl.float32)
+        inside = ok[:, None] & c_ok[None, :]
+        v = tl.where(inside, _load_q(ptrs, inside, 0), lowest)  # outside: the lowest stored value
         if IS_MAX:
             acc = tl.maximum(acc, v)
         else:
             acc += tl.where(ok[:, None], v - in_zp, 0.0)
     mask = m_ok[:, None] & c_ok[None, :]
     offs = rm[:, None] * C + rc[None, :]
+    f8_out: tl.constexpr = out_ptr.dtype.element_ty == tl.float8e4nv
     if IS_MAX:
         if OUT == 1:
-            acc = _quant((acc - in_zp) * in_scale, out_scale, out_zp)
+            acc = _stored((acc - in_zp) * in_scale, out_scale, out_zp, f8_out)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         if COUNT_PAD:
@@ -615,19 +670,20 @@ def pool_kernel(
             count = (hs * ws).to(tl.float32)
         y = acc * in_scale / count[:, None]
         if OUT == 1:
-            tl.store(out_ptr + offs, _quant(y, out_scale, out_zp).to(tl.int8), mask=mask)
+            tl.store(out_ptr + offs, _stored(y, out_scale, out_zp, f8_out).to(out_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["numel"])
 def requant_kernel(x_ptr, out_ptr, numel, in_scale, in_zp, out_scale, out_zp, lo, BLOCK: tl.constexpr):
-    """int8 -> int8 on another grid (double rounding as Q(DQ(q))), then max(q, lo) (ReLU on stored values)."""
+    """8-bit -> 8-bit on another grid (int8 or e4m3 each, by the pointers' types; double rounding as Q(DQ(q))),
+    then max(q, lo) (ReLU on stored values)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
-    q = tl.load(x_ptr + offs, mask=ok, other=0).to(tl.float32)
-    q2 = tl.maximum(_quant((q - in_zp) * in_scale, out_scale, out_zp), lo)
-    tl.store(out_ptr + offs, q2.to(tl.int8), mask=ok)
+    q = _load_q(x_ptr + offs, ok, 0)
+    q2 = tl.maximum(_stored((q - in_zp) * in_scale, out_scale, out_zp, out_ptr.dtype.element_ty == tl.float8e4nv), lo)
+    tl.store(out_ptr + offs, q2.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -645,15 +701,16 @@ def quantize_kernel(
     BM: tl.constexpr,
     BC: tl.constexpr,
 ):
-    """A float tensor (logical [N, C, P] with any strides, P = H*W flattened) -> int8 NHWC ([N*P, C])."""
+    """A float tensor (logical [N, C, P] with any strides, P = H*W flattened) -> int8 or e4m3 (out_ptr's type)
+    NHWC ([N*P, C])."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     n = rm // P
     p = rm % P
     mask = (rm < M)[:, None] & (rc < C)[None, :]
     x = tl.load(x_ptr + (n * XSN + p * XSP)[:, None] + (rc * XSC)[None, :], mask=mask, other=0.0)
-    q = _quant(x.to(tl.float32), scale, zp)
-    tl.store(out_ptr + rm[:, None] * C + rc[None, :], q.to(tl.int8), mask=mask)
+    q = _stored(x.to(tl.float32), scale, zp, out_ptr.dtype.element_ty == tl.float8e4nv)
+    tl.store(out_ptr + rm[:, None] * C + rc[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def next_pow2(v: int) -> int:

@@ -3,8 +3,9 @@
 No Triton here (numpy, onnx, and torch for float shapes), so it is tested on any machine. Each ONNX node is interpreted
 symbolically in graph order; what a value *is* decides what runs:
 
-- ``QuantV``: an int8 tensor (NHWC, stored form: every 8-bit grid spans [-128, 127], see :class:`Grid`);
-  ``DQV``: the float value a DequantizeLinear of it stands for (nothing runs until a float is needed).
+- ``QuantV``: an int8 tensor (NHWC, stored form: every 8-bit grid spans [-128, 127], see :class:`Grid`) or an
+  fp8 e4m3 one (NHWC, value = stored * scale, see :class:`F8Grid`); ``DQV``: the float value a
+  DequantizeLinear of it stands for (nothing runs until a float is needed).
 - ``PendingV``: the float output of a conv/linear/average pool whose epilogue is still open: a following
   ReLU/Clip, residual Add (with an int8 or float other side, or the 1x1 shortcut conv as a second GEMM)
   and QuantizeLinear are fused into it, in the order ``[fake-quant] [+residual] [clamp] quantize``.
@@ -13,10 +14,12 @@ symbolically in graph order; what a value *is* decides what runs:
 - A QuantizeLinear of a float tensor feeding one int8 conv is done by that conv as it loads its input.
 - Everything else runs as a float op (:class:`TorchOp`) on dequantized values, in the layer's precision.
 
-A conv or linear runs int8 when its input and weight come through DequantizeLinear (int8 weights, weight
-zero point subtracted when the difference still fits int8); fp16 (or fp8) when its layer asks for 16 bits
-(or fp8) and the weights are float; a float32 layer whose input is int8 runs in the same kernel with fp32
-(IEEE) operands, its input dequantized as it is loaded; other float32 layers through torch.
+A conv or linear runs int8 when its input and weight come through int8 DequantizeLinear (int8 weights, weight
+zero point subtracted when the difference still fits int8); fp8 when both come through FLOAT8E4M3FN
+DequantizeLinear (an fp8 activation grid and an fp8 weight initializer, per-channel or per-tensor scale);
+fp16 when its layer asks for 16 bits and the weights are float; a float32 layer whose input is int8 or fp8
+runs in the same kernel with fp32 (IEEE) operands, its input dequantized as it is loaded; other float32
+layers through torch. A layer that asks for fp8 but cannot run fp8 gets a reason in ``Plan.notes``.
 """
 
 # ruff: noqa: N802 - node handlers are named after the ONNX op types they lower (on_QuantizeLinear, ...)
@@ -29,7 +32,19 @@ import numpy as np
 
 from .base import EngineError, layer_of_node
 
-__all__ = ["Grid", "TensorInfo", "QConv", "QPool", "Requant", "Quantize", "TorchOp", "Plan", "lower", "has_border"]
+__all__ = [
+    "Grid",
+    "F8Grid",
+    "TensorInfo",
+    "QConv",
+    "QPool",
+    "Requant",
+    "Quantize",
+    "TorchOp",
+    "Plan",
+    "lower",
+    "has_border",
+]
 
 INPUT = 0  # tensor id of the network input
 
@@ -41,17 +56,25 @@ class Grid:
 
     scale: float
     zp: int
+    dtype = "int8"  # (class attribute: the stored type of tensors on this grid)
 
     @staticmethod
-    def from_onnx(scale, zero_point) -> Grid:
+    def from_onnx(scale, zero_point) -> Grid | F8Grid:
         zp = np.asarray(zero_point)
+        scale = float(np.float32(np.asarray(scale).reshape(-1)[0]))
         if zp.dtype == np.uint8:
             stored = int(zp.reshape(-1)[0]) - 128
         elif zp.dtype == np.int8:
             stored = int(zp.reshape(-1)[0])
+        elif is_fp8(zp):
+            if np.asarray(zp, np.float32).any():
+                raise EngineError("an fp8 activation zero point that is not 0; fp8 grids are symmetric")
+            return F8Grid(scale)
         else:
-            raise EngineError(f"activation zero point of type {zp.dtype}; the cuda backend runs 8-bit grids")
-        return Grid(float(np.float32(np.asarray(scale).reshape(-1)[0])), stored)
+            raise EngineError(
+                f"activation zero point of type {zp.dtype}; the cuda backend runs int8, uint8 and float8e4m3fn grids"
+            )
+        return Grid(scale, stored)
 
     def quantize(self, v: np.ndarray) -> np.ndarray:
         """Stored integers of float values (round half to even, saturate), as ONNX QuantizeLinear."""
@@ -65,30 +88,49 @@ class Grid:
         """Stored value on ``to`` of every stored value on this grid (Q(DQ(q)), as the Q/DQ graph computes)."""
         return to.quantize(self.dequantize(np.arange(-128, 128)))
 
-    def same_values(self, to: Grid) -> bool:
-        return bool((self.requant_table(to) == np.arange(-128, 128)).all())
+    def same_values(self, to: Grid | F8Grid) -> bool:
+        return isinstance(to, Grid) and bool((self.requant_table(to) == np.arange(-128, 128)).all())
+
+
+@dataclass(frozen=True)
+class F8Grid:
+    """An fp8 e4m3 grid: ``value = stored * scale`` (stored: ``torch.float8_e4m3fn``, finite range +-448), no
+    zero point (``zp`` is 0 so the kernels' int8 formulas reduce to the fp8 ones)."""
+
+    scale: float
+    zp = 0
+    dtype = "fp8"
+
+    def same_values(self, to: Grid | F8Grid) -> bool:
+        return isinstance(to, F8Grid) and np.float32(to.scale) == np.float32(self.scale)
+
+
+def is_fp8(a: np.ndarray) -> bool:
+    """Whether an array (from onnx.numpy_helper) holds FLOAT8E4M3FN values (ml_dtypes' float8_e4m3fn)."""
+    return np.asarray(a).dtype.name == "float8_e4m3fn"
 
 
 @dataclass
 class TensorInfo:
-    """One tensor of the plan: ``shape`` per image in the model's (NCHW) terms; int8 tensors are stored NHWC
+    """One tensor of the plan: ``shape`` per image in the model's (NCHW) terms; 8-bit tensors are stored NHWC
     (``(C, H, W)`` stored as ``[N, H, W, C]``; a flattened one as ``[N, F]`` with ``perm[i]`` the NCHW feature
     index of stored position ``i``)."""
 
     id: int
     shape: tuple[int, ...]
-    dtype: str  # int8 | fp32 | fp16 (float tensors are torch tensors of logical NCHW shape, any strides)
+    dtype: str  # int8 | fp8 | fp32 | fp16 (float tensors are torch tensors of logical NCHW shape, any strides)
     perm: np.ndarray | None = None
 
 
 @dataclass
 class Shortcut:
-    """A second int8 GEMM added into a conv's accumulator (a residual block's 1x1 shortcut conv)."""
+    """A second GEMM added into a conv's accumulator (a residual block's 1x1 shortcut conv), of the main
+    GEMM's kind (int8 or fp8)."""
 
     node: str
     x: int
-    grid: Grid
-    weight: np.ndarray  # int8 values [Cout, Cin, KH, KW]
+    grid: Grid | F8Grid
+    weight: np.ndarray  # int8 values, or e4m3 values as float32 [Cout, Cin, KH, KW]
     w_scale: np.ndarray  # [Cout] float64
     bias: np.ndarray  # [Cout] float64
     geometry: dict
@@ -101,69 +143,69 @@ class QConv:
     kind = "conv"  # (class attributes, not fields: what the engine runs each op with)
 
     node: str
-    mode: str  # int8 | fp16 | fp8
+    mode: str  # int8 | fp8 | fp16 | fp32
     x: int
     x_float: bool  # the input is a float tensor (quantized or converted as it is loaded)
-    grid: Grid | None  # the input grid (int8 input, or quantize-on-load); None for a float input in fp16/fp8
-    weight: np.ndarray  # int8 values (int8 mode) or float [Cout, Cin, KH, KW]
+    grid: Grid | F8Grid | None  # the input grid (8-bit input, or quantize-on-load); None for a float input
+    weight: np.ndarray  # int8 values (int8 mode), e4m3 values as float32 (fp8 mode) or float [Cout, Cin, KH, KW]
     w_scale: np.ndarray  # [Cout] float64 (1.0 for float weights)
     bias: np.ndarray  # [Cout] float64
     geometry: dict  # cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, cout, oh, ow
     absorbed: list[str] = field(default_factory=list)  # other ONNX nodes fused into this op
     sc: Shortcut | None = None
-    q0: Grid | None = None
-    res: tuple[int, Grid | None] | None = None  # (tensor, its grid; None = float)
+    q0: Grid | F8Grid | None = None
+    res: tuple[int, Grid | F8Grid | None] | None = None  # (tensor, its grid; None = float)
     act: tuple[float, float] | None = None
     out: int | None = None  # None while the epilogue is open
-    out_grid: Grid | None = None  # None = float output
+    out_grid: Grid | F8Grid | None = None  # None = float output
     out_dtype: str = "fp32"
     store1: bool = True
     out2: int | None = None
-    out2_grid: Grid | None = None
-    f8_scale: float = 1.0  # fp8: input multiplier (x * f8_scale -> e4m3)
+    out2_grid: Grid | F8Grid | None = None
 
 
 @dataclass
 class QPool:
-    """Max or average pooling over an int8 NHWC tensor (output int8 on ``out_grid``, or float)."""
+    """Max or average pooling over an int8 or fp8 NHWC tensor (output 8-bit on ``out_grid``, or float)."""
 
     kind = "pool"
 
     node: str
     x: int
-    grid: Grid
+    grid: Grid | F8Grid
     is_max: bool
     geometry: dict  # c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, count_pad
     absorbed: list[str] = field(default_factory=list)
     out: int | None = None
-    out_grid: Grid | None = None
+    out_grid: Grid | F8Grid | None = None
 
 
 @dataclass
 class Requant:
-    """int8 -> int8 between grids, then ``max(q, lo)`` (a ReLU applied to stored values)."""
+    """8-bit -> 8-bit between grids (int8 or fp8 each), then ``max(q, lo)`` (a ReLU applied to stored values;
+    None: no clamp)."""
 
     kind = "requant"
 
     node: str
     x: int
-    grid: Grid
+    grid: Grid | F8Grid
     out: int
-    out_grid: Grid
-    lo: int = -128
+    out_grid: Grid | F8Grid
+    lo: float | None = None
     absorbed: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Quantize:
-    """A float tensor -> int8 NHWC."""
+    """A float tensor -> int8 or fp8 NHWC."""
 
     kind = "quantize"
 
     node: str
     x: int
     out: int
-    out_grid: Grid
+    out_grid: Grid | F8Grid
     absorbed: list[str] = field(default_factory=list)
 
 
@@ -180,7 +222,7 @@ class TorchOp:
     attrs: dict
     out: int
     dtype: str = "fp32"
-    grid: Grid | None = None  # Dequantize: the input's grid
+    grid: Grid | F8Grid | None = None  # Dequantize: the input's grid
     absorbed: list[str] = field(default_factory=list)
 
 
@@ -190,7 +232,8 @@ class Plan:
     tensors: dict[int, TensorInfo]
     output: int
     input_shape: tuple[int, ...]  # per image
-    aliases: dict[int, int] = field(default_factory=dict)  # flattened view -> the int8 tensor it reshapes
+    aliases: dict[int, int] = field(default_factory=dict)  # flattened view -> the 8-bit tensor it reshapes
+    notes: dict[str, str] = field(default_factory=dict)  # layer asking fp8 -> why it does not run fp8
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -199,7 +242,7 @@ class Plan:
 @dataclass
 class QuantV:
     tid: int | None  # None: not materialized yet (a quantize of ``lazy`` that a conv may do on load)
-    grid: Grid
+    grid: Grid | F8Grid
     shape: tuple[int, ...]
     name: str  # the ONNX tensor holding the QuantizeLinear output
     lazy: int | None = None  # float tensor to quantize
@@ -267,8 +310,9 @@ class _Lowering:
         self.values: dict[str, object] = {}
         self.tensors: dict[int, TensorInfo] = {}
         self.ops: list = []
-        self.dequantized: dict[int, int] = {}  # int8 tensor -> its float copy (one Dequantize per tensor)
+        self.dequantized: dict[int, int] = {}  # 8-bit tensor -> its float copy (one Dequantize per tensor)
         self.aliases: dict[int, int] = {}
+        self.notes: dict[str, str] = {}
 
     # ------------------------------------------------------------------ tensors and values
     def new_tensor(self, shape, dtype: str, perm=None) -> int:
@@ -302,9 +346,9 @@ class _Lowering:
 
     # ------------------------------------------------------------------ materialization
     def q_tensor(self, q: QuantV, node: str) -> int:
-        """The int8 tensor of ``q``, quantizing its float source now if no conv did it on load."""
+        """The 8-bit tensor of ``q``, quantizing its float source now if no conv did it on load."""
         if q.tid is None:
-            q.tid = self.new_tensor(q.shape, "int8")
+            q.tid = self.new_tensor(q.shape, q.grid.dtype)
             self.emit(Quantize(node, q.lazy, q.tid, q.grid))
         return q.tid
 
@@ -325,7 +369,7 @@ class _Lowering:
         if isinstance(v, PendingV):
             return self.seal_float(v.op, v.shape)
         if isinstance(v, QuantV):
-            raise EngineError(f"node {node!r}: an int8 tensor is used without DequantizeLinear")
+            raise EngineError(f"node {node!r}: a quantized tensor is used without DequantizeLinear")
         raise EngineError(f"node {node!r}: a constant is used as an activation (not supported by the cuda backend)")
 
     def seal_float(self, op, shape) -> int:
@@ -334,9 +378,9 @@ class _Lowering:
         self.emit(op)
         return op.out
 
-    def seal_int8(self, op, shape, grid: Grid) -> int:
+    def seal_q(self, op, shape, grid: Grid | F8Grid) -> int:
         op.out_grid = grid
-        op.out = self.new_tensor(shape, "int8")
+        op.out = self.new_tensor(shape, grid.dtype)
         self.emit(op)
         return op.out
 
@@ -393,7 +437,7 @@ class _Lowering:
             cast = self.new_tensor(info.shape, "fp32")
             self.emit(TorchOp("output", "Cast", [out], {}, cast))
             out = cast
-        return Plan(self.ops, self.tensors, out, self.input_shape, self.aliases)
+        return Plan(self.ops, self.tensors, out, self.input_shape, self.aliases, self.notes)
 
     def on_Constant(self, node):
         return None  # read through the constant resolver
@@ -409,7 +453,7 @@ class _Lowering:
         grid = Grid.from_onnx(self.const(node.input[1]), self.const(node.input[2]))
         name = node.output[0]
         if isinstance(v, PendingV) and self.single(v.name):
-            return QuantV(self.seal_int8(v.op, v.shape, grid), grid, v.shape, name)
+            return QuantV(self.seal_q(v.op, v.shape, grid), grid, v.shape, name)
         if isinstance(v, DQV):
             return self.requantize(v, grid, node, name)
         if isinstance(v, FloatV):
@@ -429,7 +473,7 @@ class _Lowering:
         op = self.producer(q.tid)
         alone = self.single(v.name) and self.single(q.name)
         if isinstance(op, QConv) and op.out == q.tid and op.out2 is None and op.out_grid is not None:
-            op.out2 = self.new_tensor(q.shape, "int8", self.tensors[q.tid].perm)
+            op.out2 = self.new_tensor(q.shape, grid.dtype, self.tensors[q.tid].perm)
             op.out2_grid = grid
             op.store1 = not alone
             op.absorbed.append(node.name)
@@ -438,7 +482,7 @@ class _Lowering:
             op.out_grid = grid  # max commutes with the monotonic requantization
             op.absorbed.append(node.name)
             return QuantV(q.tid, grid, q.shape, name)
-        out = self.new_tensor(q.shape, "int8", self.tensors[q.tid].perm)
+        out = self.new_tensor(q.shape, grid.dtype, self.tensors[q.tid].perm)
         self.emit(Requant(node.name, q.tid, q.grid, out, grid))
         return QuantV(out, grid, q.shape, name)
 
@@ -459,21 +503,28 @@ class _Lowering:
         raise EngineError(f"node {node.name!r}: DequantizeLinear of something other than a QuantizeLinear output")
 
     # ---------------------------------------------------------------- conv / gemm
-    def _int8_weight(self, w: ConstV, node) -> tuple[np.ndarray, np.ndarray] | None:
-        """(integer weights minus their zero point as int8 [Cout, ...], per-output-channel scale), or None."""
+    def _q_weight(self, w: ConstV) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """(``"int8"``, integer weights minus their zero point as int8 [Cout, ...], per-output-channel scale), or
+        (``"fp8"``, e4m3 weights as float32 (exact), scale), or None when the weight is no such initializer
+        through DequantizeLinear (a float weight, a per-input-channel scale, an int8 difference out of range)."""
         if w.raw is None:
             return None
         ints, scale, zp, axis = w.raw
-        if ints.dtype not in (np.int8, np.uint8):
-            return None
         cout = ints.shape[0]
         if scale.size > 1 and axis != 0:
+            return None
+        scale = np.broadcast_to(scale.reshape(-1), (cout,)).astype(np.float64)
+        if is_fp8(ints):
+            if np.asarray(zp, np.float32).any():
+                return None
+            return "fp8", np.asarray(ints, np.float32), scale
+        if ints.dtype not in (np.int8, np.uint8):
             return None
         shape = [-1] + [1] * (ints.ndim - 1) if zp.size > 1 else []
         centred = ints.astype(np.int64) - (zp.astype(np.int64).reshape(shape) if shape else zp.astype(np.int64))
         if centred.min(initial=0) < -128 or centred.max(initial=0) > 127:
             return None
-        return centred.astype(np.int8), np.broadcast_to(scale.reshape(-1), (cout,)).astype(np.float64)
+        return "int8", centred.astype(np.int8), scale
 
     def on_Conv(self, node):
         a = _attrs(node)
@@ -551,41 +602,43 @@ class _Lowering:
         cout = geometry["cout"]
         bias = np.zeros(cout) if b is None else np.broadcast_to(b.value.astype(np.float64).reshape(-1), (cout,))
         precision = self.precision(node.name)
-        int8w = self._int8_weight(w, node)
-        if isinstance(x, DQV) and int8w is not None:
+        qw = self._q_weight(w)
+        if isinstance(x, DQV) and qw is not None and qw[0] == x.q.grid.dtype:  # int8 x int8 or e4m3 x e4m3
             q = x.q
             on_load = q.tid is None and self.single(x.name) and self.single(q.name)
             tid = q.lazy if on_load else self.q_tensor(q, node.name)
-            return QConv(node.name, "int8", tid, on_load, q.grid, int8w[0], int8w[1], bias.copy(), geometry)
-        if precision not in ("fp16", "fp8") and w.raw is None and isinstance(x, DQV):
-            # A float layer after an int8 one: fp32 operands (IEEE), its input dequantized as it is loaded
+            return QConv(node.name, qw[0], tid, on_load, q.grid, qw[1], qw[2], bias.copy(), geometry)
+        if precision == "fp8":
+            self.note_fp8(node.name, self._why_not_fp8(x, qw))
+        if precision != "fp16" and w.raw is None and isinstance(x, DQV):
+            # A float layer after an int8 or fp8 one: fp32 operands (IEEE), its input dequantized as it is loaded
             tid = self.q_tensor(x.q, node.name)
             return QConv(node.name, "fp32", tid, False, x.q.grid, w.value.astype(np.float32), np.ones(cout),
                          bias.copy(), geometry)  # fmt: skip
-        if precision in ("fp16", "fp8") and w.raw is None:
+        if precision == "fp16" and w.raw is None:
             if isinstance(x, DQV):
                 tid, x_float, grid = self.q_tensor(x.q, node.name), False, x.q.grid
             else:
                 tid, x_float, grid = self.as_float(x, node.name), True, None
-            op = QConv(node.name, precision, tid, x_float, grid, w.value.astype(np.float32), np.ones(cout),
-                       bias.copy(), geometry, out_dtype="fp16" if precision == "fp16" else "fp32")  # fmt: skip
-            if precision == "fp8":
-                self._fp8_scales(op, x)
-            return op
+            return QConv(node.name, "fp16", tid, x_float, grid, w.value.astype(np.float32), np.ones(cout),
+                         bias.copy(), geometry, out_dtype="fp16")  # fmt: skip
         return None
 
-    def _fp8_scales(self, op: QConv, x) -> None:
-        """fp8 e4m3: per-output-channel weight scale amax/448; the input's range must be known (an int8 grid)."""
-        if not isinstance(x, DQV):
-            op.mode, op.out_dtype = "fp16", "fp16"  # no known input range: the note in the report says so
-            return
-        g = x.q.grid
-        amax = max(abs(-128 - g.zp), abs(127 - g.zp)) * g.scale
-        op.f8_scale = 448.0 / amax if amax > 0 else 1.0
-        w_amax = np.abs(op.weight.reshape(op.weight.shape[0], -1)).max(axis=1).astype(np.float64)
-        w_scale = np.where(w_amax > 0, w_amax / 448.0, 1.0)
-        op.weight = (op.weight / w_scale.reshape(-1, 1, 1, 1)).astype(np.float32)
-        op.w_scale = w_scale / op.f8_scale
+    @staticmethod
+    def _why_not_fp8(x, qw) -> str:
+        x_fp8 = isinstance(x, DQV) and x.q.grid.dtype == "fp8"
+        if qw is None or qw[0] != "fp8":
+            what = "a float initializer" if qw is None else f"an {qw[0]} initializer"
+            return f"its weight is {what}, not FLOAT8E4M3FN through DequantizeLinear"
+        if not x_fp8:
+            what = "an int8 DequantizeLinear" if isinstance(x, DQV) else "a float tensor (no QuantizeLinear)"
+            return f"its input comes from {what}, not an fp8 (FLOAT8E4M3FN) QuantizeLinear/DequantizeLinear"
+        return "its input and weight are fp8 but the op's attributes have no fp8 kernel here"
+
+    def note_fp8(self, node_name: str, why: str) -> None:
+        layer = self.layer(node_name)
+        if layer is not None:
+            self.notes.setdefault(layer, why)
 
     # ---------------------------------------------------------------- elementwise
     def on_Relu(self, node):
@@ -596,7 +649,7 @@ class _Lowering:
             op.absorbed.append(node.name)
             return PendingV(op, self._shape(v), node.output[0])
         if isinstance(v, DQV) and v.q.tid is not None:
-            out = self.new_tensor(v.q.shape, "int8", self.tensors[v.q.tid].perm)
+            out = self.new_tensor(v.q.shape, v.q.grid.dtype, self.tensors[v.q.tid].perm)
             self.emit(Requant(node.name, v.q.tid, v.q.grid, out, v.q.grid, lo=v.q.grid.zp))
             return DQV(QuantV(out, v.q.grid, v.q.shape, node.output[0] + ".q"), node.output[0])
         return self.on_float(node)
@@ -640,7 +693,9 @@ class _Lowering:
             isinstance(sc, QConv)
             and self.single(other.name)
             and sc.out is None
-            and op.mode == sc.mode == "int8"
+            and op.mode == sc.mode
+            and op.mode in ("int8", "fp8")
+            and op.grid.dtype == sc.grid.dtype
             and not sc.x_float
             and sc.sc is None
             and sc.q0 is None
@@ -649,7 +704,8 @@ class _Lowering:
             and sc.geometry["cout"] == op.geometry["cout"]
             and (sc.geometry["oh"], sc.geometry["ow"]) == (op.geometry["oh"], op.geometry["ow"])
             and (sc.geometry["dh"], sc.geometry["dw"]) == (1, 1)
-            and not has_border(sc.geometry)  # its int8 input is read as 0 outside the image: no border allowed
+            # int8: its input is read as 0 outside the image, not the zero point: no border allowed (fp8: 0 is exact)
+            and (op.mode == "fp8" or not has_border(sc.geometry))
         ):
             return False
         op.sc = Shortcut(sc.node, sc.x, sc.grid, sc.weight, sc.w_scale, sc.bias, sc.geometry)
@@ -691,7 +747,7 @@ class _Lowering:
         }  # fmt: skip
         op = QPool(node.name, self.q_tensor(v.q, node.name), v.q.grid, is_max, geometry)
         if is_max:
-            out = self.seal_int8(op, (c, oh, ow), v.q.grid)
+            out = self.seal_q(op, (c, oh, ow), v.q.grid)
             return DQV(QuantV(out, v.q.grid, (c, oh, ow), node.output[0] + ".q"), node.output[0])
         return PendingV(op, (c, oh, ow), node.output[0])
 
@@ -722,7 +778,7 @@ class _Lowering:
             perm = None
             if h * w > 1:  # stored NHWC: stored position (y, x, c) holds NCHW feature c*h*w + y*w + x
                 perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
-            view = self.new_tensor(flat, "int8", perm)
+            view = self.new_tensor(flat, self.tensors[tid].dtype, perm)
             self.aliases[view] = tid
             return DQV(QuantV(view, q.grid, flat, q.name), node.output[0])
         if isinstance(v, PendingV) and isinstance(v.op, QPool) and shape[1:] == (1, 1):
@@ -754,6 +810,8 @@ class _Lowering:
                 f"(supported: {sorted(self.FLOAT_OPS | {'QuantizeLinear', 'DequantizeLinear'})})"
             )
         dtype = "fp16" if self.precision(node.name) == "fp16" else "fp32"
+        if node.op_type in ("Conv", "Gemm", "MatMul") and self.precision(node.name) == "fp8":
+            self.note_fp8(node.name, f"this {node.op_type} (its attributes or input shape) has no fp8 kernel here")
         inputs, shapes = [], []
         for name in node.input:
             v = self.value(name) if name else None
