@@ -606,11 +606,18 @@ def fp8_bracket(chain, acc: torch.Tensor, bound: torch.Tensor):
 
 
 def assert_fp8_output(got: torch.Tensor, lowest, exact, highest, e4m3_out: bool):
+    """Every stored output inside its derived bracket, so within one step of the exact reference wherever the
+    bracket allows no more. (Near 0, where e4m3 steps are tiny, a reduced-precision accumulation error of a
+    cancelling sum may span several steps: there only the bracket is derived.)"""
     assert bool((got >= lowest).all() and (got <= highest).all()), float(
         torch.maximum(lowest - got, got - highest).max()
     )
-    steps = e4m3_steps(got, exact) if e4m3_out else (got - exact).abs()
-    assert int(steps.max()) <= 1, int(steps.max())
+
+    def steps(a):
+        return e4m3_steps(a, exact) if e4m3_out else (a - exact).abs()
+
+    one_step = (steps(lowest) <= 1) & (steps(highest) <= 1)
+    assert bool(one_step.any()) and int(steps(got)[one_step].max()) <= 1
 
 
 def _fp8_conv_case(shape, gen, weight_binades: int = 6):
@@ -713,7 +720,7 @@ def test_fp8_conv_epilogues(shape, epilogue):
         y = y + push * (a * scale).abs() + push * bias.abs()
         if op.q0 is not None:
             y = quant_any(y, op.q0, push) * op.q0.scale
-        y = y + extra
+        y = y + extra + push * (y.abs() + extra.abs())  # the fp32 add's rounding, relative to its operands
         if op.act is not None:
             y = y.clamp(op.act[0], op.act[1])
         return quant_any(y, g1, push) if final else y
@@ -763,8 +770,8 @@ def test_fp8_stem_quantizes_the_float_input_on_load(shape):
     bias = torch.as_tensor(op.bias).reshape(1, -1, 1, 1)
 
     def chain(a, push):
-        y = a * scale + bias
-        return quant_any((y + push * y.abs()).clamp(min=0), g1, push)
+        y = a * scale + bias + push * ((a * scale).abs() + bias.abs())
+        return quant_any(y.clamp(min=0), g1, push)
 
     lo, ex, hi = fp8_bracket(chain, acc, acc_bound(s_abs, geo) * scale)
     tensors = {X: ((cin, h, w), "fp32"), OUT: ((cout, geo["oh"], geo["ow"]), "fp8")}
@@ -799,8 +806,8 @@ def test_fp8_shortcut_gemm_adds_a_second_e4m3_conv():
     op.out, op.out_grid, op.act = OUT, g1, (0.0, float("inf"))
 
     def chain(a, push):  # a stands for acc; the shortcut's error is carried by the bound, in acc's units
-        y = a * sc1 + acc2 * sc2 + bias
-        return quant_any((y + push * y.abs()).clamp(min=0), g1, push)
+        y = a * sc1 + acc2 * sc2 + bias + push * ((a * sc1).abs() + (acc2 * sc2).abs() + bias.abs())
+        return quant_any(y.clamp(min=0), g1, push)
 
     lo, ex, hi = fp8_bracket(chain, acc, acc_bound(s_abs, geo) + bound2 * sc2 / sc1)
     tensors = {X: ((24, 8, 8), "fp8"), X2: ((12, 16, 16), "fp8"), OUT: ((20, 8, 8), "fp8")}
@@ -850,7 +857,9 @@ def test_pools_on_fp8(shape, kind):
     if out_grid is None:
         assert torch.isfinite(got).all() and float((got - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
         return
-    lo, ex, hi = (quant_any(ref, out_grid, push) for push in (-EPS, 0.0, EPS))
+    # fp32: at most 9 rounded adds, a multiply and a division, each within 2**-24 of the window's sum of |v|
+    slack = EPS * F.avg_pool2d(v.abs(), k, s, p, ceil_mode=ceil, count_include_pad=count_pad)
+    lo, ex, hi = quant_any(ref - slack, out_grid, -EPS), quant_any(ref, out_grid), quant_any(ref + slack, out_grid, EPS)
     assert_fp8_output(got, lo, ex, hi, e4m3_out=True)
 
 
