@@ -140,10 +140,14 @@ def test_budget_forms():
             bad()
 
 
-def test_choices_checked_and_fp8_left_out_with_a_reason():
-    kept, left = check_choices(("int8", "fp8", "fp16"))
+def test_choices_checked_and_fp8_left_out_on_cpu_backends_with_a_reason():
+    assert check_choices(("int8", "fp8", "fp16")) == (("fp32", "int8", "fp8", "fp16"), {})
+    kept, left = check_choices(("int8", "fp8", "fp16"), ["onnxruntime", "openvino"])
     assert kept == ("fp32", "int8", "fp16")
-    assert "fp8" in left["fp8"]
+    assert "no fp8 kernels on onnxruntime, openvino" in left["fp8"]
+    assert "fp8 is searched on cuda and tensorrt" in left["fp8"]
+    assert check_choices(("int8", "fp8"), ["onnxruntime", "cuda"]) == (("fp32", "int8", "fp8"), {})
+    assert check_choices(("fp8",), ["tensorrt"]) == (("fp32", "fp8"), {})
     with pytest.raises(ConfigError, match="unknown precision 'int4'"):
         check_choices(["int4"])
     with pytest.raises(ConfigError):

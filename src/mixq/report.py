@@ -127,7 +127,7 @@ class PlacementReport:
                 f"({other[layer]:.1f} us) on {self.backend}; consider leaving it out of the config"
             )
         for r in self.rows:
-            if r.note and r.requested == "fp16":
+            if r.note and r.requested in ("fp16", "fp8"):
                 lines.append(f"note: {r.layer}: {r.note}")
         return "\n".join(lines)
 

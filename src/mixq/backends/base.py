@@ -36,6 +36,7 @@ __all__ = [
     "ENGINE_FORMAT_VERSION",
     "layer_of_node",
     "tensor_ranges",
+    "fold_fp8_weights",
 ]
 
 ENGINE_FORMAT_VERSION = 1
@@ -237,6 +238,42 @@ def tensor_ranges(model, tensors: list[str], samples) -> dict[str, tuple[float, 
         for t, v in zip(tensors, values, strict=True):
             lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
     return {t: (lo[t], hi[t]) for t in tensors}
+
+
+def fold_fp8_weights(model) -> list[str]:
+    """Replace each DequantizeLinear of a float8e4m3fn weight initializer by the float32 initializer it
+    computes, ``(q - zp) * scale`` (per channel along ``axis``; the same float32 products, bit for bit), in
+    place; return the names of the nodes folded. For backends without fp8 kernels (ONNX Runtime, OpenVINO on
+    CPU): the weights stay on the fp8 grid, the runtime sees an ordinary float conv/gemm and can use its fast
+    float layout instead of dequantizing every run."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    folded, keep = [], []
+    for node in model.graph.node:
+        w = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        if w is None or w.data_type != TensorProto.FLOAT8E4M3FN or node.input[1] not in inits:
+            keep.append(node)
+            continue
+        q = numpy_helper.to_array(w).astype(np.float32)
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        zp = numpy_helper.to_array(zp).astype(np.float32) if zp is not None else np.zeros_like(scale)
+        if scale.ndim == 1 and q.ndim > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        model.graph.initializer.append(numpy_helper.from_array((q - zp) * scale, node.output[0]))
+        folded.append(node)
+    if folded:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        used = {i for n in model.graph.node for i in n.input}
+        dropped = {i for n in folded for i in n.input} - used
+        for init in [i for i in model.graph.initializer if i.name in dropped]:
+            model.graph.initializer.remove(init)
+    return [n.name or n.output[0] for n in folded]
 
 
 class Backend(ABC):

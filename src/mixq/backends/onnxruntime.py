@@ -22,6 +22,7 @@ from .base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    fold_fp8_weights,
     layer_of_node,
     read_engine_file,
     register_backend,
@@ -35,7 +36,7 @@ from .cpu_features import (
     saturation_message,
     weights_to_uint8,
 )
-from .ort_legalize import LEGALIZED_KEY, float_output_convs, quantize_conv_outputs
+from .ort_legalize import FP8_UNSAFE_REWRITES, LEGALIZED_KEY, float_output_convs, has_fp8, quantize_conv_outputs
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeEngine", "INT8_KERNELS"]
 
@@ -69,6 +70,11 @@ def _note(info: dict, runs_as: str) -> str:
     """Why a layer runs other than asked, naming the cause where the export recorded it."""
     if info["precision"] == "fp16":
         return "ORT CPU has no fast fp16 kernels: runs fp32"
+    if info["precision"] == "fp8" and runs_as != "fused":
+        return (
+            "asked fp8: ORT CPU has no fp8 kernels; fp8 rounding emulated in fp32 (float8e4m3fn "
+            "QuantizeLinear/DequantizeLinear kept, fp8-grid weights stored as float32, the layer computed in fp32)"
+        )
     if info.get(LEGALIZED_KEY) and runs_as == "int8":
         return (
             f"output calibrated at build time on {info[LEGALIZED_KEY]} sample batches so that ORT runs it int8 "
@@ -124,14 +130,17 @@ class OnnxRuntimeEngine(Engine):
             if risky:
                 self.inexact = saturation_message("ONNX Runtime", risky)
                 warnings.warn(self.inexact, stacklevel=2)
-        self.session_bytes = model.SerializeToString() if self.uint8_weights else qdq_bytes
+        self.fp8 = has_fp8(model)
+        fp8_weights = fold_fp8_weights(model)  # no fp8 kernels: fp8-grid weights as float32 (exact)
+        self.session_bytes = model.SerializeToString() if self.uint8_weights or fp8_weights else qdq_bytes
         so = self._session_options(ort)
         fd, opt_path = tempfile.mkstemp(suffix=".onnx")
         os.close(fd)
         so.optimized_model_filepath = opt_path
-        kwargs = {"disabled_optimizers": ["QDQPropagationTransformer"]} if options.keep_pools_float else {}
         try:
-            self.session = ort.InferenceSession(self.session_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
+            self.session = ort.InferenceSession(
+                self.session_bytes, so, providers=["CPUExecutionProvider"], **self._session_kwargs()
+            )
             optimized = Path(opt_path).read_bytes()
         except Exception as e:
             raise EngineError(f"ONNX Runtime could not build the engine: {type(e).__name__}: {e}") from e
@@ -146,6 +155,14 @@ class OnnxRuntimeEngine(Engine):
             )
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
+
+    def _session_kwargs(self) -> dict:
+        """ORT graph rewrites to leave out: QDQ propagation with ``keep_pools_float``; for graphs with fp8
+        layers the rewrites that are wrong for float8 (:data:`.ort_legalize.FP8_UNSAFE_REWRITES`)."""
+        disabled = ["QDQPropagationTransformer"] if self.options.keep_pools_float else []
+        if self.fp8:
+            disabled += FP8_UNSAFE_REWRITES
+        return {"disabled_optimizers": disabled} if disabled else {}
 
     def _session_options(self, ort):
         so = ort.SessionOptions()
@@ -238,8 +255,9 @@ class OnnxRuntimeEngine(Engine):
         so.enable_profiling = True
         with tempfile.TemporaryDirectory() as d:
             so.profile_file_prefix = str(Path(d) / "prof")
-            kwargs = {"disabled_optimizers": ["QDQPropagationTransformer"]} if self.options.keep_pools_float else {}
-            sess = ort.InferenceSession(self.session_bytes, so, providers=["CPUExecutionProvider"], **kwargs)
+            sess = ort.InferenceSession(
+                self.session_bytes, so, providers=["CPUExecutionProvider"], **self._session_kwargs()
+            )
             feed = {self.input_name: self.check_input(x).cpu().numpy()}
             for _ in range(3 + runs):
                 sess.run(None, feed)

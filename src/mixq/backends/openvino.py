@@ -11,6 +11,16 @@ On x86 CPUs without VNNI, OpenVINO's u8 x s8 int8 convolutions saturate for weig
 wrong results; measured in benchmarks/results/openvino-exactness-cpu.md). There the engine splits each such
 weight into two int8 halves with |q| <= 64 and runs the layer as two int8 kernels whose outputs are added:
 exact, still int8, about twice the layer's int8 work. 7-bit weights need no split.
+
+fp8 (float8e4m3fn, opset 19) layers: OpenVINO's CPU plugin has no fp8 convolutions; it turns each fp8
+Q/DQ pair into a FakeConvert and runs the layer in f32 between them (emulated). Two things measured in
+benchmarks/results/fp8-cpu-backends.md: OpenVINO 2026.4 misreads float8e4m3fn initializers stored in the
+ONNX ``int32_data`` field (``onnx.helper.make_tensor``'s default; weights come out wrong), so the engine
+rewrites them as ``raw_data`` first (:func:`fp8_initializers_as_raw`; same values); and its FakeConvert rounds
+through float16 before float8, so a value within float16 rounding of the midpoint between two fp8 values
+can round to the other neighbour, one fp8 step off; through the layers that adds up (measured on real
+models in the same file), so an engine with fp8 layers sets :attr:`Engine.inexact` (``backend="auto"`` skips
+it) and warns; ONNX Runtime runs the same graph exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from .base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    fold_fp8_weights,
     layer_of_node,
     read_engine_file,
     register_backend,
@@ -48,7 +59,7 @@ from .cpu_features import (
     weights_to_uint8,
 )
 
-__all__ = ["OpenVINOBackend", "OpenVINOEngine"]
+__all__ = ["OpenVINOBackend", "OpenVINOEngine", "fp8_initializers_as_raw", "fp8_message"]
 
 # Runtime layer types that do a layer's arithmetic; everything else (Reorder, standalone FakeQuantize,
 # Reshape, Input/Output) is glue between layers.
@@ -67,6 +78,33 @@ COMPUTE_TYPES = frozenset(
 )
 INT_PRECISIONS = frozenset({"u8", "i8", "U8", "I8"})
 MAX_COMPILED_SHAPES = 8
+FP8_NOTE = (
+    "asked fp8: OpenVINO CPU has no fp8 kernels; fp8 rounding emulated in fp32 (FakeConvert), rounding through "
+    "float16 first: values next to the midpoint of two fp8 values may land one fp8 step off"
+)
+
+
+def fp8_initializers_as_raw(model) -> int:
+    """Store every float8e4m3fn initializer of ``model`` in ``raw_data`` (in place; the values are unchanged);
+    return how many were rewritten. OpenVINO 2026.4 reads only that form right (see the module doc)."""
+    from onnx import TensorProto, numpy_helper
+
+    done = 0
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT8E4M3FN and not init.raw_data:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
+            done += 1
+    return done
+
+
+def fp8_message(layers: list[str]) -> str:
+    """Why an OpenVINO engine with fp8 layers is not exact (see the module doc), naming the layers."""
+    shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+    return (
+        f"OpenVINO engine is not exact for its fp8 layers ({shown}): OpenVINO rounds to float8 through float16, "
+        "so values next to the midpoint of two fp8 values land one fp8 step off the fake-quant model; "
+        "backend onnxruntime runs fp8 layers exactly (emulated in fp32)"
+    )
 
 
 def _ov():
@@ -121,6 +159,7 @@ class OpenVINOEngine(Engine):
         import onnx
 
         model = onnx.load_from_string(onnx_bytes)
+        rewritten = len(fold_fp8_weights(model)) + fp8_initializers_as_raw(model)
         maxima = int8_weight_maxima(model)
         risky = set() if cpu_has_vnni() else {n for n, top in maxima.items() if top > SAFE_U8S8_WEIGHT}
         choice = self.options.uint8_weights
@@ -135,7 +174,11 @@ class OpenVINOEngine(Engine):
         if self.saturating_layers:
             self.inexact = saturation_message("OpenVINO", self.saturating_layers)
             warnings.warn(self.inexact, stacklevel=3)
-        return model.SerializeToString() if split or to_uint8 else onnx_bytes
+        fp8 = [name for name, info in self.layers.items() if info.get("precision") == "fp8"]
+        if fp8:
+            self.inexact = (self.inexact + "; " if self.inexact else "") + fp8_message(fp8)
+            warnings.warn(fp8_message(fp8), stacklevel=3)
+        return model.SerializeToString() if split or to_uint8 or rewritten else onnx_bytes
 
     def _config(self, profiling: bool) -> dict:
         config = {
@@ -207,6 +250,8 @@ class OpenVINOEngine(Engine):
                 )
                 if requested == "fp16":
                     note = "OpenVINO CPU runs fp16 requests in float32 here (INFERENCE_PRECISION_HINT f32)"
+                if requested == "fp8":
+                    note = FP8_NOTE
             elif layer in fused_into:
                 runs_as, note = "fused", f"no kernel of its own: fused into {fused_into[layer]}"
             else:

@@ -9,6 +9,12 @@ QuantizeLinear/DequantizeLinear pair (uint8, affine, min/max range) after each, 
 QLinearConv and the residual adds into QLinearAdd. The engine then rounds those tensors once more than
 the fake-quant model does (half a step of each, the price of running them in int8); the placement report
 says which layers were calibrated this way.
+
+fp8 (float8e4m3fn, opset 19) layers: ORT's CPU provider has no fp8 conv/gemm kernels, but its fp8
+QuantizeLinear/DequantizeLinear round exactly as the fake-quant model does (round to nearest even, saturating
+at +-448; benchmarks/results/fp8-cpu-backends.md), so the engine keeps the fp8 Q/DQ pairs and runs the layer
+in fp32 between them: emulated, numerically the fake-quant model. One ORT rewrite must be off for such graphs
+(:data:`FP8_UNSAFE_REWRITES`).
 """
 
 from __future__ import annotations
@@ -19,9 +25,26 @@ from ..primitives import choose_qparams
 from ..spec import IntType, PerTensor, QuantSpec
 from .base import EngineError, layer_of_node, tensor_ranges
 
-__all__ = ["float_output_convs", "quantize_conv_outputs", "LEGALIZED_KEY"]
+__all__ = ["float_output_convs", "quantize_conv_outputs", "LEGALIZED_KEY", "has_fp8", "FP8_UNSAFE_REWRITES"]
 
 LEGALIZED_KEY = "calibrated_at_build"  # layers metadata: the output range came from build-time calibration
+# ORT 1.32 rewrites that are wrong for fp8 graphs (measured in benchmarks/results/fp8-cpu-backends.md):
+# ReluQuantRewrite removes a Relu feeding a QuantizeLinear as if the quantized type clipped at the zero point,
+# true for uint8/int8 with that zero point, not for float8: every fp8 conv+ReLU loses its ReLU (up to 896
+# output steps wrong). WeightBiasQuantization quantizes the float weight of a conv/gemm whose input is
+# dequantized to int8, which re-quantizes the fp8-grid weights the engine stores as float32 (up to 40 steps).
+FP8_UNSAFE_REWRITES = ("ReluQuantRewrite", "WeightBiasQuantization")
+
+
+def has_fp8(model) -> bool:
+    """Whether ``model`` holds float8e4m3fn tensors (fp8 weights or zero points: the contract's fp8 layers)."""
+    from onnx import TensorProto
+
+    f8 = TensorProto.FLOAT8E4M3FN
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return any(t.data_type == f8 for t in (*model.graph.initializer, *constants))
+
+
 _ACTIVATION = QuantSpec(IntType(8, signed=False), symmetric=False, granularity=PerTensor())
 
 
@@ -55,9 +78,19 @@ def float_output_convs(model) -> list:
             continue  # renaming a graph output would change the engine's interface
         x, w = producers.get(node.input[0]), producers.get(node.input[1])
         dequantized = x is not None and w is not None and x.op_type == w.op_type == "DequantizeLinear"
+        if dequantized and _reads_fp8(w, model):
+            continue  # an fp8 layer runs emulated in fp32 anyway: a uint8 output would only round it once more
         if dequantized and not quantized(node.output[0]):
             out.append(node)
     return out
+
+
+def _reads_fp8(dq, model) -> bool:
+    """Whether a DequantizeLinear reads float8 (its input or zero point is a float8e4m3fn initializer)."""
+    from onnx import TensorProto
+
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    return any(types.get(name) == TensorProto.FLOAT8E4M3FN for name in dq.input[::2])
 
 
 def quantize_conv_outputs(model, layers: dict, samples) -> list[str]:

@@ -7,7 +7,8 @@ The rules and where TensorRT documents them:
 
 * Quantize/Dequantize layers (``IQuantizeLayer``/``IDequantizeLayer`` in ``NvInfer.h``, TensorRT 11.1; the
   operator pages Quantize/Dequantize of the TensorRT Operators Reference): only symmetric quantization (zero
-  point all zeros), quantized types INT8/FP8/INT4/FP4 (mixq uses int8; fp8 is accepted), a build-time constant
+  point all zeros), quantized types INT8/FP8/INT4/FP4 (mixq uses int8 and fp8 e4m3fn, the latter from
+  ONNX opset 19 on: float8e4m3fn zero points and weights), a build-time constant
   scale with strictly positive coefficients, per-channel scales only for weights (a DequantizeLayer input
   rooted at a constant), and the 1-D scale as long as the quantization axis.
 * Explicit quantization, "Q/DQ Layer-Placement Recommendations"
@@ -69,7 +70,7 @@ RULES = {
         "placement", "a layer asked for fp16 reads float16 tensors (strongly typed: precision comes from tensor types)"
     ),
     "weighted-inputs": Rule(
-        "placement", "an int8 Conv/ConvTranspose/Gemm/MatMul has its data input and its weight both dequantized"
+        "placement", "an int8/fp8 Conv/ConvTranspose/Gemm/MatMul has its data input and its weight both dequantized"
     ),
     "residual-input": Rule(
         "placement", "an Add fed straight by a quantized conv/gemm has its other input dequantized (residual input)"
@@ -226,7 +227,8 @@ def _check_qdq(g: GraphIndex, node) -> list[Problem]:
     elif qtype is not None and qtype not in allowed:
         type_name = onnx.TensorProto.DataType.Name(qtype) if qtype else "non-constant"
         why = " (no zero point: ONNX makes the output uint8)" if q and not has_zp else ""
-        out.append(Problem(name, "quantized-type", f"quantized type {type_name}, expected INT8{why}"))
+        fp8 = " or FLOAT8E4M3FN (opset >= 19)" if qtype == onnx.TensorProto.FLOAT8E4M3FN or g.opset() >= 19 else ""
+        out.append(Problem(name, "quantized-type", f"quantized type {type_name}, expected INT8{fp8}{why}"))
     if has_zp and zp is None:
         out.append(Problem(name, "zero-point", "zero point is not a constant"))
     elif zp is not None and np.any(zp.astype(np.float64) != 0):
@@ -281,8 +283,8 @@ def _check_weighted(g: GraphIndex, node, layers: dict) -> list[Problem]:
     if len(node.input) < 2:
         return []
     layer = layer_of_node(node.name, layers)
-    if layers and (layer is None or layers[layer].get("precision") != "int8"):
-        return []  # not asked for int8: a dequantized input is just a float input to it
+    if layers and (layer is None or layers[layer].get("precision") not in ("int8", "fp8")):
+        return []  # not asked for int8/fp8: a dequantized input is just a float input to it
     data = g.dequantized(node.input[0]) is not None
     weight = g.dequantized(node.input[1]) is not None
     if data == weight:

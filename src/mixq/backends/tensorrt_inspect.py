@@ -175,7 +175,7 @@ def placement(engine_layers: list[EngineLayer], ops: dict[str, str], layers: dic
     for name, info in layers.items():
         found = precisions.get(name, set())
         runs_as = min(found, key=_RANK.index) if found else "fused"
-        runs_as = {"bf16": "fp16", "fp8": "int8"}.get(runs_as, runs_as)
+        runs_as = {"bf16": "fp16"}.get(runs_as, runs_as)
         notes = list(info.get(NOTES_KEY, []))
         if runs_as == "fused" and not kernels.get(name):
             notes.insert(0, "no kernel of its own: fused into a neighbour's kernel")

@@ -17,7 +17,11 @@ the config asks. Each step and why (the rules are cited in :mod:`.tensorrt_check
    with a quantized input but a float weight gets the weight quantized per channel; the float input of a
    residual Add after a quantized conv is quantized from ``calibration_data`` (without data it stays float
    and the placement note says so); a Q/DQ pair no neighbour can run in int8 is removed.
-5. fp16 layers: strongly typed networks take precision from tensor types, so the nodes of fp16 layers get
+5. fp8 layers (float8e4m3fn Q/DQ, opset 19): TensorRT runs them in fp8 as they are (quantized types INT8
+   and FP8, symmetric only), so steps 2-4 keep fp8 where the graph has it: fp8 weights and activations that
+   are already symmetric stay untouched, others are re-quantized to fp8 (``amax / 448``), and a tensor the
+   placement step quantizes for an fp8 layer gets an fp8 pair. fp8 weights are never re-quantized to int8.
+6. fp16 layers: strongly typed networks take precision from tensor types, so the nodes of fp16 layers get
    Cast nodes to float16 in front of them (float16 copies of their weights) and back to float32 after them;
    nodes outside every layer follow their inputs. The graph's input and output stay float32.
 
@@ -34,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..export import LAYERS_METADATA_KEY
-from ..primitives import choose_qparams
-from ..spec import IntType, QuantSpec
+from ..primitives import choose_qparams, quantize
+from ..spec import FloatType, IntType, PerChannel, QuantSpec
 from .base import EngineError, layer_of_node, tensor_ranges
 from .tensorrt_check import (
     TYPE_NEUTRAL_OPS,
@@ -51,6 +55,8 @@ __all__ = ["Legalized", "legalize", "NOTES_KEY", "symmetric_scale"]
 
 NOTES_KEY = "tensorrt"  # layers metadata: what the TensorRT legalization did to the layer
 _INT8 = QuantSpec(IntType(8, signed=True), symmetric=True)
+_FP8 = QuantSpec(FloatType(), symmetric=True)
+QUANTIZED_PRECISIONS = ("int8", "fp8")  # layers asked for a type TensorRT runs quantized
 
 
 @dataclass(frozen=True)
@@ -61,10 +67,27 @@ class Legalized:
     layers: dict
 
 
-def symmetric_scale(lo: float, hi: float) -> float:
-    """The int8 zero-point-0 scale covering ``[lo, hi]`` (``max(|lo|, |hi|) / 127``), mixq's one formula."""
-    scale, _ = choose_qparams(lo, hi, _INT8)
+def symmetric_scale(lo: float, hi: float, fp8: bool = False) -> float:
+    """The int8 zero-point-0 scale covering ``[lo, hi]`` (``max(|lo|, |hi|) / 127``; fp8: ``/ 448``), mixq's one
+    formula."""
+    scale, _ = choose_qparams(lo, hi, _FP8 if fp8 else _INT8)
     return float(scale)
+
+
+def _is_fp8(array: np.ndarray | None) -> bool:
+    return array is not None and array.dtype.name == "float8_e4m3fn"
+
+
+def _zero_point(shape, fp8: bool) -> np.ndarray:
+    """Zeros of the quantized type: int8, or float8e4m3fn (ml_dtypes, what ``onnx.numpy_helper`` stores)."""
+    zeros = np.zeros(shape, np.int8)
+    return zeros.view(_fp8_numpy_dtype()) if fp8 else zeros  # e4m3 code 0 is +0.0
+
+
+def _fp8_numpy_dtype():
+    import ml_dtypes  # an onnx dependency
+
+    return ml_dtypes.float8_e4m3fn
 
 
 def legalize(model, layers: dict, calibration_data=()) -> Legalized:
@@ -118,10 +141,13 @@ def _scope(node_name: str) -> str:
 
 
 def _dequantize(g: GraphIndex, dq) -> np.ndarray:
-    """What a weight/bias DequantizeLinear computes, in float32 as ONNX does: ``(q - zp) * scale``."""
-    q = g.value(dq.input[0]).astype(np.int64)
+    """What a weight/bias DequantizeLinear computes, in float32 as ONNX does: ``(q - zp) * scale`` (integer
+    types subtract in int64, float8 in float32)."""
+    q = g.value(dq.input[0])
+    kind = np.float32 if _is_fp8(q) else np.int64
+    q = q.astype(kind)
     scale = g.value(dq.input[1]).astype(np.float32)
-    zp = g.value(dq.input[2]).astype(np.int64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale, np.int64)
+    zp = g.value(dq.input[2]).astype(kind) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale, kind)
     if scale.size > 1:
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % q.ndim
         shape = [1] * q.ndim
@@ -169,7 +195,10 @@ def _float_biases(model, notes: _Notes) -> None:
 def _weight_ok(g: GraphIndex, dq, axis: int | None) -> bool:
     q, scale = g.value(dq.input[0]), g.value(dq.input[1])
     zp = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-    if q.dtype != np.int8 or zp is None or zp.dtype != np.int8 or np.any(zp != 0):
+    if _is_fp8(q):  # fp8 (opset 19): the zero point may be left out (0)
+        if g.opset() < 19 or (zp is not None and (not _is_fp8(zp) or np.any(zp.astype(np.float32) != 0))):
+            return False
+    elif q.dtype != np.int8 or zp is None or zp.dtype != np.int8 or np.any(zp != 0):
         return False
     if scale.dtype != np.float32 or not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
         return False
@@ -178,8 +207,11 @@ def _weight_ok(g: GraphIndex, dq, axis: int | None) -> bool:
     return axis is not None and next((a.i for a in dq.attribute if a.name == "axis"), 1) % q.ndim == axis
 
 
-def _quantize_weight(model, w: np.ndarray, axis: int | None, base: str) -> tuple[str, str, str]:
-    """Symmetric int8 per-channel (along ``axis``; per tensor when None) initializers for float ``w``."""
+def _quantize_weight(model, w: np.ndarray, axis: int | None, base: str, fp8: bool = False) -> tuple[str, str, str]:
+    """Symmetric int8 (``fp8``: float8e4m3fn) per-channel (along ``axis``; per tensor when None) initializers for
+    float ``w``."""
+    if fp8:
+        return _quantize_weight_fp8(model, w, axis, base)
     if axis is None:
         lo, hi = float(w.min(initial=0.0)), float(w.max(initial=0.0))
         scale = np.array(symmetric_scale(lo, hi), np.float32)
@@ -197,6 +229,26 @@ def _quantize_weight(model, w: np.ndarray, axis: int | None, base: str) -> tuple
         _initializer(model, q.astype(np.int8), f"{base}_int8"),
         _initializer(model, scale, f"{base}_int8_scale"),
         _initializer(model, zp, f"{base}_int8_zero_point"),
+    )
+
+
+def _quantize_weight_fp8(model, w: np.ndarray, axis: int | None, base: str) -> tuple[str, str, str]:
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(w, np.float32))
+    if axis is None:
+        scale, _ = choose_qparams(float(w.min(initial=0.0)), float(w.max(initial=0.0)), _FP8)
+    else:
+        moved = t.movedim(axis, 0).reshape(w.shape[axis], -1)
+        lo, hi = moved.min(dim=1).values.clamp(max=0), moved.max(dim=1).values.clamp(min=0)
+        scale, _ = choose_qparams(lo, hi, QuantSpec(FloatType(), symmetric=True, granularity=PerChannel(axis)))
+    q = quantize(t, scale, torch.zeros_like(scale), FloatType(), axis)
+    q = q.view(torch.uint8).numpy().view(_fp8_numpy_dtype())
+    scale = scale.numpy().astype(np.float32)
+    return (
+        _initializer(model, q, f"{base}_fp8"),
+        _initializer(model, scale, f"{base}_fp8_scale"),
+        _initializer(model, _zero_point(scale.shape, True), f"{base}_fp8_zero_point"),
     )
 
 
@@ -222,18 +274,23 @@ def _symmetric_weights(model, notes: _Notes) -> None:
         if _weight_ok(g, dq, axis):
             continue
         w = _dequantize(g, dq)
+        fp8 = _is_fp8(g.value(dq.input[0]))
         per_channel = axis is not None  # TensorRT's recommendation for weights: per channel
-        names = _quantize_weight(model, w, axis if per_channel else None, dq.output[0])
+        names = _quantize_weight(model, w, axis if per_channel else None, dq.output[0], fp8)
         dq.input[:] = list(names)
         _set_axis(dq, axis if per_channel else None)
         for user, _ in users:
-            notes.add(user.name, "weights re-quantized to symmetric int8 (TensorRT has no zero points)")
+            notes.add(user.name, f"weights re-quantized to symmetric {'fp8' if fp8 else 'int8'} per output channel")
 
 
 def _activation_range(g: GraphIndex, q) -> tuple[float, float, bool]:
     """(lo, hi, already_legal) of an activation QuantizeLinear's grid."""
     scale = float(g.value(q.input[1]).reshape(-1)[0])
     zp = g.value(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+    if _is_fp8(zp):  # fp8: symmetric by construction; legal with zero point 0 and a float32 scale
+        top = FloatType().max * scale
+        legal = g.opset() >= 19 and not np.any(zp.astype(np.float32) != 0)
+        return -top, top, legal and g.value(q.input[1]).dtype == np.float32
     info = np.iinfo(zp.dtype) if np.issubdtype(zp.dtype, np.integer) else None
     if info is None:
         raise EngineError(f"{q.name}: quantized type {zp.dtype} is not an integer type")
@@ -252,25 +309,29 @@ def _symmetric_activations(model, notes: _Notes) -> None:
         lo, hi, legal = _activation_range(g, q)
         if legal:
             continue
-        scale = _initializer(model, np.array(symmetric_scale(lo, hi), np.float32), f"{q.output[0]}_sym_scale")
-        zp = _initializer(model, np.zeros((), np.int8), f"{q.output[0]}_sym_zero_point")
+        fp8 = _is_fp8(g.value(q.input[2])) if len(q.input) > 2 and q.input[2] else False
+        scale = _initializer(model, np.array(symmetric_scale(lo, hi, fp8), np.float32), f"{q.output[0]}_sym_scale")
+        zp = _initializer(model, _zero_point((), fp8), f"{q.output[0]}_sym_zero_point")
         for node in [q, *(u for u, _ in g.consumers.get(q.output[0], []) if u.op_type == "DequantizeLinear")]:
             node.input[:] = [node.input[0], scale, zp]
             _set_axis(node, None)
-        notes.add(q.name, "activation re-quantized to symmetric int8 from its calibrated range")
+        kind = "fp8" if fp8 else "int8"
+        notes.add(q.name, f"activation re-quantized to symmetric {kind} from its calibrated range")
 
 
-def _insert_qdq(model, g: GraphIndex, tensor: str, rng: tuple[float, float], users, name_from: str) -> None:
-    """Quantize ``tensor`` (symmetric int8 over ``rng``) for the ``(node, index)`` pairs in ``users``."""
+def _insert_qdq(
+    model, g: GraphIndex, tensor: str, rng: tuple[float, float], users, name_from: str, fp8: bool = False
+) -> None:
+    """Quantize ``tensor`` (symmetric int8, or fp8, over ``rng``) for the ``(node, index)`` pairs in ``users``."""
     from onnx import helper
 
-    base = f"{tensor}_trt"
+    base = f"{tensor}_trt{'_fp8' if fp8 else ''}"
     if f"{base}_dq" in g.producer:  # quantized already for other consumers: share the pair
         for node, i in users:
             node.input[i] = f"{base}_dq"
         return
-    scale = _initializer(model, np.array(symmetric_scale(*rng), np.float32), f"{base}_scale")
-    zp = _initializer(model, np.zeros((), np.int8), f"{base}_zero_point")
+    scale = _initializer(model, np.array(symmetric_scale(*rng, fp8=fp8), np.float32), f"{base}_scale")
+    zp = _initializer(model, _zero_point((), fp8), f"{base}_zero_point")
     prefix = _scope(name_from)
     # Names end in the op type like the exporter's, so the placement report attributes them without the graph.
     q = helper.make_node(
@@ -292,22 +353,26 @@ def _fix_weighted_inputs(model, notes: _Notes, samples) -> None:
     """Conv/gemm nodes with one of data input and weight dequantized: quantize the other (see module doc)."""
     g = GraphIndex(model)
     wanted: dict[str, list] = {}  # float data input -> (node, index) pairs to rewire
+    fp8_inputs: set[str] = set()  # those read by fp8 layers: quantized to fp8
     dequantize_weights = []
     for node in g.nodes:
         if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or g.is_constant(node.input[0]):
             continue
         layer = layer_of_node(node.name, notes.layers)
-        if layer is None or notes.layers[layer].get("precision") != "int8":
+        if layer is None or notes.layers[layer].get("precision") not in QUANTIZED_PRECISIONS:
             continue  # a float or fp16 layer reading a quantized tensor runs as asked: nothing to fix
+        fp8 = notes.layers[layer]["precision"] == "fp8"
         data, weight = g.dequantized(node.input[0]), g.dequantized(node.input[1])
         if weight is not None and data is None:
             wanted.setdefault(node.input[0], []).append((node, 0))
+            if fp8:
+                fp8_inputs.add(node.input[0])
             dequantize_weights.append((node, weight))
         elif data is not None and weight is None and g.is_constant(node.input[1]):
             w = g.value(node.input[1]).astype(np.float32)
             axis = weight_axis(node, 1, w.ndim)
-            q, s, z = _quantize_weight(model, w, axis, node.input[1])
-            dq_out = f"{node.input[1]}_int8_dq"
+            q, s, z = _quantize_weight(model, w, axis, node.input[1], fp8)
+            dq_out = f"{node.input[1]}_{'fp8' if fp8 else 'int8'}_dq"
             model.graph.node.insert(
                 list(model.graph.node).index(node),
                 _make_dq([q, s, z], dq_out, f"{_scope(node.name)}/DequantizeLinear_trt_weight", axis),
@@ -316,36 +381,55 @@ def _fix_weighted_inputs(model, notes: _Notes, samples) -> None:
             notes.add(node.name, "weights quantized per channel at build time (the config left them float)")
     ranges = _calibrate(model, list(wanted), samples) if wanted and samples else {}
     for node, weight_dq in dequantize_weights:
+        kind = "fp8" if node.input[0] in fp8_inputs else "int8"
         if node.input[0] in ranges:
-            notes.add(node.name, "input quantized from calibration_data so that TensorRT runs it int8")
+            notes.add(node.name, f"input quantized from calibration_data so that TensorRT runs it {kind}")
             continue
         node.input[1] = _initializer(model, _dequantize(g, weight_dq), f"{weight_dq.output[0]}_float")
-        notes.add(node.name, "runs float: its input is float and TensorRT has no int8 weight-only conv/gemm here")
+        notes.add(node.name, f"runs float: its input is float and TensorRT has no {kind} weight-only conv/gemm here")
     for tensor, users in wanted.items():
         if tensor in ranges:
-            _insert_qdq(model, GraphIndex(model), tensor, ranges[tensor], users, users[0][0].name)
+            fp8 = tensor in fp8_inputs
+            _insert_qdq(model, GraphIndex(model), tensor, ranges[tensor], users, users[0][0].name, fp8)
 
 
 def _fix_residuals(model, notes: _Notes, samples) -> None:
     """The float inputs of residual adds after quantized convs: quantized from calibration data, or noted."""
     g = GraphIndex(model)
     wanted: dict[str, list] = {}
+    fp8_adds: set[str] = set()  # residual inputs of adds fused into an fp8 conv: quantized to fp8
     for node in g.nodes:
         if node.op_type == "Add" and check_residual(g, node):
+            fp8 = _fused_into_fp8(g, node, notes.layers)
             for tensor in _residual_tensors(g, node):
                 wanted.setdefault(tensor, []).extend((node, i) for i, t in enumerate(node.input) if t == tensor)
+                if fp8:
+                    fp8_adds.add(tensor)
     ranges = _calibrate(model, list(wanted), samples) if wanted and samples else {}
     for tensor, users in wanted.items():
         producer = g.producer[tensor].name
         if tensor in ranges:
-            _insert_qdq(model, GraphIndex(model), tensor, ranges[tensor], users, producer)
-            notes.add(producer, "output quantized from calibration_data: it is the int8 residual input of an add")
+            fp8 = tensor in fp8_adds
+            _insert_qdq(model, GraphIndex(model), tensor, ranges[tensor], users, producer, fp8)
+            kind = "fp8" if fp8 else "int8"
+            notes.add(producer, f"output quantized from calibration_data: it is the {kind} residual input of an add")
         else:
             notes.add(
                 producer,
                 "its output feeds a residual add in float, which keeps the add out of the int8 conv; "
                 "pass calib_data_loader=... so the build calibrates it",
             )
+
+
+def _fused_into_fp8(g: GraphIndex, add, layers: dict) -> bool:
+    """Whether a residual ``add`` follows a quantized conv/gemm of an fp8 layer."""
+    for t in add.input:
+        if t in g.producer and not g.is_constant(t):
+            node = producer_through_bn(g, t)
+            layer = layer_of_node(node.name, layers) if g.quantized_weighted(node) else None
+            if layer is not None and layers[layer].get("precision") == "fp8":
+                return True
+    return False
 
 
 def _make_dq(inputs, output: str, name: str, axis: int | None):

@@ -172,7 +172,7 @@ def search(
         if fn is not None and not callable(fn):
             raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
     budget = as_budget(budget)
-    kept, left_out = check_choices(choices)
+    check_choices(choices)  # names checked before anything is built
     _positive("batch", batch, allow_none=True)
     for name, value in (("finalists", finalists), ("exact_limit", exact_limit), ("runs", runs)):
         _positive(name, value)
@@ -181,6 +181,7 @@ def search(
     _positive("max_measured", max_measured, allow_none=True, minimum=0)
     _positive("threads", threads, allow_none=True)
     names = _backends(backends, model)
+    kept, left_out = check_choices(choices, names)
     batches = _batches(calib_loader)
     model = model.eval()
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .._errors import MixqError
-from .space import CHOICES, FLOAT, Unit, config_list_for
+from .space import CHOICES, FLOAT, Unit, config_list_for, offered_on
 
 __all__ = ["Measurer", "EngineMeasurer", "sqnr_db"]
 
@@ -259,7 +259,8 @@ class EngineMeasurer(Measurer):
 
     def profile(self, backend: str, choice: str) -> dict:
         if (backend, choice) not in self._profiles:
-            self._profile_backend(backend, tuple(dict.fromkeys([*self.choices, choice])))
+            wanted = [c for c in (*self.choices, choice) if offered_on(c, backend)]
+            self._profile_backend(backend, tuple(dict.fromkeys(wanted)))
         return self._profiles[backend, choice]
 
     def _profile_backend(self, backend: str, choices: Sequence[str]) -> None:

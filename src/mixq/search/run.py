@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from .._errors import ConfigError
 from .measure import Measurer
 from .solve import Option, Plan, greedy, greedy_for_latency, pareto_front
-from .space import CHOICES, FLOAT
+from .space import CHOICES, FLOAT, offered_on
 
 __all__ = ["Budget", "as_budget", "Sensitivity", "Evaluated", "Outcome", "run_search"]
 
@@ -146,6 +146,11 @@ class _Search:
     def profile(self) -> None:
         for b in self.backends:
             for c in (FLOAT, *self.choices):
+                if not offered_on(c, b):
+                    self.cost[b, c] = list(self.cost[b, FLOAT])
+                    self.avail[b, c] = [False for _ in self.units]
+                    self.notes.append(f"{c} on {b}: not offered (no {c} kernels on {b}); left out on {b}")
+                    continue
                 self.log(f"profiling {b} with every layer at {c}")
                 prof = self.m.profile(b, c)
                 self.cost[b, c] = [prof["times"][u] for u in self.units]

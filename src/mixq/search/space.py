@@ -4,7 +4,8 @@ and the ``config_list`` an assignment of choices means.
 A unit is one Conv/Linear layer with the ReLU that directly follows it (the pair backends fuse and the
 placement report times together, :func:`mixq.report.fusion_groups`). A quantized choice gives the layer
 quantized inputs and weights and the ReLU a quantized output (NNI's tutorial style), so an int8 unit is
-one int8 kernel on every CPU backend; pools and other layers stay float.
+one int8 kernel on every CPU backend; pools and other layers stay float. An fp8 choice is the same with
+``quant_dtype: "fp8"`` (e4m3); only backends with fp8 kernels are offered it (:data:`RUNS_ON`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = [
     "Choice",
     "CHOICES",
     "NOT_EXPRESSIBLE",
+    "RUNS_ON",
+    "offered_on",
     "FLOAT",
     "Unit",
     "find_units",
@@ -36,12 +39,14 @@ FLOAT = "fp32"
 @dataclass(frozen=True)
 class Choice:
     """One precision a unit can take: ``precision`` is what engines report for it (placement ``runs_as``);
-    ``act_bits``/``weight_bits`` are the config_list bits (None for float)."""
+    ``act_bits``/``weight_bits`` are the config_list bits (None for float); ``dtype`` the config_list
+    ``quant_dtype`` (None: the integer default)."""
 
     name: str
     precision: str
     act_bits: int | None = None
     weight_bits: int | None = None
+    dtype: str | None = None
 
 
 CHOICES = {
@@ -50,12 +55,27 @@ CHOICES = {
     "int8": Choice("int8", "int8", 8, 8),
     # 7-bit weights on the int8 grid: ONNX Runtime's fast u8 x s8 kernels stay exact on CPUs without VNNI
     "int8w7": Choice("int8w7", "int8", 8, 7),
+    "fp8": Choice("fp8", "fp8", 8, 8, "fp8"),  # e4m3, per-tensor inputs, per-channel weights
 }
 
-# Named precisions that no config_list can ask for yet, with the reason the search reports.
-NOT_EXPRESSIBLE = {
-    "fp8": "mixq's config_list and Q/DQ export have no fp8 format yet, so no engine can be asked for fp8 layers",
+# Named precisions that no config_list can ask for yet, with the reason the search reports (none today).
+NOT_EXPRESSIBLE: dict[str, str] = {}
+
+# Choices only some backends run as asked, and why the others are not offered them. The CPU backends build
+# fp8 layers emulated (fp8 rounding around fp32 kernels, exact on ONNX Runtime), which is slower than fp32
+# (benchmarks/results/fp8-cpu-backends.md): the search would only learn that by building and profiling.
+RUNS_ON = {"fp8": ("cuda", "tensorrt")}
+_WHY_NOT = {
+    "fp8": (
+        "no fp8 kernels on {backends}: fp8 layers run as fp32 there with fp8 rounding emulated, slower than fp32 "
+        "(benchmarks/results/fp8-cpu-backends.md); fp8 is searched on cuda and tensorrt"
+    ),
 }
+
+
+def offered_on(choice: str, backend: str) -> bool:
+    """Whether the search offers ``choice`` on ``backend`` (see :data:`RUNS_ON`)."""
+    return backend in RUNS_ON.get(choice, (backend,))
 
 
 @dataclass(frozen=True)
@@ -92,8 +112,11 @@ def find_units(model: nn.Module, example: torch.Tensor) -> list[Unit]:
     return units
 
 
-def check_choices(choices: Sequence[str]) -> tuple[tuple[str, ...], dict[str, str]]:
-    """(the expressible choices, fp32 first, ``{choice: why it is left out}``); an unknown name is an error."""
+def check_choices(
+    choices: Sequence[str], backends: Sequence[str] | None = None
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the expressible choices, fp32 first, ``{choice: why it is left out}``); an unknown name is an error.
+    With ``backends``, a choice none of them runs (:data:`RUNS_ON`) is left out too."""
     if isinstance(choices, str) or not isinstance(choices, Sequence) or not choices:
         raise ConfigError(f"choices must be a non-empty list of precision names, got {choices!r}")
     known = (*CHOICES, *NOT_EXPRESSIBLE)
@@ -101,7 +124,10 @@ def check_choices(choices: Sequence[str]) -> tuple[tuple[str, ...], dict[str, st
         if c not in known:
             raise ConfigError(f"choices: unknown precision {c!r}; known: {list(known)}")
     left_out = {c: NOT_EXPRESSIBLE[c] for c in choices if c in NOT_EXPRESSIBLE}
-    kept = tuple(dict.fromkeys([FLOAT, *(c for c in choices if c in CHOICES)]))
+    for c in choices:
+        if backends is not None and c in CHOICES and not any(offered_on(c, b) for b in backends):
+            left_out[c] = _WHY_NOT[c].format(backends=", ".join(backends))
+    kept = tuple(dict.fromkeys([FLOAT, *(c for c in choices if c in CHOICES and c not in left_out)]))
     return kept, left_out
 
 
@@ -116,11 +142,23 @@ def config_list_for(units: Sequence[Unit], assignment: Mapping[str, str]) -> lis
         if not chosen:
             continue
         bits = {"input": choice.act_bits, "weight": choice.weight_bits}
-        out.append({"quant_types": ["input", "weight"], "quant_bits": bits, "op_names": [u.name for u in chosen]})
+        names = [u.name for u in chosen]
+        out.append({"quant_types": ["input", "weight"], "quant_bits": bits, **_dtype(choice, "input", "weight")})
+        out[-1]["op_names"] = names
         members = [m for u in chosen for m in u.members]
         if members:
-            out.append({"quant_types": ["output"], "quant_bits": choice.act_bits, "op_names": members})
+            out.append({"quant_types": ["output"], "quant_bits": choice.act_bits, **_dtype(choice, "output")})
+            out[-1]["op_names"] = members
     return out
+
+
+def _dtype(choice: Choice, *types: str) -> dict:
+    """The config_list keys of a non-integer choice: its ``quant_dtype`` and, spelled out so that every face
+    reads it alike (NNI's default scheme is affine), the symmetric schemes fp8 takes."""
+    if not choice.dtype:
+        return {}
+    schemes = {"input": "per_tensor_symmetric", "weight": "per_channel_symmetric", "output": "per_tensor_symmetric"}
+    return {"quant_dtype": choice.dtype, "quant_scheme": {t: schemes[t] for t in types}}
 
 
 def describe(units: Sequence[Unit], assignment: Mapping[str, str]) -> str:
