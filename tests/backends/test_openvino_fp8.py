@@ -90,3 +90,14 @@ def test_openvino_really_rounds_through_float16():
 
 def _engine_of(model) -> OpenVINOEngine:
     return OpenVINOEngine(model.SerializeToString(), (1, 4096), {}, BuildOptions(threads=1))
+
+
+def test_fp8_engine_file_round_trip_stays_marked_inexact(tmp_path):
+    from mixq.backends import load_engine
+
+    engine = _engine(Fp8Graph(raw=False))
+    path = engine.save(tmp_path / "fp8.mixq")
+    with pytest.warns(UserWarning, match="not exact for its fp8 layers"):
+        loaded = load_engine(path)
+    x = torch.randn(8, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(3))
+    assert loaded.inexact == engine.inexact and torch.equal(loaded.run(x), engine.run(x))

@@ -158,3 +158,12 @@ def test_placement_report_prints_the_fp8_notes():
     text = str(PlacementReport("onnxruntime", _engine(Fp8Graph()).placement()))
     assert "note: conv: asked fp8: ORT CPU has no fp8 kernels" in text
     assert "note: fc: asked fp8" in text
+
+
+def test_fp8_engine_file_round_trip(tmp_path):
+    from mixq.backends import load_engine
+
+    engine = _engine(Fp8Graph())
+    loaded = load_engine(engine.save(tmp_path / "fp8.mixq"))
+    x = _inputs()[0]
+    assert loaded.fp8 and torch.equal(loaded.run(x), engine.run(x))
