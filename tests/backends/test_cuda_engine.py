@@ -293,7 +293,7 @@ def _fp8_graph(kinds: dict, seed: int = 0):
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3, 8, 8])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])]
     graph = helper.make_graph(nodes, "fp8net", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     onnx.checker.check_model(model)
     return model, layers
 

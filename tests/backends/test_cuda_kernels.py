@@ -545,7 +545,11 @@ def test_persistent_configs_are_tuning_candidates_and_round_trip(monkeypatch):
 # 2. everything after the accumulator (scale, bias, fake-quant, residual, clamp, quantize) is monotone
 #    non-decreasing in it, so each stored output must lie between the reference epilogue applied to
 #    acc - bound and to acc + bound (each quantization's input also moved by a relative EPS for the fp32
-#    epilogue and the reciprocal multiply), and within one e4m3 step of the exact reference.
+#    epilogue and the reciprocal multiply), and within one e4m3 step of the exact reference wherever that
+#    bracket allows no more. In the interpreter (fp32 accumulation) the bracket is tight and most outputs get
+#    the one-step check; on a GPU this worst-case bound is loose (0.4 S at K = 297; the accumulators measured
+#    on an H100 stayed below 1% of it: benchmarks/results/fp8-accumulation-h100.log), so there the kernels are
+#    held to the bracket, the small-integer exactness test and the end-to-end agreement on real images.
 
 F8_BITS = 13
 WGMMA_K = 32
@@ -592,11 +596,19 @@ def deq_any(q: torch.Tensor, g) -> torch.Tensor:
     return (q.double() - g.zp) * g.scale
 
 
+FP32_ACCUMULATION = DEVICE == "cpu"  # the interpreter sums the exact fp32 products in fp32
+
+
 def acc_bound(s_abs: torch.Tensor, geo: dict) -> torch.Tensor:
-    """Bound on |acc - exact| of an e4m3 GEMM (model above): instructions counted for either reduction order the
-    kernel uses (taps padded per BK <= 128, or flat), zero padding included (it adds nothing, so it is safe)."""
+    """Bound on |acc - exact| of an e4m3 GEMM, in the accumulator's units. On a GPU (model above): instructions
+    counted for either reduction order the kernel uses (taps padded per BK <= 128, or flat), zero padding
+    included (it adds nothing, so it is safe). A worst case: 33 truncations per instruction, so it is loose
+    (0.4 S for K = 297). In the interpreter (fp32 accumulation of exact products): each of the at most
+    n_terms adds rounds by at most 2**-24 of a partial sum, and every partial sum is at most S."""
     taps, k = geo["kh"] * geo["kw"], geo["kh"] * geo["kw"] * geo["cin"]
     n = taps * -(-geo["cin"] // 128) * 128 // WGMMA_K + -(-k // 128) * 128 // WGMMA_K
+    if FP32_ACCUMULATION:
+        return n * WGMMA_K * 2.0**-24 * s_abs
     return n * (WGMMA_K + 1) * 2.0 ** (1 - F8_BITS) * s_abs
 
 
@@ -617,7 +629,10 @@ def assert_fp8_output(got: torch.Tensor, lowest, exact, highest, e4m3_out: bool)
         return e4m3_steps(a, exact) if e4m3_out else (a - exact).abs()
 
     one_step = (steps(lowest) <= 1) & (steps(highest) <= 1)
-    assert bool(one_step.any()) and int(steps(got)[one_step].max()) <= 1
+    if FP32_ACCUMULATION:  # the bracket is tight: most outputs are held to one step
+        assert bool(one_step.any())
+    if bool(one_step.any()):  # on a GPU the worst-case fp8 bracket rarely allows a one-step check
+        assert int(steps(got)[one_step].max()) <= 1
 
 
 def _fp8_conv_case(shape, gen, weight_binades: int = 6):
@@ -725,7 +740,7 @@ def test_fp8_conv_epilogues(shape, epilogue):
             y = y.clamp(op.act[0], op.act[1])
         return quant_any(y, g1, push) if final else y
 
-    bound = acc_bound(s_abs, geo) * scale
+    bound = acc_bound(s_abs, geo)  # in the accumulator's units: chain() applies the scale
     expected = {}
     if epilogue == "float_out":
         lo, ex, hi = (chain(a, p, final=False) for a, p in ((acc - bound, -EPS), (acc, 0.0), (acc + bound, EPS)))
@@ -773,7 +788,7 @@ def test_fp8_stem_quantizes_the_float_input_on_load(shape):
         y = a * scale + bias + push * ((a * scale).abs() + bias.abs())
         return quant_any(y.clamp(min=0), g1, push)
 
-    lo, ex, hi = fp8_bracket(chain, acc, acc_bound(s_abs, geo) * scale)
+    lo, ex, hi = fp8_bracket(chain, acc, acc_bound(s_abs, geo))
     tensors = {X: ((cin, h, w), "fp32"), OUT: ((cout, geo["oh"], geo["ow"]), "fp8")}
     for config in _fp8_configs():
         runner = ConvRunner(op, plan_for(tensors), torch.device(DEVICE), config)
