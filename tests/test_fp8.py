@@ -455,3 +455,11 @@ def test_layer_mixing_fp8_and_int_is_an_error_naming_it():
         layer_precisions(calib)
     with pytest.raises(CalibrationFileError, match="layer 'fc2' mixes fp8"):
         export_qdq_onnx(mixq.deploy_model(model), (1, 16), calib)
+
+
+def test_weight_range_without_scale_gets_the_fp8_scale():
+    """An entry recording only the weight's range (NNI's ObserverQuantizer style) gets amax / 448 for fp8."""
+    qspec = {"bits": 8, "dtype": "fp8", "scheme": "per_tensor_symmetric", "axis": None}
+    entry = {"weight_bits": 8, "weight_qspec": qspec, "tracked_min_weight": -0.9, "tracked_max_weight": 0.5}
+    out = normalize_calibration_config({"fc1": entry})
+    assert out["fc1"]["weight_scale"] == pytest.approx(0.9 / 448) and out["fc1"]["weight_zero_point"] == 0

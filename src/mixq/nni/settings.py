@@ -71,7 +71,8 @@ def nni_config_list(config_list):
 
 
 def _nni_entry(entry):
-    from ..config import DEFAULT_DTYPE, DEFAULT_SCHEME
+    from ..config import DEFAULT_DTYPE, DEFAULT_SCHEME, FP8_DEFAULT_SCHEME
+    from ..spec import FP8_DTYPE
 
     if not isinstance(entry, dict) or entry.get("exclude") or "quant_convention" in entry:
         return entry
@@ -91,6 +92,9 @@ def _nni_entry(entry):
     for t in types:
         s = given["quant_scheme"][t] or _settings[t]["quant_scheme"]
         d = given["quant_dtype"][t] or _settings[t]["quant_dtype"]
+        if d == FP8_DTYPE:  # mixq's own dtype: mixq's symmetric defaults, not NNI's integer rules
+            scheme[t], dtype[t], convention[t] = s or FP8_DEFAULT_SCHEME[t], d, "mixq"
+            continue
         nni = s is not None or d is not None
         scheme[t] = s or (NNI_DEFAULT_SCHEME if nni else DEFAULT_SCHEME[t])
         dtype[t] = d or (NNI_DEFAULT_DTYPE if nni else DEFAULT_DTYPE[t])
