@@ -23,6 +23,17 @@ TUTORIAL_STYLE = [  # NNI's tutorial style: conv/linear inputs and weights, ReLU
 ]
 
 
+def randomize_batchnorm(model: torch.nn.Module, weight_low: float = 0.5) -> None:
+    """BatchNorm statistics and affine factors that are not the identity (uniform in fixed ranges, from torch's
+    global generator), so a BN fold has something to fold; ``weight_low < 0`` adds negative factors."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(weight_low, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
 def ptq_tutorial_style(model, x: torch.Tensor, dummy_input: bool = True):
     """``model`` prepared with :data:`TUTORIAL_STYLE` (BN folded by the quantizer only with ``dummy_input``)
     and calibrated on ``x``."""

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 import mixq
+from engine_cases import randomize_batchnorm
 from mixq._errors import CalibrationFileError, ConfigError
 from mixq.calibration import load_calibration_config, normalize_calibration_config, save_calibration_config
 from mixq.config import resolve_config
@@ -272,12 +273,7 @@ def ptq_fp8(name: str, shape, config=None, seed: int = 0, fold: bool = True):
     """A registered model with non-trivial BatchNorm statistics, PTQ-calibrated in fp8 on random inputs."""
     torch.manual_seed(seed)
     model = create_model(name).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(-1.5, 1.5)  # negative factors too: the export's BN fold flips signs
-            m.bias.data.uniform_(-0.2, 0.2)
+    randomize_batchnorm(model, weight_low=-1.5)  # negative factors too: the export's BN fold flips signs
     x = torch.randn(64, *shape[1:])
     mixq.prepare_(model, config or all_fp8_config(model), mixq.PTQ(), example_input=x[:1] if fold else None)
     mixq.calibrate_(model, lambda m: m(x))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mixq
-from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE, sqnr_db
+from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE, randomize_batchnorm, sqnr_db
 from mixq.backends import BuildOptions, EngineError, load_engine, read_engine_file
 from mixq.backends.cuda_lower import QConv, lower
 from mixq.export import export_qdq_onnx
@@ -28,12 +28,7 @@ def ptq_export(name: str, config, shape, seed: int = 0):
     """A registered model with BatchNorm statistics that are not the identity, PTQ-calibrated, and its export."""
     torch.manual_seed(seed)
     model = create_model(name).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    randomize_batchnorm(model)
     x = torch.randn(64, *shape[1:])
     mixq.prepare_(model, config, mixq.PTQ(), example_input=x[:1])
     mixq.calibrate_(model, lambda m: m(x))
