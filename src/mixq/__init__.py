@@ -28,7 +28,7 @@ from .quantization import (
     sync_ranges,
 )
 from .search import search
-from .spec import IntType, LayerSpec, PerChannel, PerTensor, QuantSpec
+from .spec import FP8_E4M3, FloatType, IntType, LayerSpec, PerChannel, PerTensor, QuantSpec
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,8 @@ __all__ = [
     "ModelStructureError",
     "DataError",
     "IntType",
+    "FloatType",
+    "FP8_E4M3",
     "PerTensor",
     "PerChannel",
     "QuantSpec",
