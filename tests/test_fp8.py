@@ -234,6 +234,10 @@ def test_config_mixes_fp8_and_int_per_type_and_per_layer():
         ({"quant_convention": "nni"}, r"config_list\[1\]\['quant_convention'\]: NNI's convention"),
         ({"observer": "entropy"}, r"config_list\[1\]\['observer'\]: the entropy observer"),
         ({"quant_dtype": "fp16"}, r"config_list\[1\]\['quant_dtype'\]: unknown dtype 'fp16'.*'fp8'"),
+        (
+            {"quant_dtype": {"input": "uint", "weight": "fp8"}},
+            r"config_list\[1\]\['quant_dtype'\]: \['weight'\] fp8 but \['input'\] integer: a layer is fp8 throughout",
+        ),
     ],
 )
 def test_config_errors_name_entry_and_key(entry, match):

@@ -297,7 +297,16 @@ def _check_dtype(i, key, v):
 
 
 def _check_fp8(i: int, entry: dict, fp8: list[str]) -> None:
-    """fp8 (e4m3) types: 8 bits, a symmetric scheme, mixq's convention, an observer that suits a float grid."""
+    """fp8 (e4m3) types: all of the entry's types or none (no engine builds a layer that mixes integer and fp8
+    tensors), 8 bits, a symmetric scheme, mixq's convention, an observer that suits a float grid."""
+    mixed = [t for t in entry["quant_types"] if t not in fp8]
+    if fp8 and mixed:
+        raise _err(
+            i,
+            "quant_dtype",
+            f"{fp8} fp8 but {mixed} integer: a layer is fp8 throughout or not at all (no engine builds a layer that "
+            "mixes integer and fp8 tensors); use quant_dtype 'fp8' for every type or for none",
+        )
     for t in fp8:
         if entry["quant_bits"][t] != FP8_E4M3.bits:
             raise _err(i, "quant_bits", f"fp8 needs quant_bits {FP8_E4M3.bits}, got {entry['quant_bits'][t]} for {t!r}")
