@@ -35,6 +35,7 @@ import triton
 import triton.testing
 
 import mixq
+from mixq._io import atomic_write
 from mixq.backends import BuildOptions
 from mixq.backends.cuda import ConvRunner, build_engine
 from mixq.export import export_qdq_onnx
@@ -47,6 +48,11 @@ WARMUP_MS, REP_MS = 25, 200
 def bench(fn) -> float:
     """Median milliseconds of one call (do_bench: CUDA events, L2 flushed before each call)."""
     return float(triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
+
+
+def write(path: Path, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
 def log(msg: str) -> None:
@@ -286,7 +292,7 @@ def main() -> None:
         results = json.loads(Path(args.render).read_text())
         other = json.loads(Path(args.compile_from).read_text()) if args.compile_from else None
         text = report(results, results.get("command", "?"), other, args.compile_from)
-        Path(args.out).write_text(text)
+        write(Path(args.out), text)
         print(text)
         return
     out = Path(args.out)
@@ -354,12 +360,12 @@ def main() -> None:
                     )
                 )
             results["runs"].append(row)
-            (out / "gpu-engines.json").write_text(json.dumps(results, indent=1, default=str))
+            write(out / "gpu-engines.json", json.dumps(results, indent=1, default=str))
             del built
             torch.cuda.empty_cache()
     results["seconds"] = time.perf_counter() - t0
-    (out / "gpu-engines.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "gpu-engines.md").write_text(report(results, " ".join(sys.argv)))
+    write(out / "gpu-engines.json", json.dumps(results, indent=1, default=str))
+    write(out / "gpu-engines.md", report(results, " ".join(sys.argv)))
     print(report(results, " ".join(sys.argv)))
 
 
