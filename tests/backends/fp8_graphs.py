@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mixq.export import LAYERS_METADATA_KEY
 from mixq.primitives import fake_quantize_fp8, quantize
-from mixq.spec import FloatType
+from mixq.spec import FP8_E4M3, FloatType
 
 F8 = TensorProto.FLOAT8E4M3FN
 C_IN, C_OUT, HW, CLASSES = 3, 8, 6, 5
@@ -52,9 +52,9 @@ class Fp8Graph:
         self.w1 = torch.randn(C_OUT, C_IN, 3, 3, generator=g) * 0.3
         self.b1 = torch.randn(C_OUT, generator=g) * 0.1
         self.w2 = torch.randn(CLASSES, C_OUT * HW * HW, generator=g) * 0.05
-        self.s_w1 = self.w1.abs().amax(dim=(1, 2, 3)) / 448
-        self.s_w2 = self.w2.abs().amax(dim=1) / 448
-        self.s_x, self.s_h, self.s_y = 3.0 / 448, 2.0 / 448, 1.5 / 448
+        self.s_w1 = self.w1.abs().amax(dim=(1, 2, 3)) / FP8_E4M3.max
+        self.s_w2 = self.w2.abs().amax(dim=1) / FP8_E4M3.max
+        self.s_x, self.s_h, self.s_y = 3.0 / FP8_E4M3.max, 2.0 / FP8_E4M3.max, 1.5 / FP8_E4M3.max
         self.relu = relu
         self.model = self._build(raw)
 
@@ -130,7 +130,7 @@ class Fp8Graph:
 
 def fake_quantize_fp8_through_fp16(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Per-tensor fp8 fake quantization with ``x / scale`` rounded to float16 first (not mixq's math)."""
-    return (x / scale).clamp(-448, 448).half().to(torch.float8_e4m3fn).float() * scale
+    return (x / scale).clamp(-FP8_E4M3.max, FP8_E4M3.max).half().to(torch.float8_e4m3fn).float() * scale
 
 
 def fp8_steps(got: torch.Tensor, want: torch.Tensor, scale: float) -> torch.Tensor:

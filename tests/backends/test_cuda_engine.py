@@ -15,6 +15,7 @@ from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE, randomize_batchnorm, 
 from mixq.backends import BuildOptions, EngineError, load_engine, read_engine_file
 from mixq.backends.cuda_lower import QConv, lower
 from mixq.export import export_qdq_onnx
+from mixq.spec import FP8_E4M3
 from mixq.speedup import all_fp8_config, all_int8_config
 from mixq.zoo.models import create_model
 
@@ -229,7 +230,7 @@ def _fp8_graph(kinds: dict, seed: int = 0):
             return x
         zp = np.zeros((), ml_dtypes.float8_e4m3fn) if kind == "fp8" else np.zeros((), np.int8)
         y = f"{x}.{layer}"
-        s, z = const(f"{y}.s", np.float32(amax / (448 if kind == "fp8" else 127))), const(f"{y}.zp", zp)
+        s, z = const(f"{y}.s", np.float32(amax / (FP8_E4M3.max if kind == "fp8" else 127))), const(f"{y}.zp", zp)
         nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [y + ".q"], name=f"/{layer}/QuantizeLinear"))
         nodes.append(helper.make_node("DequantizeLinear", [y + ".q", s, z], [y + ".dq"],
                                       name=f"/{layer}/DequantizeLinear"))  # fmt: skip
@@ -241,8 +242,8 @@ def _fp8_graph(kinds: dict, seed: int = 0):
             return const(f"{layer}.w", w.numpy())
         amax = w.reshape(w.shape[0], -1).abs().amax(1).double()
         if kind == "fp8":
-            scale = amax / 448
-            q = (w.double() / scale.reshape(-1, *[1] * (w.dim() - 1))).clamp(-448, 448).float()
+            scale = amax / FP8_E4M3.max
+            q = (w.double() / scale.reshape(-1, *[1] * (w.dim() - 1))).clamp(-FP8_E4M3.max, FP8_E4M3.max).float()
             q = q.to(torch.float8_e4m3fn).float().numpy().astype(ml_dtypes.float8_e4m3fn)
             zp = np.zeros(w.shape[0], ml_dtypes.float8_e4m3fn)
         else:
@@ -379,8 +380,13 @@ def test_fp8_engine_matches_onnx_runtime_on_the_same_graph(build, mix):
             assert rows[layer].runs_as in (kind, "fused"), (layer, rows[layer])
     assert "fp8 tensor cores" in " ".join(rows["b1_conv1"].kernels)
     assert rows["b2_shortcut"].runs_as == "fused" and "b2_conv2" in rows["b2_shortcut"].note
+    for row in rows.values():  # fp8 layers (only they) say their accumulation is reduced-precision
+        assert ("fp8 tensor cores accumulate with reduced precision" in row.note) == (row.runs_as == "fp8"), row
     if mix == "all_fp8":
-        assert all(r.note == "" for r in rows.values() if r.runs_as == "fp8")
+        from mixq.backends.cuda import FP8_ACCUMULATION_NOTE  # (imported once the build fixture chose the mode)
+
+        assert "about 11 bits measured on an H100" in FP8_ACCUMULATION_NOTE
+        assert all(r.note == FP8_ACCUMULATION_NOTE for r in rows.values() if r.runs_as == "fp8")
 
 
 def test_lowering_of_an_fp8_export_runs_every_layer_in_fp8_kernels():
@@ -411,15 +417,24 @@ def test_fp8_export_engine_matches_the_fake_quant_model(build, name, shape):
     rows = [r for r in engine.placement() if r.op_type in ("Conv2d", "Linear")]
     assert all(r.runs_as in ("fp8", "fused") for r in rows) and any(r.runs_as == "fp8" for r in rows), rows
     assert all("fp8 tensor cores" in " ".join(r.kernels) for r in rows if r.runs_as == "fp8")
+    assert all("accumulate with reduced precision" in r.note for r in rows if r.runs_as == "fp8")
 
 
 def test_fp8_layers_on_a_gpu_without_e4m3_tensor_cores_fail_with_one_line(monkeypatch):
-    from mixq.backends.cuda import _check_fp8_support
+    """The engine's check (base.check_fp8_support, shared with TensorRT) on the lowered plan's first fp8 node,
+    with a faked capability: no GPU needed."""
+    from mixq.backends.base import FP8_CAPABILITY, check_fp8_support
 
     model, layers = _fp8_graph(dict.fromkeys(FP8_LAYERS, "fp8"))
     plan = lower(model, layers)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    first = next(op.node for op in plan.ops if getattr(op, "mode", None) == "fp8")
+    assert FP8_CAPABILITY == (8, 9) and first == "/stem/Conv"
     with pytest.raises(EngineError, match=r"node '/stem/Conv' runs fp8 \(e4m3\).*capability 8.9.*this one is 8.0"):
-        _check_fp8_support(plan, torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    _check_fp8_support(plan, torch.device("cuda"))  # Hopper: fine
+        check_fp8_support(f"node {first!r}", torch.device("cuda"), capability=(8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # read when not given
+    with pytest.raises(EngineError, match=r"this one is 8.6"):
+        check_fp8_support(f"node {first!r}", torch.device("cuda"))
+    check_fp8_support(f"node {first!r}", torch.device("cuda"), capability=(8, 9))  # Ada: fine
+    check_fp8_support(f"node {first!r}", torch.device("cuda"), capability=(9, 0))  # Hopper: fine
+    check_fp8_support(None, torch.device("cuda"), capability=(7, 5))  # no fp8 layer: nothing to check
+    check_fp8_support(f"node {first!r}", torch.device("cpu"), capability=(7, 5))  # the interpreter emulates e4m3

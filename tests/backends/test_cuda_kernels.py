@@ -46,6 +46,7 @@ from mixq.backends.cuda_lower import (  # noqa: E402
     Shortcut,
     TensorInfo,
 )
+from mixq.spec import FP8_E4M3  # noqa: E402
 
 X, RES, X2, OUT, OUT2 = 0, 1, 2, 3, 4
 
@@ -558,7 +559,7 @@ EPS = 2.0**-20
 
 def e4m3(t: torch.Tensor) -> torch.Tensor:
     """Round to e4m3 (nearest even, saturating at +-448), as float64."""
-    return t.clamp(-448, 448).float().to(torch.float8_e4m3fn).double()
+    return t.clamp(-FP8_E4M3.max, FP8_E4M3.max).float().to(torch.float8_e4m3fn).double()
 
 
 def rand_e4m3(shape, gen, binades: int = 6) -> torch.Tensor:
@@ -838,7 +839,7 @@ def _f32_quant(v32: torch.Tensor, g) -> torch.Tensor:
     rounding (e4m3 nearest even, saturating; or int8 half to even + zero point, clamped)."""
     t = v32 / torch.tensor(g.scale, dtype=torch.float32)
     if isinstance(g, F8Grid):
-        return t.clamp(-448, 448).to(torch.float8_e4m3fn).double()
+        return t.clamp(-FP8_E4M3.max, FP8_E4M3.max).to(torch.float8_e4m3fn).double()
     return torch.clamp(torch.round(t).double() + g.zp, -128, 127)
 
 

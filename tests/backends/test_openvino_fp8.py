@@ -10,6 +10,7 @@ import torch
 
 from mixq.backends import BuildOptions
 from mixq.backends.openvino import OpenVINOEngine, fp8_initializers_as_raw
+from mixq.spec import FP8_E4M3
 
 from .fp8_graphs import INPUT_SHAPE, Fp8Graph, fp8_steps
 
@@ -82,8 +83,8 @@ def test_openvino_really_rounds_through_float16():
     x = torch.nn.functional.pad(x, (0, 4096 - len(x))).view(1, -1)
     engine = _engine_of(model)
     got = engine.run(x)
-    exact = x.clamp(-448, 448).to(torch.float8_e4m3fn).float()
-    via_f16 = x.clamp(-448, 448).half().to(torch.float8_e4m3fn).float()
+    exact = x.clamp(-FP8_E4M3.max, FP8_E4M3.max).to(torch.float8_e4m3fn).float()
+    via_f16 = x.clamp(-FP8_E4M3.max, FP8_E4M3.max).half().to(torch.float8_e4m3fn).float()
     assert not torch.equal(got, exact)
     assert torch.equal(got, via_f16)
 

@@ -167,3 +167,51 @@ def test_fp8_engine_file_round_trip(tmp_path):
     loaded = load_engine(engine.save(tmp_path / "fp8.mixq"))
     x = _inputs()[0]
     assert loaded.fp8 and torch.equal(loaded.run(x), engine.run(x))
+
+
+class _Relu6Net(torch.nn.Module):
+    """Conv -> ReLU6 -> Conv -> ReLU -> Linear: ReLU6 exports as a Clip in front of an fp8 QuantizeLinear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu6 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6()
+        self.conv2, self.relu = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv2(self.relu6(self.conv1(x)))).flatten(1))
+
+
+def test_relu6_fp8_model_builds_and_equals_the_fake_quant_model():
+    """ORT's ClipQuantRewrite fails on a float8 zero point ("Unexpected data type for QuantizeLinear input
+    y_zero_point of 17") and would drop the Clip's lower bound as ReluQuantRewrite drops a ReLU: off for fp8."""
+    import mixq
+    from mixq.backends import get_backend
+    from mixq.export import export_qdq_onnx
+    from mixq.speedup import all_fp8_config
+
+    torch.manual_seed(0)
+    model = _Relu6Net().eval()
+    model.conv1.weight.data *= 8  # conv1 outputs past 6 and below 0: both Clip bounds matter
+    calib = 2 * torch.randn(64, 3, 8, 8)
+    logits = {"quant_types": ["output"], "quant_bits": 8, "quant_dtype": "fp8", "op_names": ["fc"]}  # steps
+    mixq.prepare_(model, [*all_fp8_config(model), logits], mixq.PTQ(), example_input=calib[:1])
+    mixq.calibrate_(model, lambda m: m(calib))
+    calibration = mixq.export_calibration(model)
+    qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 3, 8, 8), calibration)
+    assert {qdq.layers[n]["precision"] for n in ("conv1", "relu6", "conv2", "fc")} == {"fp8"}
+    assert "Clip" in [n.op_type for n in qdq.model.graph.node]
+    engine = get_backend("onnxruntime").build(qdq, (64, 3, 8, 8), BuildOptions(threads=1))
+    assert "ClipQuantRewrite" in engine._session_kwargs()["disabled_optimizers"]
+    scale = float(calibration["fc"]["output_scale"])
+    g = torch.Generator().manual_seed(2)
+    for x in (calib, 2 * torch.randn(64, 3, 8, 8, generator=g), 5 * torch.randn(64, 3, 8, 8, generator=g)):
+        with torch.no_grad():
+            want = model(x)
+        assert bool((model.conv1(x) > 6).any() and (model.conv1(x) < 0).any())  # both Clip bounds act
+        got = engine.run(x)
+        # As in test_ort_openvino_fp8_export: every rounding is the fake-quant model's; float32 summation order
+        # may move a value across an fp8 rounding boundary (rare), a logit then one fp8 spacing (<= 32 steps) off.
+        assert float((got == want).float().mean()) >= 0.99
+        assert float((got - want).abs().max()) / scale <= 32.0
+        assert float((got.argmax(1) == want.argmax(1)).float().mean()) >= 0.98

@@ -15,6 +15,7 @@ from mixq.backends.tensorrt_check import check
 from mixq.backends.tensorrt_inspect import EngineLayer, placement
 from mixq.backends.tensorrt_legalize import NOTES_KEY, legalize
 from mixq.export import export_qdq_onnx
+from mixq.spec import FP8_E4M3
 from mixq.speedup import all_fp8_config
 from mixq.zoo.models import create_model
 
@@ -84,7 +85,7 @@ def test_per_tensor_fp8_weights_are_legal_and_kept():
     model.CopyFrom(graph.model)
     w = numpy_helper.to_array(_initializers(model)["w1_q"]).astype(np.float32)
     scale = float(graph.s_w1.max())  # one scale for every channel: the values re-quantized to it
-    q = np.clip(w * graph.s_w1.numpy().reshape(-1, 1, 1, 1) / scale, -448, 448)
+    q = np.clip(w * graph.s_w1.numpy().reshape(-1, 1, 1, 1) / scale, -FP8_E4M3.max, FP8_E4M3.max)
     model = _with(model, "w1_q", fp8_initializer("w1_q", q.astype(np.float32)))
     model = _with(model, "w1_s", numpy_helper.from_array(np.array(scale, np.float32), "w1_s"))
     model = _with(model, "w1_zp", fp8_initializer("w1_zp", np.zeros(())))
@@ -135,7 +136,7 @@ def test_fp8_conv_with_a_float_input_gets_an_fp8_input_from_calibration_data():
     inits = _initializers(legal.model)
     assert inits[dq.input[2]].data_type == F8
     scale = float(numpy_helper.to_array(inits[dq.input[1]]))
-    assert scale == pytest.approx(np.abs(x).max() / 448, rel=1e-6)
+    assert scale == pytest.approx(np.abs(x).max() / FP8_E4M3.max, rel=1e-6)
     assert "input quantized from calibration_data so that TensorRT runs it fp8" in legal.layers["conv"][NOTES_KEY]
 
 
@@ -199,3 +200,27 @@ def test_contract_graph_passes_onnx_checker_after_legalization():
         )
         == 0
     )
+
+
+def test_fp8_build_on_a_gpu_without_e4m3_tensor_cores_fails_before_tensorrt(monkeypatch):
+    """TensorRT's build checks the GPU first (base.check_fp8_support, as the cuda backend does): one line
+    naming an fp8 layer and the capability, before TensorRT is imported (faked capability; no GPU here)."""
+    from types import SimpleNamespace
+
+    import mixq.backends.tensorrt as trt_backend
+    from mixq.backends import BuildOptions, EngineError
+
+    def no_tensorrt():
+        raise AssertionError("TensorRT was called before the fp8 capability check")
+
+    monkeypatch.setattr(trt_backend, "_trt", no_tensorrt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    graph = Fp8Graph()
+    qdq = SimpleNamespace(model=graph.model, layers=graph.layers)
+    with pytest.raises(EngineError, match=r"layer 'conv' runs fp8 \(e4m3\).*capability 8.9.*this one is 8.6"):
+        trt_backend.TensorRTBackend().build(qdq, INPUT_SHAPE, BuildOptions())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(AssertionError, match="TensorRT was called"):  # Hopper: the check passes, TensorRT next
+        trt_backend.TensorRTBackend().build(qdq, INPUT_SHAPE, BuildOptions())

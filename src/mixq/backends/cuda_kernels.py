@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..spec import FP8_E4M3
+
 __all__ = [
     "KernelConfig",
     "DOT_INT8",
@@ -62,7 +64,7 @@ __all__ = [
 ]
 
 DOT_INT8, DOT_FP16, DOT_FP32, DOT_FP8, DOT_I8F16, DOT_FMA = 0, 1, 2, 3, 4, 5
-FP8_MAX = 448.0  # largest finite e4m3 value
+FP8_MAX = float(FP8_E4M3.max)  # largest finite e4m3 value
 
 
 @dataclass(frozen=True)

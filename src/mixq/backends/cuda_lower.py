@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import EngineError, layer_of_node
+from .base import EngineError, constant_values, is_fp8, layer_of_node
 
 __all__ = [
     "Grid",
@@ -103,11 +103,6 @@ class F8Grid:
 
     def same_values(self, to: Grid | F8Grid) -> bool:
         return isinstance(to, F8Grid) and np.float32(to.scale) == np.float32(self.scale)
-
-
-def is_fp8(a: np.ndarray) -> bool:
-    """Whether an array (from onnx.numpy_helper) holds FLOAT8E4M3FN values (ml_dtypes' float8_e4m3fn)."""
-    return np.asarray(a).dtype.name == "float8_e4m3fn"
 
 
 @dataclass
@@ -296,11 +291,9 @@ def _pool_out(size: int, k: int, s: int, p0: int, p1: int, d: int, ceil: bool) -
 
 class _Lowering:
     def __init__(self, model, layers: dict):
-        from ..export import constant_resolver
-
         self.graph = model.graph
         self.layers = layers
-        self.const = constant_resolver(model)
+        self.const = constant_values(model)  # fp8 initializers as float8e4m3fn arrays (base.fp8_array)
         self.count: dict[str, int] = {}
         for node in self.graph.node:
             for name in node.input:

@@ -13,7 +13,7 @@ says which layers were calibrated this way.
 fp8 (float8e4m3fn, opset 19) layers: ORT's CPU provider has no fp8 conv/gemm kernels, but its fp8
 QuantizeLinear/DequantizeLinear round exactly as the fake-quant model does (round to nearest even, saturating
 at +-448; benchmarks/results/fp8-cpu-backends.md), so the engine keeps the fp8 Q/DQ pairs and runs the layer
-in fp32 between them: emulated, numerically the fake-quant model. One ORT rewrite must be off for such graphs
+in fp32 between them: emulated, numerically the fake-quant model. Some ORT rewrites must be off for such graphs
 (:data:`FP8_UNSAFE_REWRITES`).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from ..primitives import choose_qparams
 from ..spec import IntType, PerTensor, QuantSpec
-from .base import EngineError, layer_of_node, tensor_ranges
+from .base import EngineError, constant_tensors, is_fp8, layer_of_node, tensor_ranges
 
 __all__ = ["float_output_convs", "quantize_conv_outputs", "LEGALIZED_KEY", "has_fp8", "FP8_UNSAFE_REWRITES"]
 
@@ -33,16 +33,14 @@ LEGALIZED_KEY = "calibrated_at_build"  # layers metadata: the output range came 
 # true for uint8/int8 with that zero point, not for float8: every fp8 conv+ReLU loses its ReLU (up to 896
 # output steps wrong). WeightBiasQuantization quantizes the float weight of a conv/gemm whose input is
 # dequantized to int8, which re-quantizes the fp8-grid weights the engine stores as float32 (up to 40 steps).
-FP8_UNSAFE_REWRITES = ("ReluQuantRewrite", "WeightBiasQuantization")
+# ClipQuantRewrite (Clip, e.g. ReLU6, feeding a QuantizeLinear) reads the zero point as uint8/int8 only: with a
+# float8 one the session fails to build ("Unexpected data type for QuantizeLinear input y_zero_point of 17").
+FP8_UNSAFE_REWRITES = ("ReluQuantRewrite", "WeightBiasQuantization", "ClipQuantRewrite")
 
 
 def has_fp8(model) -> bool:
     """Whether ``model`` holds float8e4m3fn tensors (fp8 weights or zero points: the contract's fp8 layers)."""
-    from onnx import TensorProto
-
-    f8 = TensorProto.FLOAT8E4M3FN
-    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    return any(t.data_type == f8 for t in (*model.graph.initializer, *constants))
+    return any(is_fp8(t) for t in constant_tensors(model).values())
 
 
 _ACTIVATION = QuantSpec(IntType(8, signed=False), symmetric=False, granularity=PerTensor())
@@ -87,10 +85,8 @@ def float_output_convs(model) -> list:
 
 def _reads_fp8(dq, model) -> bool:
     """Whether a DequantizeLinear reads float8 (its input or zero point is a float8e4m3fn initializer)."""
-    from onnx import TensorProto
-
-    types = {i.name: i.data_type for i in model.graph.initializer}
-    return any(types.get(name) == TensorProto.FLOAT8E4M3FN for name in dq.input[::2])
+    inits = {i.name: i for i in model.graph.initializer}
+    return any(is_fp8(inits.get(name)) for name in dq.input[::2])
 
 
 def quantize_conv_outputs(model, layers: dict, samples) -> list[str]:

@@ -31,6 +31,7 @@ from .base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    check_fp8_support,
     layer_of_node,
     read_engine_file,
     register_backend,
@@ -262,7 +263,11 @@ class TensorRTBackend(Backend):
 
     def build(self, qdq, input_shape, options: BuildOptions) -> TensorRTEngine:
         """Legalize (:mod:`.tensorrt_legalize`), check (:func:`.check`: a rule TensorRT would reject is an
-        error here, a placement rule a note in the report), then parse and build a strongly typed network."""
+        error here, a placement rule a note in the report), then parse and build a strongly typed network. fp8
+        layers need a GPU of compute capability 8.9 or newer (:func:`.base.check_fp8_support`, checked first)."""
+        fp8 = next((name for name, info in qdq.layers.items() if info.get("precision") == "fp8"), None)
+        if fp8 is not None and torch.cuda.is_available():
+            check_fp8_support(f"layer {fp8!r}", torch.device("cuda", torch.cuda.current_device()))
         legal = legalize(qdq.model, qdq.layers, options.calibration_data)
         problems = check(legal.model)
         rejected = [p for p in problems if p.kind == "rejected"]

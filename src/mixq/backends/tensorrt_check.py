@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..export import LAYERS_METADATA_KEY, constant_resolver
-from .base import layer_of_node
+from ..export import LAYERS_METADATA_KEY
+from .base import constant_values, layer_of_node
 
 __all__ = [
     "Problem",
@@ -125,7 +125,7 @@ class GraphIndex:
                     self.consumers[name].append((n, i))
         self.inits = {i.name: i for i in graph.initializer}
         self.graph_outputs = {o.name for o in graph.output}
-        self.value = constant_resolver(model)
+        self.value = constant_values(model)
 
     def is_constant(self, name: str) -> bool:
         while name not in self.inits:

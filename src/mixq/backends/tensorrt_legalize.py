@@ -40,7 +40,7 @@ import numpy as np
 from ..export import LAYERS_METADATA_KEY
 from ..primitives import choose_qparams, quantize
 from ..spec import FloatType, IntType, PerChannel, QuantSpec
-from .base import EngineError, layer_of_node, tensor_ranges
+from .base import EngineError, dequantize_constant, fp8_dtype, is_fp8, layer_of_node, tensor_ranges
 from .tensorrt_check import (
     TYPE_NEUTRAL_OPS,
     WEIGHTED_OPS,
@@ -74,20 +74,10 @@ def symmetric_scale(lo: float, hi: float, fp8: bool = False) -> float:
     return float(scale)
 
 
-def _is_fp8(array: np.ndarray | None) -> bool:
-    return array is not None and array.dtype.name == "float8_e4m3fn"
-
-
 def _zero_point(shape, fp8: bool) -> np.ndarray:
     """Zeros of the quantized type: int8, or float8e4m3fn (ml_dtypes, what ``onnx.numpy_helper`` stores)."""
     zeros = np.zeros(shape, np.int8)
-    return zeros.view(_fp8_numpy_dtype()) if fp8 else zeros  # e4m3 code 0 is +0.0
-
-
-def _fp8_numpy_dtype():
-    import ml_dtypes  # an onnx dependency
-
-    return ml_dtypes.float8_e4m3fn
+    return zeros.view(fp8_dtype()) if fp8 else zeros  # e4m3 code 0 is +0.0
 
 
 def legalize(model, layers: dict, calibration_data=()) -> Legalized:
@@ -141,19 +131,10 @@ def _scope(node_name: str) -> str:
 
 
 def _dequantize(g: GraphIndex, dq) -> np.ndarray:
-    """What a weight/bias DequantizeLinear computes, in float32 as ONNX does: ``(q - zp) * scale`` (integer
-    types subtract in int64, float8 in float32)."""
-    q = g.value(dq.input[0])
-    kind = np.float32 if _is_fp8(q) else np.int64
-    q = q.astype(kind)
-    scale = g.value(dq.input[1]).astype(np.float32)
-    zp = g.value(dq.input[2]).astype(kind) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale, kind)
-    if scale.size > 1:
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % q.ndim
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return (q - zp).astype(np.float32) * scale
+    """What a weight/bias DequantizeLinear computes, in float32 as ONNX does (:func:`.base.dequantize_constant`)."""
+    zp = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    return dequantize_constant(g.value(dq.input[0]), g.value(dq.input[1]), zp, axis)
 
 
 def _remove_nodes(model, nodes) -> None:
@@ -195,8 +176,8 @@ def _float_biases(model, notes: _Notes) -> None:
 def _weight_ok(g: GraphIndex, dq, axis: int | None) -> bool:
     q, scale = g.value(dq.input[0]), g.value(dq.input[1])
     zp = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-    if _is_fp8(q):  # fp8 (opset 19): the zero point may be left out (0)
-        if g.opset() < 19 or (zp is not None and (not _is_fp8(zp) or np.any(zp.astype(np.float32) != 0))):
+    if is_fp8(q):  # fp8 (opset 19): the zero point may be left out (0)
+        if g.opset() < 19 or (zp is not None and (not is_fp8(zp) or np.any(zp.astype(np.float32) != 0))):
             return False
     elif q.dtype != np.int8 or zp is None or zp.dtype != np.int8 or np.any(zp != 0):
         return False
@@ -243,7 +224,7 @@ def _quantize_weight_fp8(model, w: np.ndarray, axis: int | None, base: str) -> t
         lo, hi = moved.min(dim=1).values.clamp(max=0), moved.max(dim=1).values.clamp(min=0)
         scale, _ = choose_qparams(lo, hi, QuantSpec(FloatType(), symmetric=True, granularity=PerChannel(axis)))
     q = quantize(t, scale, torch.zeros_like(scale), FloatType(), axis)
-    q = q.view(torch.uint8).numpy().view(_fp8_numpy_dtype())
+    q = q.view(torch.uint8).numpy().view(fp8_dtype())
     scale = scale.numpy().astype(np.float32)
     return (
         _initializer(model, q, f"{base}_fp8"),
@@ -274,7 +255,7 @@ def _symmetric_weights(model, notes: _Notes) -> None:
         if _weight_ok(g, dq, axis):
             continue
         w = _dequantize(g, dq)
-        fp8 = _is_fp8(g.value(dq.input[0]))
+        fp8 = is_fp8(g.value(dq.input[0]))
         per_channel = axis is not None  # TensorRT's recommendation for weights: per channel
         names = _quantize_weight(model, w, axis if per_channel else None, dq.output[0], fp8)
         dq.input[:] = list(names)
@@ -287,7 +268,7 @@ def _activation_range(g: GraphIndex, q) -> tuple[float, float, bool]:
     """(lo, hi, already_legal) of an activation QuantizeLinear's grid."""
     scale = float(g.value(q.input[1]).reshape(-1)[0])
     zp = g.value(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
-    if _is_fp8(zp):  # fp8: symmetric by construction; legal with zero point 0 and a float32 scale
+    if is_fp8(zp):  # fp8: symmetric by construction; legal with zero point 0 and a float32 scale
         top = FloatType().max * scale
         legal = g.opset() >= 19 and not np.any(zp.astype(np.float32) != 0)
         return -top, top, legal and g.value(q.input[1]).dtype == np.float32
@@ -309,7 +290,7 @@ def _symmetric_activations(model, notes: _Notes) -> None:
         lo, hi, legal = _activation_range(g, q)
         if legal:
             continue
-        fp8 = _is_fp8(g.value(q.input[2])) if len(q.input) > 2 and q.input[2] else False
+        fp8 = is_fp8(g.value(q.input[2])) if len(q.input) > 2 and q.input[2] else False
         scale = _initializer(model, np.array(symmetric_scale(lo, hi, fp8), np.float32), f"{q.output[0]}_sym_scale")
         zp = _initializer(model, _zero_point((), fp8), f"{q.output[0]}_sym_zero_point")
         for node in [q, *(u for u, _ in g.consumers.get(q.output[0], []) if u.op_type == "DequantizeLinear")]:
