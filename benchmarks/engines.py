@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import mixq
+from mixq._io import atomic_write
 from mixq.export import export_float_onnx as export_onnx
 from mixq.speedup import ModelSpeedup
 from mixq.zoo.data import load_cifar10
@@ -59,6 +62,33 @@ def has_vnni() -> bool:
     from mixq.backends.onnxruntime import cpu_has_vnni
 
     return cpu_has_vnni()
+
+
+def run_lines(script: str, argv: list[str], t0: float) -> list[str]:
+    """Date, commit, command and wall time lines of a benchmark report (the working tree may differ from the
+    commit: said so)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return [
+        f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit} (+ working tree)",
+        f"command: `MIXQ_DATA=../shared/data python benchmarks/{script} {' '.join(argv)}`",
+        f"wall time: {time.time() - t0:.0f} s",
+    ]
+
+
+def publish(text: str, out: str | None) -> None:
+    """Print a report and, with ``out``, write it atomically."""
+    print(text)
+    if out:
+        with atomic_write(out, "w") as f:
+            f.write(text)
+
+
+def trained_lenet(task: MnistTask) -> torch.nn.Module:
+    """LeNet trained one epoch in fp32 with the tutorial's recipe (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    lenet = create_model("lenet")
+    trainer(lenet, torch.optim.SGD(lenet.parameters(), lr=0.01, momentum=0.5), F.nll_loss, task.train_loader(0))
+    return lenet.eval()
 
 
 def cpu_info() -> str:

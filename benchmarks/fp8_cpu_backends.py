@@ -45,6 +45,8 @@ from mixq._timing import median_latency
 from mixq.backends.base import fold_fp8_weights
 from mixq.backends.openvino import fp8_initializers_as_raw
 from mixq.backends.ort_legalize import FP8_UNSAFE_REWRITES
+from mixq.primitives import fake_quantize_fp8
+from mixq.search.measure import sqnr_db
 
 F8 = TensorProto.FLOAT8E4M3FN
 
@@ -52,11 +54,6 @@ F8 = TensorProto.FLOAT8E4M3FN
 def f8_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
     """A FLOAT8E4M3FN initializer holding ``values`` (already on the fp8 grid)."""
     return helper.make_tensor(name, F8, list(values.shape), values.astype(np.float32).ravel().tolist())
-
-
-def fake_fp8(x: torch.Tensor, scale) -> torch.Tensor:
-    """The contract's fake_quantize_fp8 (division, clamp to +-448, round to nearest even)."""
-    return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale
 
 
 def qdq_nodes(x: str, out: str, scale: str, zp: str, tag: str) -> list:
@@ -107,10 +104,10 @@ def layer_model(c_in: int, c_out: int, hw: int, classes: int, float_weights: boo
 
     def reference(x: torch.Tensor) -> torch.Tensor:
         # fp8 rounding in float32 (as ONNX and the fake-quant model), the sums in float64
-        x = fake_fp8(x.float(), s_x).double()
+        x = fake_quantize_fp8(x.float(), s_x).double()
         h = torch.nn.functional.conv2d(x, dq_w1.double(), padding=1).relu()
-        h = fake_fp8(h.float(), s_h).double().flatten(1)
-        return fake_fp8((h @ dq_w2.double().T).float(), s_y)
+        h = fake_quantize_fp8(h.float(), s_h).double().flatten(1)
+        return fake_quantize_fp8((h @ dq_w2.double().T).float(), s_y)
 
     inits = [numpy_helper.from_array(np.array(s, np.float32), n) for s, n in ((s_x, "sx"), (s_h, "sh"), (s_y, "sy"))]
     inits.append(f8_tensor("zp", np.zeros((), np.float32)))
@@ -225,10 +222,6 @@ def ort_optimized_ops(model: onnx.ModelProto, disabled=()) -> str:
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **kwargs)
         graph = onnx.load(so.optimized_model_filepath).graph
     return ", ".join(n.op_type for n in graph.node)
-
-
-def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).mean() / (ref - x).pow(2).mean().clamp(min=1e-30)))
 
 
 def torch_runner(run):
@@ -358,7 +351,7 @@ def main() -> None:
     ]
     for scale in (1.0, 0.37):
         model = grid_model(scale)
-        want = fake_fp8(torch.from_numpy(values), torch.tensor(scale, dtype=torch.float32)).numpy()
+        want = fake_quantize_fp8(torch.from_numpy(values), torch.tensor(scale, dtype=torch.float32)).numpy()
         v = (torch.from_numpy(values) / scale).clamp(-448, 448)
         via_f16 = (v.half().to(torch.float8_e4m3fn).float() * scale).numpy()
         for label, make in (

@@ -15,27 +15,23 @@ larger magnitude of the two values).
 from __future__ import annotations
 
 import argparse
-import datetime
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import onnxruntime
 import torch
-import torch.nn.functional as F
 
 import mixq
-from mixq._io import atomic_write
 from mixq.export import export_qdq_onnx
 from mixq.zoo.data import load_cifar10
 from mixq.zoo.models import create_model
 from mixq.zoo.pretrained import load_pretrained
-from mixq.zoo.tutorial import MnistTask, trainer
+from mixq.zoo.tutorial import MnistTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from engines import cpu_info
+from engines import cpu_info, publish, run_lines, trained_lenet
 
 from fp8_parity import batches_of, compare, logits_fp8_config
 
@@ -105,10 +101,7 @@ def main(argv=None) -> int:
 
     log("LeNet: training one epoch (fp32, tutorial recipe)")
     task = MnistTask(args.data_dir, seed=0)
-    torch.manual_seed(0)
-    lenet = create_model("lenet")
-    trainer(lenet, torch.optim.SGD(lenet.parameters(), lr=0.01, momentum=0.5), F.nll_loss, task.train_loader(0))
-    lenet.eval()
+    lenet = trained_lenet(task)
     q = create_model("lenet")
     q.load_state_dict(lenet.state_dict())
     q = ptq_fp8(q.eval(), "fc3", task.train_set.tensors[0][:512])
@@ -116,15 +109,12 @@ def main(argv=None) -> int:
     title = "LeNet (MNIST, trained here: 1 epoch fp32, SGD lr 0.01), all-fp8 PTQ, logits in fp8"
     sections.append(section(title, lenet, q, (1, 1, 28, 28), x, y, args.random * 5, 500, log))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     head = [
         "# fp8 Q/DQ export (ONNX Runtime, graph optimizations off) vs the fake-quant model",
         "",
         f"machine: {cpu_info()}",
         f"versions: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
-        f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit} (+ working tree)",
-        f"command: `MIXQ_DATA=../shared/data python benchmarks/fp8_export_parity.py {' '.join(argv or sys.argv[1:])}`",
-        f"wall time: {time.time() - t0:.0f} s",
+        *run_lines("fp8_export_parity.py", argv or sys.argv[1:], t0),
         "",
         "ONNX Runtime runs the exported graph as written (float8 QuantizeLinear/DequantizeLinear, float conv/gemm). "
         "'Q/DQ bit-exact': every quantized tensor equals fake_quantize_fp8 of its own input. 'first differences "
@@ -133,11 +123,7 @@ def main(argv=None) -> int:
         "larger magnitude of the two values (neighbours: 1, or 0.5 across a binade boundary); SQNR over all logits.",
         "",
     ]
-    text = "\n".join(head) + "\n" + "\n".join(sections)
-    print(text)
-    if args.out:
-        with atomic_write(args.out, "w") as f:
-            f.write(text)
+    publish("\n".join(head) + "\n" + "\n".join(sections), args.out)
     return 0
 
 

@@ -19,30 +19,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 
 import mixq
-from mixq._io import atomic_write
 from mixq.backends import BuildOptions, get_backend
 from mixq.backends.cpu_features import cpu_has_vnni, max_abs_int8_weight
 from mixq.backends.openvino import OpenVINOEngine
 from mixq.export import export_qdq_onnx
 from mixq.zoo.data import load_cifar10
 from mixq.zoo.metrics import median_latency
-from mixq.zoo.models import create_model
 from mixq.zoo.pretrained import load_pretrained
-from mixq.zoo.tutorial import MnistTask, trainer
+from mixq.zoo.tutorial import MnistTask
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engines import cpu_info, openvino_version
+from engines import cpu_info, openvino_version, publish, run_lines, trained_lenet
 
 
 def config(weight_bits: int, logits: str) -> list[dict]:
@@ -191,10 +186,7 @@ def main(argv=None) -> int:
 
     log("LeNet: training one epoch (fp32, tutorial recipe)")
     task = MnistTask(args.data_dir, seed=0)
-    torch.manual_seed(0)
-    lenet = create_model("lenet")
-    trainer(lenet, torch.optim.SGD(lenet.parameters(), lr=0.01, momentum=0.5), F.nll_loss, task.train_loader(0))
-    lenet.eval()
+    lenet = trained_lenet(task)
     q = ptq(lenet, config(8, "fc3"), task.train_set.tensors[0][:512])
     scale = float(q.fc3.output_quantizer.qparams()[0])
     title = "LeNet (MNIST, trained here: 1 epoch fp32, SGD lr 0.01), all-int8 PTQ, 8-bit weights"
@@ -205,15 +197,12 @@ def main(argv=None) -> int:
     import onnxruntime
     import openvino  # noqa: F401
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     head = [
         "# OpenVINO and ONNX Runtime int8 engines vs the fake-quant model on this CPU",
         "",
         f"machine: {cpu_info()}; VNNI: {cpu_has_vnni()}",
         f"versions: openvino {openvino_version()}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
-        f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit} (+ working tree)",
-        f"command: `MIXQ_DATA=../shared/data python benchmarks/openvino_exactness.py {' '.join(argv or sys.argv[1:])}`",
-        f"wall time: {time.time() - t0:.0f} s",
+        *run_lines("openvino_exactness.py", argv or sys.argv[1:], t0),
         "",
         "Errors are in output steps (the quantized logits' scale); SQNR over all logits (LeNet: each row "
         "centred, removing log_softmax's shift). 'int8 weights (before the fix)' is what mixq built before "
@@ -222,11 +211,7 @@ def main(argv=None) -> int:
         "(src/mixq/backends/cpu_features.py: split_int8_weights), the ONNX Runtime engine stores them as uint8.",
         "",
     ]
-    text = "\n".join(head) + "\n" + "\n".join(sections)
-    print(text)
-    if args.out:
-        with atomic_write(args.out, "w") as f:
-            f.write(text)
+    publish("\n".join(head) + "\n" + "\n".join(sections), args.out)
     return 0
 
 
