@@ -22,7 +22,7 @@ import torch
 from ._errors import CalibrationFileError
 from ._io import atomic_write
 from .primitives import SCALE_EPS
-from .spec import FP8_DTYPE, FP8_E4M3, MAX_BITS, MIN_BITS, QUANT_TYPES, QuantSpec
+from .spec import FORMAT_KEY, FP8_DTYPE, FP8_E4M3, MAX_BITS, MIN_BITS, QUANT_TYPES, QuantSpec
 
 __all__ = [
     "save_calibration_config",
@@ -36,7 +36,6 @@ __all__ = [
     "BITS_KEYS",
 ]
 
-FORMAT_KEY = "__mixq_calibration_format__"
 FORMAT_VERSION = 1
 CACHE_KEY = "__mixq_cache_key__"  # what a calibration cache was made from (model, layers, calibrator)
 BITS_KEYS = tuple(f"{t}_bits" for t in QUANT_TYPES)

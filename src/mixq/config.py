@@ -21,11 +21,11 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from ._errors import ConfigError
-from .calibration import FORMAT_KEY
 from .observers import ENTROPY_FP8_ERROR, OBSERVERS
 from .spec import (
     CONVENTIONS,
     DTYPES,
+    FORMAT_KEY,
     FP8_DTYPE,
     FP8_E4M3,
     MAX_BITS,

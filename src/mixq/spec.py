@@ -18,6 +18,7 @@ __all__ = [
     "LayerSpec",
     "QUANT_TYPES",
     "CONVENTIONS",
+    "FORMAT_KEY",
 ]
 
 QUANT_TYPES = ("input", "weight", "output")
@@ -25,6 +26,10 @@ MIN_BITS, MAX_BITS = 2, 16
 # How integers, zero points and symmetric scales are chosen: mixq's (full signed range, 2**(bits-1) for an
 # unsigned symmetric zero point) or NNI 2.x's (see QuantSpec).
 CONVENTIONS = ("mixq", "nni")
+# The key that marks a mapping as a mixq calibration file (its value: the format version). Here, below both
+# config (which recognizes a calibration config passed where a config_list belongs) and calibration (which
+# writes and reads the files).
+FORMAT_KEY = "__mixq_calibration_format__"
 
 
 @dataclass(frozen=True)
