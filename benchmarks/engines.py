@@ -59,7 +59,7 @@ def openvino_version() -> str:
 
 
 def has_vnni() -> bool:
-    from mixq.backends.onnxruntime import cpu_has_vnni
+    from mixq.backends.onnxruntime.engine import cpu_has_vnni
 
     return cpu_has_vnni()
 

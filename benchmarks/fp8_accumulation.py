@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, "tests/backends")
 import test_cuda_kernels as T
 
-from mixq.backends.cuda import ConvRunner
-from mixq.backends.cuda_kernels import KernelConfig
-from mixq.backends.cuda_lower import F8Grid, QConv
+from mixq.backends.cuda.engine import ConvRunner
+from mixq.backends.cuda.kernels import KernelConfig
+from mixq.backends.cuda.lower import F8Grid, QConv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIGS = [KernelConfig(32, 16, 32, 4, 2), KernelConfig(64, 32, 64, 4, 3), KernelConfig(64, 64, 128, 4, 3),

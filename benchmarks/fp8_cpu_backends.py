@@ -43,8 +43,8 @@ import mixq
 from mixq._io import atomic_write
 from mixq._timing import median_latency
 from mixq.backends.base import fold_fp8_weights
-from mixq.backends.openvino import fp8_initializers_as_raw
-from mixq.backends.ort_legalize import FP8_UNSAFE_REWRITES
+from mixq.backends.onnxruntime.legalize import FP8_UNSAFE_REWRITES
+from mixq.backends.openvino.engine import fp8_initializers_as_raw
 from mixq.primitives import fake_quantize_fp8
 from mixq.search.measure import sqnr_db
 

@@ -37,7 +37,7 @@ import triton.testing
 import mixq
 from mixq._io import atomic_write
 from mixq.backends import BuildOptions
-from mixq.backends.cuda import ConvRunner, build_engine
+from mixq.backends.cuda.engine import ConvRunner, build_engine
 from mixq.export import export_qdq_onnx
 from mixq.speedup import all_int8_config
 from mixq.zoo.models import create_model

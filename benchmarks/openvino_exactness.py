@@ -29,7 +29,7 @@ import torch
 import mixq
 from mixq.backends import BuildOptions, get_backend
 from mixq.backends.cpu_features import cpu_has_vnni, max_abs_int8_weight
-from mixq.backends.openvino import OpenVINOEngine
+from mixq.backends.openvino.engine import OpenVINOEngine
 from mixq.export import export_qdq_onnx
 from mixq.zoo.data import load_cifar10
 from mixq.zoo.metrics import median_latency

@@ -126,7 +126,7 @@ def test_conv_feeding_an_unfolded_batchnorm_is_named_as_the_cause():
     (row,) = [r for r in s.report().rows if r.layer == "conv1"]
     assert row.runs_as == "int8"  # DQ -> Conv -> Q runs as QLinearConv; the BatchNorm after it stays float
     # Where such a conv does run float, the note names the BatchNorm rather than blaming the backend.
-    from mixq.backends.onnxruntime import _note
+    from mixq.backends.onnxruntime.engine import _note
 
     assert _note({"precision": "int8", "unfolded_bn": "bn1"}, "fp32") == (
         "BatchNorm 'bn1' after this conv could not be folded (the conv's output is quantized before it, or also "

@@ -12,7 +12,7 @@ import mixq
 from engine_cases import ptq_tutorial_style
 from mixq.backends import BuildOptions, EngineError, get_backend, load_engine
 from mixq.backends.base import layer_of_node
-from mixq.backends.onnxruntime import INT8_KERNELS, cpu_has_vnni, weights_to_uint8
+from mixq.backends.onnxruntime.engine import INT8_KERNELS, cpu_has_vnni, weights_to_uint8
 from mixq.export import export_qdq_onnx
 from mixq.nni import ModelSpeedupTensorRT, QAT_Quantizer
 from mixq.report import PlacementReport

@@ -89,7 +89,7 @@ def test_onnxruntime_engine_is_portable_across_cpu_classes(trained, tmp_path, mo
     """The weight layout (int8, or uint8 + 128 on CPUs without VNNI) is decided where the session is
     created: an engine built as if on a VNNI CPU and loaded as if on an AVX2 one (and back) computes the
     same outputs as one built there."""
-    import mixq.backends.onnxruntime as ort_backend
+    import mixq.backends.onnxruntime.engine as ort_backend
 
     model, _, _ = trained
     x = torch.randn(32, 1, 28, 28)
@@ -116,7 +116,7 @@ def test_openvino_engine_is_portable_across_cpu_classes(trained, tmp_path, monke
     model, an engine built as if on a VNNI CPU and loaded as if on an AVX2 one (and back) computes the same
     outputs as one built there, and the layout without VNNI matches the fake-quant model on real images."""
     pytest.importorskip("openvino")
-    import mixq.backends.openvino as ov_backend
+    import mixq.backends.openvino.engine as ov_backend
     from mixq.backends.cpu_features import max_abs_int8_weight
 
     model, _, task = trained
@@ -155,7 +155,7 @@ def test_int8_weights_forced_without_vnni_warn_name_the_layers_and_mark_the_engi
     from mixq.backends import BuildOptions, get_backend
     from mixq.backends.cpu_features import int8_weight_maxima, saturating_layers
 
-    module = importlib.import_module(f"mixq.backends.{backend}")
+    module = importlib.import_module(f"mixq.backends.{backend}.engine")
     model, _, _ = trained
     qdq = export_qdq_onnx(mixq.deploy_model(model), (8, 1, 28, 28), mixq.export_calibration(model))
     monkeypatch.setattr(module, "cpu_has_vnni", lambda: False)

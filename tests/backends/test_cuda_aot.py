@@ -30,7 +30,7 @@ def _geometry(cin, h, cout, k, s, p, oh=None):
 
 def _variants(mode: str):
     """(name, QConv, Plan) of ResNet-18 CIFAR layer shapes with each kind of fp8 (or int8) kernel."""
-    from mixq.backends.cuda_lower import F8Grid, Grid, Plan, QConv, Shortcut, TensorInfo
+    from mixq.backends.cuda.lower import F8Grid, Grid, Plan, QConv, Shortcut, TensorInfo
 
     grid = F8Grid(0.05) if mode == "fp8" else Grid(0.05, -3)
     dtype = grid.dtype
@@ -77,8 +77,8 @@ def _compile_all(mode: str, every: str) -> None:
     """Subprocess body: compile each variant with some (or every) tuning candidate; print JSON lines."""
     import torch
 
-    from mixq.backends.cuda import ConvRunner, _taps, candidate_configs
-    from mixq.backends.cuda_compile import aot_compile, wgmma_waits
+    from mixq.backends.cuda.compile import aot_compile, wgmma_waits
+    from mixq.backends.cuda.engine import ConvRunner, _taps, candidate_configs
 
     for name, op, plan in _variants(mode):
         configs = [c for c in candidate_configs(op) if c.math == "int8" and not c.persist]

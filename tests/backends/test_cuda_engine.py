@@ -13,7 +13,7 @@ import torch
 import mixq
 from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE, randomize_batchnorm, sqnr_db
 from mixq.backends import BuildOptions, EngineError, load_engine, read_engine_file
-from mixq.backends.cuda_lower import QConv, lower
+from mixq.backends.cuda.lower import QConv, lower
 from mixq.export import export_qdq_onnx
 from mixq.spec import FP8_E4M3
 from mixq.speedup import all_fp8_config, all_int8_config
@@ -90,10 +90,10 @@ def build():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install 'mixq[cuda]')")
     if DEVICE == "cpu":
-        if "mixq.backends.cuda_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        if "mixq.backends.cuda.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the kernels were compiled for a GPU before TRITON_INTERPRET=1 could be set")
         os.environ["TRITON_INTERPRET"] = "1"
-    from mixq.backends.cuda import build_engine
+    from mixq.backends.cuda.engine import build_engine
 
     def make(qdq, shape):
         return build_engine(qdq, shape, BuildOptions(opt_batch=shape[0]), DEVICE)
@@ -164,7 +164,7 @@ def test_engine_file_round_trip_keeps_kernels_and_outputs(build, tmp_path):
     path = engine.save(tmp_path / "lenet.mixq")
     manifest, members = read_engine_file(path, "cuda")
     assert manifest["backend"] == "cuda" and set(members) == {"model.onnx", "kernels.json"}
-    from mixq.backends.cuda import CudaBackend
+    from mixq.backends.cuda.engine import CudaBackend
 
     loaded = CudaBackend().load(path, device=DEVICE)
     x = torch.randn(4, 1, 28, 28)
@@ -383,7 +383,7 @@ def test_fp8_engine_matches_onnx_runtime_on_the_same_graph(build, mix):
     for row in rows.values():  # fp8 layers (only they) say their accumulation is reduced-precision
         assert ("fp8 tensor cores accumulate with reduced precision" in row.note) == (row.runs_as == "fp8"), row
     if mix == "all_fp8":
-        from mixq.backends.cuda import FP8_ACCUMULATION_NOTE  # (imported once the build fixture chose the mode)
+        from mixq.backends.cuda.engine import FP8_ACCUMULATION_NOTE  # (imported once the build fixture chose the mode)
 
         assert "about 11 bits measured on an H100" in FP8_ACCUMULATION_NOTE
         assert all(r.note == FP8_ACCUMULATION_NOTE for r in rows.values() if r.runs_as == "fp8")

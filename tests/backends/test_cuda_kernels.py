@@ -28,14 +28,14 @@ if importlib.util.find_spec("triton") is None:
                 allow_module_level=True)  # fmt: skip
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
-    if "mixq.backends.cuda_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    if "mixq.backends.cuda.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the kernels were compiled for a GPU before this module set TRITON_INTERPRET=1",
                     allow_module_level=True)  # fmt: skip
     os.environ["TRITON_INTERPRET"] = "1"
 
-from mixq.backends.cuda import STORED, ConvRunner, PoolRunner, QuantizeRunner, RequantRunner  # noqa: E402
-from mixq.backends.cuda_kernels import KernelConfig  # noqa: E402
-from mixq.backends.cuda_lower import (  # noqa: E402
+from mixq.backends.cuda.engine import STORED, ConvRunner, PoolRunner, QuantizeRunner, RequantRunner  # noqa: E402
+from mixq.backends.cuda.kernels import KernelConfig  # noqa: E402
+from mixq.backends.cuda.lower import (  # noqa: E402
     F8Grid,
     Grid,
     Plan,
@@ -444,7 +444,7 @@ def test_quantize_float_to_nhwc(layout, kind):
 def test_border_table_holds_the_weight_sum_over_the_taps_inside(shape):
     """Every output pixel's entry in the BORDER table equals the brute-force sum of the weights over the
     kernel taps that fall inside the image (what the kernel subtracts times the zero point)."""
-    from mixq.backends.cuda import border_table
+    from mixq.backends.cuda.engine import border_table
 
     gen = torch.Generator().manual_seed(17)
     _, cin, h, w, cout, k, s, p = shape
@@ -480,7 +480,7 @@ def test_persistent_grid_covers_every_tile(config, shortcut):
     """A persistent grid (``KernelConfig.persist``): fewer programs than output tiles, each looping over tiles
     (the compiled loop nest is flattened), with the full epilogue (border correction, int8 residual, ReLU,
     requantize) and optionally the shortcut GEMM; every output written, within one step of the reference."""
-    from mixq.backends.cuda_kernels import sm_count
+    from mixq.backends.cuda.kernels import sm_count
 
     gen = torch.Generator().manual_seed(11 + shortcut)
     shape = (600, 8, 9, 9, 20, 3, 1, 1)
@@ -516,7 +516,7 @@ def test_persistent_grid_covers_every_tile(config, shortcut):
 def test_persistent_configs_are_tuning_candidates_and_round_trip(monkeypatch):
     """The tuner times persistent-grid tiles next to the one-tile-per-program ones (MIXQ_CUDA_PERSIST=0 leaves
     them out); a config keeps ``persist`` through the engine file, and configs stored before it load as 0."""
-    from mixq.backends.cuda import candidate_configs
+    from mixq.backends.cuda.engine import candidate_configs
 
     op, *_ = _conv_case((2, 64, 8, 8, 64, 3, 1, 1), torch.Generator().manual_seed(3))
     configs = candidate_configs(op)
@@ -903,7 +903,7 @@ def test_requant_between_fp8_and_int8(kinds):
 
 
 def test_fp8_tuning_candidates_fit_the_layer_and_round_trip():
-    from mixq.backends.cuda import candidate_configs
+    from mixq.backends.cuda.engine import candidate_configs
 
     op, *_ = _fp8_conv_case((2, 20, 6, 6, 24, 1, 1, 0), torch.Generator().manual_seed(3))
     configs = candidate_configs(op)

@@ -88,9 +88,9 @@ def _old_onnx_to_array(monkeypatch):
 def test_backends_read_fp8_without_relying_on_to_array(monkeypatch, raw):
     """With onnx < 1.19's ``to_array`` (uint8 codes), the backends still see e4m3 values: constants through
     Identity nodes, the CPU engines' weight folding, the cuda lowering and TensorRT's legalization."""
-    from mixq.backends.cuda_lower import QConv, lower
-    from mixq.backends.tensorrt_check import check
-    from mixq.backends.tensorrt_legalize import legalize
+    from mixq.backends.cuda.lower import QConv, lower
+    from mixq.backends.tensorrt.check import check
+    from mixq.backends.tensorrt.legalize import legalize
 
     graph = Fp8Graph(raw=raw)
     want = {n: fp8_array(i) for n, i in ((i.name, i) for i in graph.model.graph.initializer) if is_fp8(i)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixq.backends import BuildOptions
-from mixq.backends.openvino import OpenVINOEngine, fp8_initializers_as_raw
+from mixq.backends.openvino.engine import OpenVINOEngine, fp8_initializers_as_raw
 from mixq.spec import FP8_E4M3
 
 from .fp8_graphs import INPUT_SHAPE, Fp8Graph, fp8_steps

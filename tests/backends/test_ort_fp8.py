@@ -8,8 +8,8 @@ import torch
 
 from mixq.backends import BuildOptions
 from mixq.backends.base import fold_fp8_weights
-from mixq.backends.onnxruntime import OnnxRuntimeEngine
-from mixq.backends.ort_legalize import FP8_UNSAFE_REWRITES, float_output_convs, has_fp8
+from mixq.backends.onnxruntime.engine import OnnxRuntimeEngine
+from mixq.backends.onnxruntime.legalize import FP8_UNSAFE_REWRITES, float_output_convs, has_fp8
 
 from .fp8_graphs import CONV_OUT, INPUT_SHAPE, Fp8Graph, fp8_initializer, fp8_steps
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import mixq
 from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE
-from mixq.backends.tensorrt_check import RULES, check
-from mixq.backends.tensorrt_legalize import legalize
+from mixq.backends.tensorrt.check import RULES, check
+from mixq.backends.tensorrt.legalize import legalize
 from mixq.export import export_qdq_onnx
 from mixq.zoo.models import create_model, list_models
 from test_model_structures import SharedReLU

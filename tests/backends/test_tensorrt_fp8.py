@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import mixq
 from mixq.backends.base import layer_of_node
-from mixq.backends.tensorrt_check import check
-from mixq.backends.tensorrt_inspect import EngineLayer, placement
-from mixq.backends.tensorrt_legalize import NOTES_KEY, legalize
+from mixq.backends.tensorrt.check import check
+from mixq.backends.tensorrt.inspect import EngineLayer, placement
+from mixq.backends.tensorrt.legalize import NOTES_KEY, legalize
 from mixq.export import export_qdq_onnx
 from mixq.spec import FP8_E4M3
 from mixq.speedup import all_fp8_config
@@ -207,7 +207,7 @@ def test_fp8_build_on_a_gpu_without_e4m3_tensor_cores_fails_before_tensorrt(monk
     naming an fp8 layer and the capability, before TensorRT is imported (faked capability; no GPU here)."""
     from types import SimpleNamespace
 
-    import mixq.backends.tensorrt as trt_backend
+    import mixq.backends.tensorrt.engine as trt_backend
     from mixq.backends import BuildOptions, EngineError
 
     def no_tensorrt():

@@ -9,8 +9,8 @@ import torch
 
 import mixq
 from engine_cases import ALL8_WITH_LOGITS
-from mixq.backends.tensorrt_inspect import io_tensors, layer_times, parse_engine_information, placement, tensor_dtype
-from mixq.backends.tensorrt_legalize import legalize
+from mixq.backends.tensorrt.inspect import io_tensors, layer_times, parse_engine_information, placement, tensor_dtype
+from mixq.backends.tensorrt.legalize import legalize
 from mixq.export import export_qdq_onnx
 from mixq.zoo.models import create_model
 

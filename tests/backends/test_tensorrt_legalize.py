@@ -11,8 +11,8 @@ from onnx.reference import ReferenceEvaluator
 
 import mixq
 from engine_cases import TUTORIAL_STYLE, _centred, sqnr_db
-from mixq.backends.tensorrt_check import GraphIndex, check
-from mixq.backends.tensorrt_legalize import legalize, symmetric_scale
+from mixq.backends.tensorrt.check import GraphIndex, check
+from mixq.backends.tensorrt.legalize import legalize, symmetric_scale
 from mixq.export import export_qdq_onnx
 from mixq.zoo.data import load_mnist
 from mixq.zoo.models import create_model

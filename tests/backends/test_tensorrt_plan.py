@@ -10,7 +10,7 @@ import torch
 import mixq
 from engine_cases import ALL8_WITH_LOGITS
 from mixq.backends import BuildOptions, EngineError
-from mixq.backends.tensorrt import (
+from mixq.backends.tensorrt.engine import (
     TensorRTBackend,
     _version,
     batch_chunks,
@@ -21,7 +21,7 @@ from mixq.backends.tensorrt import (
 from mixq.export import export_qdq_onnx
 from mixq.zoo.models import TorchModel
 
-BACKEND_SOURCES = sorted((Path(mixq.__file__).parent / "backends").glob("tensorrt*.py"))
+BACKEND_SOURCES = sorted((Path(mixq.__file__).parent / "backends" / "tensorrt").glob("*.py"))
 
 
 def _lenet(config=ALL8_WITH_LOGITS, extra_layer_bits=32):
@@ -178,4 +178,4 @@ def test_the_scan_finds_what_the_old_backend_used(tmp_path):
     )
     found = {"set_flag", "BuilderFlag.FP16", "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "precision", "int8_calibrator"}
     assert _used_names(old) & REMOVED == found
-    assert len(BACKEND_SOURCES) == 4
+    assert len(BACKEND_SOURCES) == 5  # engine, check, inspect, legalize and __init__

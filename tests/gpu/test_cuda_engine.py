@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install 'mixq[cuda]')", allow_module_level=True)
 
-from mixq.backends.cuda import CudaBackend, build_engine
+from mixq.backends.cuda.engine import CudaBackend, build_engine
 
 CALIBRATION_IMAGES = 1000  # test images 0..999 calibrate; the agreement is measured on the other 9000
 

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 import mixq  # noqa: E402
 from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE, _centred, check_fp32_parity, qat_lenet, sqnr_db  # noqa: E402
 from mixq.backends import BuildOptions, get_backend, load_engine  # noqa: E402
-from mixq.backends.tensorrt import SUPPORTED_VERSIONS, _version  # noqa: E402
+from mixq.backends.tensorrt.engine import SUPPORTED_VERSIONS, _version  # noqa: E402
 from mixq.export import export_qdq_onnx  # noqa: E402
 from mixq.nni import ModelSpeedup  # noqa: E402
 from mixq.zoo.models import create_model  # noqa: E402
@@ -60,7 +60,7 @@ def _legalized_reference(engine, x: np.ndarray) -> np.ndarray:
 def _output_scale(engine) -> float:
     import onnx
 
-    from mixq.backends.tensorrt_check import GraphIndex
+    from mixq.backends.tensorrt.check import GraphIndex
 
     g = GraphIndex(onnx.load_from_string(engine.onnx_bytes))
     q = next(n for n in g.nodes if n.name == "/fc3/output_qdq/QuantizeLinear")

@@ -2,10 +2,10 @@
 fp8 NHWC tensor (pipelined wgmma per the TTGIR). ResNet-18 CIFAR layer shapes, b128 and b1024."""
 import json, os, sys, time
 import torch, mixq, numpy as np
-from mixq.backends import cuda_kernels as k
-from mixq.backends.cuda import ConvRunner, candidate_configs, time_in_graph, _storage_shape
-from mixq.backends.cuda_kernels import KernelConfig
-from mixq.backends.cuda_lower import lower
+from mixq.backends.cuda import kernels as k
+from mixq.backends.cuda.engine import ConvRunner, candidate_configs, time_in_graph, _storage_shape
+from mixq.backends.cuda.kernels import KernelConfig
+from mixq.backends.cuda.lower import lower
 from mixq.export import export_qdq_onnx
 from mixq.speedup import all_int8_config
 from mixq.zoo.models import create_model
@@ -16,7 +16,7 @@ mixq.prepare_(m, all_int8_config(m), mixq.PTQ(), example_input=x[:1]); mixq.cali
 q = export_qdq_onnx(mixq.deploy_model(m), (1, 3, 32, 32), mixq.export_calibration(m))
 plan = lower(q.model, q.layers)
 FP8 = [KernelConfig(*c) for c in [(128,128,64,8,3),(64,128,64,4,4),(64,64,64,4,3),(128,128,128,8,3),(64,128,128,4,3),(128,64,64,4,4),(128,256,64,8,3),(64,64,128,4,3),(128,64,128,8,3)]]
-from mixq.backends.cuda import _max_bk, _taps
+from mixq.backends.cuda.engine import _max_bk, _taps
 res = {}
 t0 = time.time()
 ONLY = int(sys.argv[1]); SKIP = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else set()

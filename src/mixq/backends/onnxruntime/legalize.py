@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..primitives import choose_qparams
-from ..spec import IntType, PerTensor, QuantSpec
-from .base import EngineError, constant_tensors, is_fp8, layer_of_node, tensor_ranges
+from ...primitives import choose_qparams
+from ...spec import IntType, PerTensor, QuantSpec
+from ..base import EngineError, constant_tensors, is_fp8, layer_of_node, tensor_ranges
 
 __all__ = ["float_output_convs", "quantize_conv_outputs", "LEGALIZED_KEY", "has_fp8", "FP8_UNSAFE_REWRITES"]
 

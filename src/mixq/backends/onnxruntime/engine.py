@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import WEIGHTED_OP_TYPES
-from .base import (
+from ...config import WEIGHTED_OP_TYPES
+from ..base import (
     Backend,
     BuildOptions,
     Engine,
@@ -27,7 +27,7 @@ from .base import (
     read_engine_file,
     register_backend,
 )
-from .cpu_features import (
+from ..cpu_features import (
     SAFE_U8S8_WEIGHT,
     cpu_has_vnni,
     int8_weight_maxima,
@@ -36,7 +36,7 @@ from .cpu_features import (
     saturation_message,
     weights_to_uint8,
 )
-from .ort_legalize import FP8_UNSAFE_REWRITES, LEGALIZED_KEY, float_output_convs, has_fp8, quantize_conv_outputs
+from .legalize import FP8_UNSAFE_REWRITES, LEGALIZED_KEY, float_output_convs, has_fp8, quantize_conv_outputs
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeEngine", "INT8_KERNELS"]
 
@@ -158,7 +158,7 @@ class OnnxRuntimeEngine(Engine):
 
     def _session_kwargs(self) -> dict:
         """ORT graph rewrites to leave out: QDQ propagation with ``keep_pools_float``; for graphs with fp8
-        layers the rewrites that are wrong for float8 (:data:`.ort_legalize.FP8_UNSAFE_REWRITES`)."""
+        layers the rewrites that are wrong for float8 (:data:`.legalize.FP8_UNSAFE_REWRITES`)."""
         disabled = ["QDQPropagationTransformer"] if self.options.keep_pools_float else []
         if self.fp8:
             disabled += FP8_UNSAFE_REWRITES
@@ -291,7 +291,7 @@ class OnnxRuntimeBackend(Backend):
     package = "onnxruntime"
 
     def build(self, qdq, input_shape, options: BuildOptions) -> OnnxRuntimeEngine:
-        """Legalize (see :mod:`.ort_legalize`: conv outputs ORT needs quantized are calibrated on
+        """Legalize (see :mod:`.legalize`: conv outputs ORT needs quantized are calibrated on
         ``options.calibration_data`` when given) and create the session."""
         import copy
 

@@ -1,5 +1,5 @@
 """Native GPU backend ``cuda`` (torch + Triton): the Q/DQ graph lowered to fused int8 Triton kernels
-(:mod:`.cuda_lower`, :mod:`.cuda_kernels`), replayed as one CUDA graph per batch size.
+(:mod:`.lower`, :mod:`.kernels`), replayed as one CUDA graph per batch size.
 
 - int8 convs/linears: int8 tensor-core GEMMs with int32 accumulation and the whole epilogue fused (scale,
   bias, residual add or the shortcut conv as a second GEMM, ReLU/clip, requantization), so activations stay
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import (
+from ..base import (
     Backend,
     BuildOptions,
     Engine,
@@ -43,7 +43,7 @@ from .base import (
     read_engine_file,
     register_backend,
 )
-from .cuda_lower import has_border
+from .lower import has_border
 
 __all__ = ["CudaBackend", "CudaEngine", "build_engine", "candidate_configs", "default_config"]
 
@@ -52,7 +52,7 @@ KERNELS_MEMBER = "kernels.json"
 
 
 def _kernels():
-    from . import cuda_kernels
+    from . import kernels as cuda_kernels
 
     return cuda_kernels
 
@@ -332,7 +332,7 @@ class ConvRunner(_Runner):
 
     def kernel_arguments(self, batch: int, float_strides: dict) -> tuple[dict, dict, int]:
         """(tensor and scalar arguments, compile-time constants, output rows) of this layer's ``conv_kernel``
-        launch for ``batch``, on uninitialized inputs: what an ahead-of-time compile needs (cuda_compile)."""
+        launch for ``batch``, on uninitialized inputs: what an ahead-of-time compile needs (.compile)."""
         return self._launch(self._empty_inputs(batch, float_strides), warmup=True, launch=False)
 
     def _empty_inputs(self, batch: int, float_strides: dict) -> dict:
@@ -541,7 +541,7 @@ class QuantizeRunner(_Runner):
 
 class TorchRunner(_Runner):
     def __init__(self, op, plan, device):
-        from .cuda_torch import dequantize_nhwc, run_torch_op
+        from .torch_ops import dequantize_nhwc, run_torch_op
 
         self.op, self.plan = op, plan
         self.run_op, self.dequantize = run_torch_op, dequantize_nhwc
@@ -620,7 +620,7 @@ class CudaEngine(Engine):
         tune them here (on a GPU; the CPU interpreter takes the default configs)."""
         import onnx
 
-        from .cuda_lower import lower
+        from .lower import lower
 
         super().__init__(input_shape, layers, max_batch=None)
         self.device = torch.device(device)
@@ -646,8 +646,8 @@ class CudaEngine(Engine):
 
     # ---------------------------------------------------------------- building
     def _precompile(self, stored: dict, tune: bool, batch: int) -> None:
-        """Compile every conv kernel the build will use in parallel worker processes (see cuda_compile)."""
-        from .cuda_compile import precompile
+        """Compile every conv kernel the build will use in parallel worker processes (see .compile)."""
+        from .compile import precompile
 
         k = _kernels()
         jobs = []

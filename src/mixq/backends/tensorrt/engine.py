@@ -5,14 +5,14 @@ Strong typing is the only mode in TensorRT 11 and was opt-in from 10.12, where w
 precision flags, per-layer precision) was deprecated; TensorRT 11 removed it (release notes 10.12.0,
 "Weak typing APIs deprecated"; migration guide 10.x -> 11.x, "Strongly Typed Networks Are Now Required").
 So precision lives in the graph: int8 in Q/DQ nodes, fp16 in Cast nodes and float16 weights
-(:mod:`.tensorrt_legalize`), and the builder gets no precision flag at all (TF32 is cleared, so fp32 layers
+(:mod:`.legalize`), and the builder gets no precision flag at all (TF32 is cleared, so fp32 layers
 are fp32; that flag is not a weak-typing one and stays in TensorRT 11). The network creation flag
 ``STRONGLY_TYPED`` is passed on 10.x only; on 11 it is deprecated and ignored (every network is strongly
 typed).
 
-Runs on CPU (tested there): legalization, :func:`~.tensorrt_check.check`, the build plan
+Runs on CPU (tested there): legalization, :func:`~.check.check`, the build plan
 (:func:`plan_network`), batch chunking, the profile check, dtype mapping and the inspector/profiler parsing
-(:mod:`.tensorrt_inspect`). Needs TensorRT and a GPU (``tests/gpu/test_tensorrt_engine.py``): parsing,
+(:mod:`.inspect`). Needs TensorRT and a GPU (``tests/gpu/test_tensorrt_engine.py``): parsing,
 building, running, and reading the inspector and profiler of a real engine.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (
+from ..base import (
     Backend,
     BuildOptions,
     Engine,
@@ -36,9 +36,9 @@ from .base import (
     read_engine_file,
     register_backend,
 )
-from .tensorrt_check import check
-from .tensorrt_inspect import layer_times, parse_engine_information, placement
-from .tensorrt_legalize import NOTES_KEY, legalize
+from .check import check
+from .inspect import layer_times, parse_engine_information, placement
+from .legalize import NOTES_KEY, legalize
 
 __all__ = [
     "TensorRTBackend",
@@ -262,9 +262,9 @@ class TensorRTBackend(Backend):
         )
 
     def build(self, qdq, input_shape, options: BuildOptions) -> TensorRTEngine:
-        """Legalize (:mod:`.tensorrt_legalize`), check (:func:`.check`: a rule TensorRT would reject is an
+        """Legalize (:mod:`.legalize`), check (:func:`.check`: a rule TensorRT would reject is an
         error here, a placement rule a note in the report), then parse and build a strongly typed network. fp8
-        layers need a GPU of compute capability 8.9 or newer (:func:`.base.check_fp8_support`, checked first)."""
+        layers need a GPU of compute capability 8.9 or newer (:func:`..base.check_fp8_support`, checked first)."""
         fp8 = next((name for name, info in qdq.layers.items() if info.get("precision") == "fp8"), None)
         if fp8 is not None and torch.cuda.is_available():
             check_fp8_support(f"layer {fp8!r}", torch.device("cuda", torch.cuda.current_device()))

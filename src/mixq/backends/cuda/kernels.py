@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..spec import FP8_E4M3
+from ...spec import FP8_E4M3
 
 __all__ = [
     "KernelConfig",

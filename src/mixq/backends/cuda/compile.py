@@ -41,7 +41,7 @@ def precompile(jobs: list, tensors: dict, batch: int) -> int:
         path.write_bytes(pickle.dumps({"jobs": jobs, "tensors": tensors, "batch": batch}))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         env.pop("TRITON_INTERPRET", None)
-        code = "import sys; from mixq.backends.cuda_compile import _work; _work(*sys.argv[1:])"
+        code = "import sys; from mixq.backends.cuda.compile import _work; _work(*sys.argv[1:])"
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", code, str(path), str(i), str(workers)],
@@ -60,8 +60,8 @@ def _work(path: str, index: str, count: str) -> None:
     """A worker: compile every ``count``-th job starting at ``index`` (errors are left to the engine's process)."""
     import torch
 
-    from .cuda import ConvRunner
-    from .cuda_lower import Plan
+    from .engine import ConvRunner
+    from .lower import Plan
 
     data = pickle.loads(Path(path).read_bytes())
     plan = Plan([], data["tensors"], -1, ())
@@ -89,7 +89,7 @@ def aot_compile(runner, batch: int = 128, arch: int = 90, float_strides: dict | 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .cuda_kernels import conv_kernel
+    from .kernels import conv_kernel
 
     config = runner.config
     args, consts, _ = runner.kernel_arguments(batch, float_strides or {})

@@ -7,7 +7,7 @@ Each batch size gets its own static-shape compilation (OpenVINO's CPU plugin is 
 made on first use and kept.
 
 On x86 CPUs without VNNI, OpenVINO's u8 x s8 int8 convolutions saturate for weights with |q| > 64
-(:mod:`.cpu_features`), and no OpenVINO setting avoids that (EXECUTION_MODE_HINT=ACCURACY gives the same
+(:mod:`..cpu_features`), and no OpenVINO setting avoids that (EXECUTION_MODE_HINT=ACCURACY gives the same
 wrong results; measured in benchmarks/results/openvino-exactness-cpu.md). There the engine splits each such
 weight into two int8 halves with |q| <= 64 and runs the layer as two int8 kernels whose outputs are added:
 exact, still int8, about twice the layer's int8 work. 7-bit weights need no split.
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (
+from ..base import (
     Backend,
     BuildOptions,
     Engine,
@@ -49,7 +49,7 @@ from .base import (
     read_engine_file,
     register_backend,
 )
-from .cpu_features import (
+from ..cpu_features import (
     SAFE_U8S8_WEIGHT,
     cpu_has_vnni,
     int8_weight_maxima,
@@ -148,7 +148,7 @@ class OpenVINOEngine(Engine):
         """The model to compile, with the weight layout for this CPU (``options.uint8_weights``):
 
         - None (default): on a CPU without VNNI, each layer with int8 weights |q| > 64 gets them split in two
-          int8 halves with |q| <= 64 (:func:`.cpu_features.split_int8_weights`): exact and still int8, about
+          int8 halves with |q| <= 64 (:func:`..cpu_features.split_int8_weights`): exact and still int8, about
           twice the layer's int8 work (measured: benchmarks/results/openvino-exactness-cpu.md). A weight the
           split does not handle gets uint8 weights instead (exact, runs float). With VNNI: unchanged.
         - True: every int8 weight as uint8 with zero point 128 (OpenVINO runs those layers in float, exact).

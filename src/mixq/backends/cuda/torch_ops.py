@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import EngineError
+from ..base import EngineError
 
 __all__ = ["run_torch_op", "dequantize_nhwc"]
 

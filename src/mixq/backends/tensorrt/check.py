@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..export import LAYERS_METADATA_KEY
-from .base import constant_values, layer_of_node
+from ...export import LAYERS_METADATA_KEY
+from ..base import constant_values, layer_of_node
 
 __all__ = [
     "Problem",

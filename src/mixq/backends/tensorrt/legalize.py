@@ -1,6 +1,6 @@
 """TensorRT's legalization of the backend-neutral Q/DQ graph (:mod:`mixq.export`), so that
-:func:`~mixq.backends.tensorrt_check.check` finds nothing and a strongly typed TensorRT network builds it as
-the config asks. Each step and why (the rules are cited in :mod:`.tensorrt_check`):
+:func:`~mixq.backends.tensorrt.check.check` finds nothing and a strongly typed TensorRT network builds it as
+the config asks. Each step and why (the rules are cited in :mod:`.check`):
 
 1. Bias: a DequantizeLinear of an int32 bias (ONNX Runtime's form) becomes the float initializer it computes,
    ``q * scale`` in float32 (the same value, bit for bit).
@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..export import LAYERS_METADATA_KEY
-from ..primitives import choose_qparams, quantize
-from ..spec import FloatType, IntType, PerChannel, QuantSpec
-from .base import EngineError, dequantize_constant, fp8_dtype, is_fp8, layer_of_node, tensor_ranges
-from .tensorrt_check import (
+from ...export import LAYERS_METADATA_KEY
+from ...primitives import choose_qparams, quantize
+from ...spec import FloatType, IntType, PerChannel, QuantSpec
+from ..base import EngineError, dequantize_constant, fp8_dtype, is_fp8, layer_of_node, tensor_ranges
+from .check import (
     TYPE_NEUTRAL_OPS,
     WEIGHTED_OPS,
     GraphIndex,
@@ -131,7 +131,7 @@ def _scope(node_name: str) -> str:
 
 
 def _dequantize(g: GraphIndex, dq) -> np.ndarray:
-    """What a weight/bias DequantizeLinear computes, in float32 as ONNX does (:func:`.base.dequantize_constant`)."""
+    """What a weight/bias DequantizeLinear computes, in float32 as ONNX does (:func:`..base.dequantize_constant`)."""
     zp = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
     axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
     return dequantize_constant(g.value(dq.input[0]), g.value(dq.input[1]), zp, axis)

@@ -27,8 +27,8 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .base import LayerPlacement, LayerTime, layer_of_node
-from .tensorrt_legalize import NOTES_KEY
+from ..base import LayerPlacement, LayerTime, layer_of_node
+from .legalize import NOTES_KEY
 
 __all__ = ["EngineLayer", "parse_engine_information", "io_tensors", "tensor_dtype", "placement", "layer_times"]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import EngineError, constant_values, is_fp8, layer_of_node
+from ..base import EngineError, constant_values, is_fp8, layer_of_node
 
 __all__ = [
     "Grid",
@@ -133,7 +133,7 @@ class Shortcut:
 
 @dataclass
 class QConv:
-    """One conv or linear layer run by the Triton kernel, with its fused epilogue (see cuda_kernels)."""
+    """One conv or linear layer run by the Triton kernel, with its fused epilogue (see .kernels)."""
 
     kind = "conv"  # (class attributes, not fields: what the engine runs each op with)
 
@@ -825,7 +825,7 @@ def _float_shape(op: str, attrs: dict, inputs: list, shapes: list, tensors) -> t
     """Per-image output shape of a float op, from a tiny shape inference on a batch of 1 with numpy-free rules."""
     import torch
 
-    from .cuda_torch import run_torch_op
+    from .torch_ops import run_torch_op
 
     def example(i):
         if isinstance(i, int):
