@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write
+from ..calibration import save_calibration_config
+from ..quantization import export_calibration
+from ..quantization.model import deploy_
 from ..speedup import ModelSpeedup
 from .metrics import accuracy, average_bits, layer_costs, median_latency
 from .tutorial import (
@@ -138,21 +141,20 @@ def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
     engines, calibrations, rows, written = {}, {}, [], []
     for name, v in variants.items():
         slug = _slug(name)
-        if v.quantizer is None:
-            calibration = {}
-            with atomic_write(out / f"{slug}_model.pth", "wb") as f:
-                torch.save(v.model.state_dict(), f)
-            written.append(f"{slug}_model.pth")
-            speedup = ModelSpeedup(v.model, shape, config={}, batchsize=opts.batch, backend=opts.backend)
-        else:
-            # export_model unwraps the model (NNI's behaviour): the engine is built from the float deploy model and
-            # the calibration config it returns.
-            calibration = v.quantizer.export_model(out / f"{slug}_model.pth", out / f"{slug}_calibration.json")
-            written += [f"{slug}_model.pth", f"{slug}_calibration.json"]
-            speedup = ModelSpeedup(v.model, shape, config=calibration, batchsize=opts.batch, backend=opts.backend)
+        calibration = {}
+        if v.config_list is not None:
+            # As NNI's export_model: the calibration, then the model unwrapped to its float deploy modules (BN
+            # folded); the engine is built from that float model and the calibration config.
+            calibration = export_calibration(v.model, allow_unobserved=True)
+            deploy_(v.model)
+            save_calibration_config(calibration, out / f"{slug}_calibration.json")
+        with atomic_write(out / f"{slug}_model.pth", "wb") as f:
+            torch.save(v.model.state_dict(), f)
+        written += [f"{slug}_model.pth"] + ([f"{slug}_calibration.json"] if calibration else [])
+        speedup = ModelSpeedup(v.model, shape, config=calibration, batchsize=opts.batch, backend=opts.backend)
         speedup.compress()
         engines[name], calibrations[name] = speedup, calibration
-        engine = _engine_label(speedup, quantized=v.quantizer is not None)
+        engine = _engine_label(speedup, quantized=v.config_list is not None)
         by_mac, by_param = average_bits(costs, calibration)
         rows.append(
             {
@@ -162,7 +164,7 @@ def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
                 "avg_bits_params": round(by_param, 2),
                 "accuracy_engine": accuracy(lambda x, s=speedup: s.inference(x)[0], task.test_set),
                 "accuracy_pytorch": v.accuracy,
-                "training": "float" if v.quantizer is None else "QAT",
+                "training": "float" if v.config_list is None else "QAT",
                 "train_seconds_per_epoch": sum(v.epoch_seconds) / len(v.epoch_seconds),
             }
         )

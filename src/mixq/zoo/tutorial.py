@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..quantization import QAT, prepare_
 from .data import load_mnist
 from .models import TorchModel
 
@@ -113,7 +114,7 @@ FAST_MIXED_CONFIG_LIST = [
 class TrainedVariant:
     name: str
     model: nn.Module
-    quantizer: object | None  # None for the fp32 model
+    config_list: list | None  # what QAT trained with; None for the fp32 model
     accuracy: float  # PyTorch (fake-quant) model, full test loader
     epoch_seconds: list[float]
 
@@ -129,19 +130,16 @@ def train_variants(
 ) -> dict:
     """Train the tutorial's LeNet from the same initial weights once per entry of ``configs``
     (``{name: config_list}``; ``None`` = plain fp32 training), each for ``epochs`` epochs with SGD (the
-    tutorial's lr 0.01 momentum 0.5 unless given) and ``QAT_Quantizer`` where a config is given."""
-    from ..nni import QAT_Quantizer
-
+    tutorial's lr 0.01 momentum 0.5 unless given), prepared for QAT (the native verbs; what ``QAT_Quantizer``
+    does with these configs) where a config is given. A QAT variant's model stays prepared (quantized)."""
     torch.manual_seed(seed)
     init = TorchModel()
     out = {}
     for name, config in configs.items():
         model = copy.deepcopy(init)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-        quantizer = None
         if config is not None:
-            quantizer = QAT_Quantizer(model, config, optimizer, torch.rand(32, 1, 28, 28))
-            model = quantizer.compress()
+            prepare_(model, config, QAT(), example_input=torch.rand(32, 1, 28, 28))
         seconds, acc = [], 0.0
         for epoch in range(epochs):
             loader = task.train_loader(epoch)
@@ -156,5 +154,5 @@ def train_variants(
             if bar is not None:
                 bar.close()
             _, acc = evaluator(model, task.test_loader())
-        out[name] = TrainedVariant(name, model.eval(), quantizer, acc, seconds)
+        out[name] = TrainedVariant(name, model.eval(), config, acc, seconds)
     return out
