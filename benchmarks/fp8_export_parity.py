@@ -6,10 +6,10 @@
 Models: the trained CIFAR ResNet-18 (``mixq.zoo.pretrained``) and the tutorial LeNet trained here for one epoch in
 fp32 (tutorial recipe), each PTQ-quantized all-fp8 (``mixq.speedup.all_fp8_config``: conv/linear input and weight,
 ReLU outputs) with the logits quantized in fp8 too, min/max on 512 training images. What is checked per tensor and
-why (tests/fp8_parity.py): every quantized tensor of the graph is fake_quantize_fp8 of its own input bit for bit;
-at an image's first differing quantized tensor every difference is one e4m3 step. Measured: how many images differ
-anywhere, top-1 agreement, SQNR over the logits and the largest error at the quantized logits in e4m3 steps (at the
-larger magnitude of the two values).
+why (src/mixq/zoo/fp8_parity.py): every quantized tensor of the graph is fake_quantize_fp8 of its own input bit
+for bit; at an image's first differing quantized tensor every difference is one e4m3 step. Measured: how many images
+differ anywhere, top-1 agreement, SQNR over the logits and the largest error at the quantized logits in e4m3 steps (at
+the larger magnitude of the two values).
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ import torch
 import mixq
 from mixq.export import export_qdq_onnx
 from mixq.zoo.data import load_cifar10
+from mixq.zoo.fp8_parity import batches_of, compare, logits_fp8_config
 from mixq.zoo.models import create_model
 from mixq.zoo.pretrained import load_pretrained
 from mixq.zoo.tutorial import MnistTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from engines import cpu_info, publish, run_lines, trained_lenet
-
-from fp8_parity import batches_of, compare, logits_fp8_config
 
 
 def ptq_fp8(model, last: str, calib: torch.Tensor):
@@ -119,8 +117,9 @@ def main(argv=None) -> int:
         "ONNX Runtime runs the exported graph as written (float8 QuantizeLinear/DequantizeLinear, float conv/gemm). "
         "'Q/DQ bit-exact': every quantized tensor equals fake_quantize_fp8 of its own input. 'first differences "
         "one step': at each image's first quantized tensor that differs from the fake-quant model, every difference "
-        "is one e4m3 step (float summation order; tests/fp8_parity.py). Errors at the logits are in e4m3 steps at the "
-        "larger magnitude of the two values (neighbours: 1, or 0.5 across a binade boundary); SQNR over all logits.",
+        "is one e4m3 step (float summation order; src/mixq/zoo/fp8_parity.py). Errors at the logits are in e4m3 "
+        "steps at the larger magnitude of the two values (neighbours: 1, or 0.5 across a binade boundary); SQNR over "
+        "all logits.",
         "",
     ]
     publish("\n".join(head) + "\n" + "\n".join(sections), args.out)

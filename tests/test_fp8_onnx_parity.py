@@ -1,5 +1,5 @@
 """The exported fp8 Q/DQ ONNX, run by a plain onnxruntime.InferenceSession, equals the fake-quant model
-(what is checked and why the tolerances are what they are: tests/fp8_parity.py)."""
+(what is checked and why the tolerances are what they are: mixq/zoo/fp8_parity.py)."""
 
 import numpy as np
 import onnx
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import mixq
-from fp8_parity import GRID, batches_of, compare, logits_fp8_config
 from mixq.export import FP8_OPSET, export_qdq_onnx
 from mixq.primitives import FP8_TORCH_DTYPE, fake_quantize_fp8, quantize
 from mixq.spec import FP8_E4M3
 from mixq.zoo.data import load_cifar10, load_mnist
+from mixq.zoo.fp8_parity import GRID, batches_of, compare, logits_fp8_config
 from mixq.zoo.models import create_model
 
 

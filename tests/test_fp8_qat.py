@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import mixq
-from fp8_parity import batches_of, compare, logits_fp8_config
 from mixq.calibration import load_calibration_config, save_calibration_config
 from mixq.export import export_qdq_onnx
 from mixq.nni import QAT_Quantizer
@@ -16,6 +15,7 @@ from mixq.primitives import FP8_TORCH_DTYPE
 from mixq.quantization import fake_quant
 from mixq.speedup import all_fp8_config
 from mixq.zoo.data import load_mnist
+from mixq.zoo.fp8_parity import batches_of, compare, logits_fp8_config
 from mixq.zoo.models import create_model
 
 CONTRACT_CONFIG = [  # the contract's own example
@@ -115,5 +115,5 @@ def test_qat_fp8_calibration_file_exports_to_a_graph_that_matches(mnist, tmp_pat
     qdq = export_qdq_onnx(mixq.deploy_model(model), (1, 1, 28, 28), load_calibration_config(path))
     assert {info["precision"] for info in qdq.layers.values()} == {"fp8", "fp32"}
     r = compare(model, qdq, batches_of(test.tensors[0], 250))
-    assert r["qdq_exact"] and r["first_flips_one_step"], r  # see tests/fp8_parity.py
+    assert r["qdq_exact"] and r["first_flips_one_step"], r  # see mixq/zoo/fp8_parity.py
     assert r["agreement"] >= 0.995, r
