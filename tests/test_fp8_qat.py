@@ -43,8 +43,14 @@ def _train(model, optimizer, data, steps: int) -> list[float]:
 
 
 def _on_fp8_grid(values: torch.Tensor, scale: torch.Tensor) -> bool:
-    v = values / scale
-    return torch.equal(v, v.to(FP8_TORCH_DTYPE).float())
+    """Whether every value is ``float32(g * scale)`` for an e4m3 value ``g``: the product the fake quantizer
+    computes. ``values / scale`` is not compared with the grid itself: ``(g * scale) / scale`` is two roundings and
+    lands one float32 ulp off ``g`` for some ``g`` and scales (``192 -> 191.99998``), so such a check passed or failed
+    with the scale that training happened to reach, which the CPU's kernels decide (it failed with AVX2 and on
+    AVX-512/AMX Xeons). Rounding ``values / scale`` to e4m3 recovers ``g`` exactly (its e4m3 neighbours are far more
+    than an ulp away), so the product is compared bit for bit."""
+    grid = (values / scale).to(FP8_TORCH_DTYPE).float()
+    return torch.equal(grid * scale, values)
 
 
 def test_qat_fp8_trains_and_moves_ranges(mnist):
@@ -66,12 +72,24 @@ def test_qat_fp8_trains_and_moves_ranges(mnist):
     model.eval()
     captured = {}
     quantizer = mixq.quantized_layers(model)["relu3"].output_quantizer
-    hook = quantizer.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))
+    hook = quantizer.register_forward_hook(lambda _m, args, out: captured.update(raw=args[0], out=out))
     with torch.no_grad():
         model(train.tensors[0][:64])
     hook.remove()
     scale, zp = quantizer.qparams()
     assert int(zp) == 0 and _on_fp8_grid(captured["out"], scale)
+    assert not _on_fp8_grid(captured["raw"], scale)  # the check can fail: the float activations are off the grid
+    assert len(torch.unique(captured["out"])) > 16  # and it is not passed by a few values or all zeros
+
+
+def test_fp8_grid_check_holds_where_dividing_the_product_misses_the_grid():
+    """The case that made the old check CPU-dependent, on any CPU: ``(192 * s) / s`` is not 192 in float32 for this
+    scale (a scale training reached with AVX2 kernels), yet ``192 * s`` is on the grid."""
+    scale = torch.tensor(0.001771415350958705)
+    values = torch.tensor([192.0, 48.0, 384.0, -96.0, 0.0]) * scale
+    assert not torch.equal(values / scale, (values / scale).to(FP8_TORCH_DTYPE).float())  # the old, wrong check
+    assert _on_fp8_grid(values, scale)
+    assert not _on_fp8_grid(values + scale * 0.25, scale)
 
 
 def test_nni_qat_quantizer_takes_the_contract_config(mnist):
