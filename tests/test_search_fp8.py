@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mixq
-from mixq.search.space import CHOICES, RUNS_ON, config_list_for, find_units, offered_on
+from mixq.search.space import CHOICES, config_list_for, find_units, offered_on, runs_on
 from mixq.spec import FloatType
 from test_search import FakeMeasurer, search_fake
 
@@ -30,7 +30,7 @@ def test_fp8_choice_config_list_asks_fp8_inputs_weights_and_activations():
 
 def test_fp8_is_offered_where_fp8_kernels_are():
     assert CHOICES["fp8"].precision == "fp8" and CHOICES["fp8"].dtype == "fp8"
-    assert set(RUNS_ON["fp8"]) == {"cuda", "tensorrt"}
+    assert set(runs_on("fp8")) == {"cuda", "tensorrt"}  # asked of the backends (Backend.emulated)
     assert offered_on("fp8", "cuda") and offered_on("fp8", "tensorrt")
     assert not offered_on("fp8", "onnxruntime") and not offered_on("fp8", "openvino")
     assert all(offered_on(c, "onnxruntime") for c in ("fp32", "fp16", "int8", "int8w7"))

@@ -14,13 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ._timing import median_latency
-from .backends import Engine, EngineError, get_backend, list_backends
+from .backends import Engine, EngineError, backends_on, get_backend, list_backends
 
 __all__ = ["Candidate", "Selection", "candidate_backends", "select_engine"]
-
-# Backends that run on the CPU; GPU backends join when the model or input lives on CUDA.
-CPU_BACKENDS = ("onnxruntime", "openvino")
-GPU_BACKENDS = ("tensorrt", "cuda")
 
 
 @dataclass(frozen=True)
@@ -53,12 +49,11 @@ class Selection:
 
 
 def candidate_backends(on_cuda: bool = False) -> list[str]:
-    """Registered backends usable here, in a stable order (CPU ones; GPU ones too when ``on_cuda``)."""
-    wanted = CPU_BACKENDS + (GPU_BACKENDS if on_cuda else ())
+    """Registered backends usable here, in a stable order: those whose engines run on the CPU (each backend's
+    ``device``), then, when ``on_cuda`` (the model or input lives on CUDA), those that run on CUDA."""
+    wanted = backends_on("cpu") + (backends_on("cuda") if on_cuda else [])
     out = []
     for name in wanted:
-        if name not in list_backends():
-            continue
         try:
             get_backend(name)
         except EngineError:

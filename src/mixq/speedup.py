@@ -348,8 +348,7 @@ class ModelSpeedup:
         engine = self._engine()
         report = PlacementReport(engine.backend, engine.placement())
         report.selection = self.selection
-        if hasattr(engine, "unattributed_qdq"):
-            report.glue_qdq = engine.unattributed_qdq()
+        report.glue_qdq = engine.unattributed_qdq()
         if compare_float:
             b = batch or self.options.opt_batch
             x = torch.randn(b, *self.input_shape[1:])

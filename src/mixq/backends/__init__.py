@@ -13,10 +13,12 @@ from .base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    backends_on,
     get_backend,
     list_backends,
     read_engine_file,
     register_backend,
+    registered_backend,
 )
 
 __all__ = [
@@ -26,10 +28,12 @@ __all__ = [
     "EngineError",
     "LayerPlacement",
     "LayerTime",
+    "backends_on",
     "get_backend",
     "list_backends",
     "read_engine_file",
     "register_backend",
+    "registered_backend",
     "load_engine",
 ]
 

@@ -33,6 +33,9 @@ __all__ = [
     "register_backend",
     "get_backend",
     "list_backends",
+    "registered_backend",
+    "backends_on",
+    "PRECISIONS",
     "ENGINE_FORMAT_VERSION",
     "layer_of_node",
     "tensor_ranges",
@@ -153,6 +156,11 @@ class Engine(ABC):
 
     @abstractmethod
     def profile(self, x: torch.Tensor, runs: int = 20) -> list[LayerTime]: ...
+
+    def unattributed_qdq(self) -> int | None:
+        """How many Q/DQ nodes of the built graph lie outside every layer (the placement report's glue), where
+        the backend can tell; None where it cannot."""
+        return None
 
     @abstractmethod
     def members(self) -> dict[str, bytes]:
@@ -382,9 +390,22 @@ def check_fp8_support(what: str | None, device, capability: tuple[int, int] | No
         )
 
 
+PRECISIONS = frozenset({"fp32", "fp16", "int8", "fp8"})  # what a layer can ask for (``layers[...]["precision"]``)
+
+
 class Backend(ABC):
+    """A backend and what it can run, read without building anything (``auto``, the search and ``speedup``
+    ask these instead of naming backends). ``device``: where its engines run, ``"cpu"`` or ``"cuda"``.
+    ``precisions``: the layer precisions it has kernels of their own for. ``emulated``: precisions it builds
+    exactly but runs as fp32 kernels with the rounding emulated around them, slower than fp32 (what a search
+    should not offer there). Any other precision a layer asks for runs as fp32 at fp32's cost (the placement
+    report says so)."""
+
     name: str
     package: str  # the Python package the backend runs on, imported only when an engine is built or loaded
+    device: str  # "cpu" | "cuda"
+    precisions: frozenset[str]
+    emulated: frozenset[str] = frozenset()
 
     def is_available(self) -> bool:
         import importlib.util
@@ -411,6 +432,18 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
 
 def list_backends() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def registered_backend(name: str) -> Backend | None:
+    """The backend called ``name`` whether or not it is usable here (to read its capabilities: ``device``,
+    ``precisions``, ``emulated``); None when no backend of that name is registered."""
+    factory = _REGISTRY.get(name)
+    return factory() if factory is not None else None
+
+
+def backends_on(device: str) -> list[str]:
+    """Registered backends whose engines run on ``device`` (``"cpu"`` or ``"cuda"``), by name."""
+    return [name for name in list_backends() if _REGISTRY[name]().device == device]
 
 
 def get_backend(name: str) -> Backend:

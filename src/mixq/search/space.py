@@ -5,7 +5,7 @@ A unit is one Conv/Linear layer with the ReLU that directly follows it (the pair
 placement report times together, :func:`mixq.report.fusion_groups`). A quantized choice gives the layer
 quantized inputs and weights and the ReLU a quantized output (NNI's tutorial style), so an int8 unit is
 one int8 kernel on every CPU backend; pools and other layers stay float. An fp8 choice is the same with
-``quant_dtype: "fp8"`` (e4m3); only backends with fp8 kernels are offered it (:data:`RUNS_ON`).
+``quant_dtype: "fp8"`` (e4m3); only backends with fp8 kernels are offered it (:func:`offered_on`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from .._errors import ConfigError
+from ..backends import list_backends, registered_backend
 from ..config import QUANTIZABLE_OP_TYPES, WEIGHTED_OP_TYPES
 
 __all__ = [
     "Choice",
     "CHOICES",
     "NOT_EXPRESSIBLE",
-    "RUNS_ON",
+    "runs_on",
     "offered_on",
     "FLOAT",
     "Unit",
@@ -61,21 +62,26 @@ CHOICES = {
 # Named precisions that no config_list can ask for yet, with the reason the search reports (none today).
 NOT_EXPRESSIBLE: dict[str, str] = {}
 
-# Choices only some backends run as asked, and why the others are not offered them. The CPU backends build
-# fp8 layers emulated (fp8 rounding around fp32 kernels, exact on ONNX Runtime), which is slower than fp32
-# (benchmarks/results/fp8-cpu-backends.md): the search would only learn that by building and profiling.
-RUNS_ON = {"fp8": ("cuda", "tensorrt")}
-_WHY_NOT = {
-    "fp8": (
-        "no fp8 kernels on {backends}: fp8 layers run as fp32 there with fp8 rounding emulated, slower than fp32 "
-        "(benchmarks/results/fp8-cpu-backends.md); fp8 is searched on cuda and tensorrt"
-    ),
-}
+# Choices only some backends run as asked, and why the others are not offered them: a backend that builds a
+# precision emulated (its ``emulated``: the rounding emulated around fp32 kernels, e.g. fp8 on the CPU backends,
+# exact on ONNX Runtime) runs it slower than fp32 (benchmarks/results/fp8-cpu-backends.md): the search would
+# only learn that by building and profiling.
+_WHY_NOT = (
+    "no {choice} kernels on {backends}: {choice} layers run as fp32 there with {choice} rounding emulated, slower "
+    "than fp32 (benchmarks/results/fp8-cpu-backends.md); {choice} is searched on {elsewhere}"
+)
 
 
 def offered_on(choice: str, backend: str) -> bool:
-    """Whether the search offers ``choice`` on ``backend`` (see :data:`RUNS_ON`)."""
-    return backend in RUNS_ON.get(choice, (backend,))
+    """Whether the search offers ``choice`` on ``backend``: not where the backend builds its precision emulated
+    (``Backend.emulated``). A name no backend is registered under (a measurer's own) is offered every choice."""
+    registered = registered_backend(backend)
+    return registered is None or CHOICES[choice].precision not in registered.emulated
+
+
+def runs_on(choice: str) -> tuple[str, ...]:
+    """The registered backends the search offers ``choice`` on (:func:`offered_on`)."""
+    return tuple(b for b in list_backends() if offered_on(choice, b))
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def check_choices(
     choices: Sequence[str], backends: Sequence[str] | None = None
 ) -> tuple[tuple[str, ...], dict[str, str]]:
     """(the expressible choices, fp32 first, ``{choice: why it is left out}``); an unknown name is an error.
-    With ``backends``, a choice none of them runs (:data:`RUNS_ON`) is left out too."""
+    With ``backends``, a choice none of them is offered (:func:`offered_on`) is left out too."""
     if isinstance(choices, str) or not isinstance(choices, Sequence) or not choices:
         raise ConfigError(f"choices must be a non-empty list of precision names, got {choices!r}")
     known = (*CHOICES, *NOT_EXPRESSIBLE)
@@ -126,7 +132,9 @@ def check_choices(
     left_out = {c: NOT_EXPRESSIBLE[c] for c in choices if c in NOT_EXPRESSIBLE}
     for c in choices:
         if backends is not None and c in CHOICES and not any(offered_on(c, b) for b in backends):
-            left_out[c] = _WHY_NOT[c].format(backends=", ".join(backends))
+            where = runs_on(c)
+            elsewhere = " and ".join([", ".join(where[:-1]), where[-1]] if len(where) > 1 else where) or "no backend"
+            left_out[c] = _WHY_NOT.format(choice=c, backends=", ".join(backends), elsewhere=elsewhere)
     kept = tuple(dict.fromkeys([FLOAT, *(c for c in choices if c in CHOICES and c not in left_out)]))
     return kept, left_out
 

@@ -942,6 +942,8 @@ def build_engine(qdq, input_shape, options: BuildOptions, device="cuda") -> Cuda
 class CudaBackend(Backend):
     name = "cuda"
     package = "triton"
+    device = "cuda"
+    precisions = frozenset({"fp32", "fp16", "int8", "fp8"})
 
     def is_available(self) -> bool:
         return super().is_available() and torch.cuda.is_available()

@@ -289,6 +289,9 @@ class OnnxRuntimeEngine(Engine):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     package = "onnxruntime"
+    device = "cpu"
+    precisions = frozenset({"fp32", "int8"})  # fp16 runs fp32 (no fast fp16 kernels on CPU)
+    emulated = frozenset({"fp8"})  # fp8 Q/DQ kept, the layer computed in fp32 (exact, slower than fp32)
 
     def build(self, qdq, input_shape, options: BuildOptions) -> OnnxRuntimeEngine:
         """Legalize (see :mod:`.legalize`: conv outputs ORT needs quantized are calibrated on

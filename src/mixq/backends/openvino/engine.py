@@ -320,6 +320,9 @@ class OpenVINOEngine(Engine):
 class OpenVINOBackend(Backend):
     name = "openvino"
     package = "openvino"
+    device = "cpu"
+    precisions = frozenset({"fp32", "int8"})  # fp16 runs fp32 (INFERENCE_PRECISION_HINT f32)
+    emulated = frozenset({"fp8"})  # FakeConvert around fp32 kernels
 
     def build(self, qdq, input_shape, options: BuildOptions) -> OpenVINOEngine:
         return OpenVINOEngine(qdq.model.SerializeToString(), tuple(input_shape), qdq.layers, options)

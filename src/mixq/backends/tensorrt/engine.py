@@ -251,6 +251,8 @@ class TensorRTEngine(Engine):
 class TensorRTBackend(Backend):
     name = "tensorrt"
     package = "tensorrt"
+    device = "cuda"
+    precisions = frozenset({"fp32", "fp16", "int8", "fp8"})
 
     def is_available(self) -> bool:
         return super().is_available() and torch.cuda.is_available()
