@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixq import IntType, PerChannel, PerTensor, QuantSpec, choose_qparams, dequantize, fake_quantize, quantize
-from mixq.primitives import SCALE_EPS, choose_qparams_from_tensor, fake_quantize_lsq, tensor_range
+from mixq import IntType, PerChannel, PerTensor, QuantSpec, choose_qparams, dequantize, fake_quantize
+from mixq.primitives import SCALE_EPS, choose_qparams_from_tensor, fake_quantize_lsq, quantize, tensor_range
 
 
 def ref_qparams(lo, hi, spec):

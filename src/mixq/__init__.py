@@ -4,14 +4,16 @@ Importing mixq loads torch only: no CUDA initialisation, no ONNX Runtime or Tens
 
 Layers, bottom up: ``spec``/``primitives`` (pure math) <- ``observers`` <- ``config`` <- ``quantization``
 (fake-quant modules, layer wrappers, the model verbs) -> ``calibration`` (file format) <- ``export`` (float
-model + calibration -> Q/DQ ONNX) <- ``backends`` <- ``speedup`` <- ``report``; faces: ``nni``, ``cli``.
+model + calibration -> Q/DQ ONNX) <- ``backends`` <- ``speedup`` <- ``report``, ``api`` (the native verbs
+``quantize``, ``compile``, ``load``); faces: ``nni``, ``cli``.
 Demo and benchmark support (models, data sets, download, demo, tutorial assets, metrics): ``mixq.zoo``.
 """
 
 from ._errors import CalibrationFileError, ConfigError, DataError, MixqError, ModelStructureError
+from .api import FP8, INT8, W4A8, CompiledModel, Preset, compile, load, quantize  # tensors: primitives.quantize
 from .calibration import load_calibration_config, save_calibration_config, validate_calibration_config
 from .config import resolve_config
-from .primitives import choose_qparams, choose_qparams_from_tensor, dequantize, fake_quantize, quantize
+from .primitives import choose_qparams, choose_qparams_from_tensor, dequantize, fake_quantize
 from .quantization import (
     LSQ,
     PTQ,
@@ -33,6 +35,14 @@ from .spec import FP8_E4M3, FloatType, IntType, LayerSpec, PerChannel, PerTensor
 __version__ = "0.1.0"
 
 __all__ = [
+    "quantize",
+    "compile",
+    "load",
+    "CompiledModel",
+    "Preset",
+    "INT8",
+    "FP8",
+    "W4A8",
     "MixqError",
     "ConfigError",
     "CalibrationFileError",
@@ -47,7 +57,6 @@ __all__ = [
     "LayerSpec",
     "choose_qparams",
     "choose_qparams_from_tensor",
-    "quantize",
     "dequantize",
     "fake_quantize",
     "resolve_config",
