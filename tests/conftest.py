@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -8,18 +7,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_dir() -> Path | None:
-    env = os.environ.get("MIXQ_DATA")
-    if env:
-        return Path(env)
-    default = REPO.parent / "shared" / "data"
-    return default if default.is_dir() else None
+    """The library's own default (MIXQ_DATA, shared/data beside the checkout, ~/.cache/mixq/data); no download."""
+    from mixq import DataError
+    from mixq.zoo.data import data_dir
+
+    try:
+        return data_dir(None, "mnist")
+    except DataError:
+        return None
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = _data_dir()
     if d is None or not (d / "mnist").is_dir():
-        pytest.skip("real data not found: set MIXQ_DATA to the folder holding mnist/ and cifar10/")
+        pytest.skip("real data not found: run `mixq download mnist cifar10` or set MIXQ_DATA (scripts/test.sh does)")
     return d
 
 

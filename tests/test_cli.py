@@ -562,3 +562,72 @@ def test_quantize_qat_with_amp_and_compile(data_dir, cfg, tmp_path, capsys, monk
     assert "fake-quant accuracy" in capsys.readouterr().out
     calibration = mixq.load_calibration_config(out / "calibration.json")
     assert calibration["fc1"]["input_bits"] == 8 and calibration["fc1"]["tracked_max_input"] > 0
+
+
+@pytest.mark.parametrize("command", ["quantize", "demo", "search", "build"])
+def test_unwritable_out_is_one_line_before_any_work(command, cfg, calibration, lenet_weights, tmp_path, capsys):
+    under_a_file = tmp_path / "a_file"
+    under_a_file.write_text("x")
+    argv = {
+        "quantize": ["quantize", "--model", "lenet", "--config", str(cfg), "--dataset", "mnist"],
+        "demo": ["demo"],
+        "search": ["search", "--model", "lenet", "--weights", str(lenet_weights), "--dataset", "mnist"],
+        "build": ["build", "--model", "lenet", "--weights", str(lenet_weights), "--calibration", str(calibration)],
+    }[command] + (["--input-shape", "4,1,28,28", "--backend", "onnxruntime"] if command == "build" else [])
+    for out, reason in [("/proc/mixq-out/x", "cannot create files in /proc"), (under_a_file / "x", "is a file")]:
+        assert main([*argv, "--out", str(out)]) == 2
+        line = _error(capsys)
+        assert line.startswith(f"mixq {command}: error: --out {out}: ") and reason in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a_file", "cfg.yaml", "calibration.json", "lenet.pth"])
+
+
+def test_quantize_refuses_bits_no_engine_builds_before_training(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "bits3.yaml"
+    cfg.write_text("- quant_types: [input, weight]\n  quant_bits: 3\n  op_types: [Conv2d]\n")
+    monkeypatch.setattr(cli, "_dataset", lambda *a, **k: pytest.fail("data was loaded before the config was checked"))
+    argv = ["quantize", "--model", "lenet", "--config", str(cfg), "--dataset", "mnist", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    line = _error(capsys)
+    assert f"--config {cfg}: layer 'conv1' asks for [3] bits" in line and "--training-only" in line, line
+
+
+def test_quantize_training_only_trains_a_config_no_engine_builds(data_dir, tmp_path, capsys):
+    cfg = tmp_path / "bits3.yaml"
+    cfg.write_text("- quant_types: [weight]\n  quant_bits: 3\n  op_types: [Conv2d]\n")
+    argv = ["quantize", "--model", "lenet", "--config", str(cfg), "--dataset", "mnist", "--data-dir", str(data_dir)]
+    limits = ["--train-limit", "256", "--test-limit", "100", "--no-progress", "--training-only"]
+    assert main([*argv, *limits, "--out", str(tmp_path / "o")]) == 0
+    calib = json.loads((tmp_path / "o" / "calibration.json").read_text())
+    assert calib["conv1"]["weight_bits"] == 3
+
+
+def test_missing_data_is_downloaded_into_the_cache_or_named_in_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    """No MIXQ_DATA and no shared/data: `quantize` downloads into the user cache before any work; when that fails
+    (no internet), one line names the commands. The download itself is served from a file:// copy here."""
+    from mixq.zoo import data, download
+
+    monkeypatch.delenv("MIXQ_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_checkout_root", lambda: None)
+    monkeypatch.setattr(download, "MNIST_MIRRORS", ("http://127.0.0.1:9/",))  # refused: nothing listens there
+    argv = ["quantize", "--model", "lenet", "--config", str(CONFIGS / "all_8bit.yaml"), "--dataset", "mnist"]
+    argv += ["--train-limit", "256", "--test-limit", "100", "--no-progress", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("mixq: no mnist data found; downloading it into ")
+    assert len(err) == 2 and "run `mixq download mnist`" in err[1] and "MIXQ_DATA" in err[1], err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(download, "MNIST_MIRRORS", ((data_dir / "mnist").as_uri() + "/",))
+    assert main(argv) == 0
+    assert data.holds(tmp_path / "cache" / "mixq" / "data", "mnist")
+    assert (tmp_path / "o" / "calibration.json").is_file()
+
+
+def test_download_from_a_data_directory_into_the_cache(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MIXQ_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["download", "mnist", "--from", str(data_dir)]) == 0
+    assert "checksums verified" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "mixq" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz").is_file()
+    assert main(["download", "mnist", "--from", str(tmp_path / "nope")]) == 2
+    assert "--from" in _error(capsys)

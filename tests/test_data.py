@@ -1,10 +1,12 @@
 import gzip
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mixq import DataError
+from mixq.zoo import data
 from mixq.zoo.data import load_cifar10_arrays, load_mnist, load_mnist_arrays
 
 
@@ -37,11 +39,51 @@ def test_corrupted_file_fails_checksum_naming_it(data_dir, tmp_path):
         load_mnist_arrays(train=False, root=tmp_path)
 
 
-def test_missing_data_dir_says_how_to_set_it(tmp_path, monkeypatch):
+@pytest.fixture
+def no_default_data(tmp_path, monkeypatch):
+    """No MIXQ_DATA, no shared/data beside the checkout, an empty user cache under tmp_path."""
     monkeypatch.delenv("MIXQ_DATA", raising=False)
-    with pytest.raises(DataError, match="MIXQ_DATA"):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_checkout_root", lambda: None)
+    return tmp_path / "cache" / "mixq" / "data"
+
+
+def test_missing_data_names_where_it_looked_and_the_command(no_default_data, tmp_path):
+    with pytest.raises(DataError, match=r"no mnist data found .*MIXQ_DATA.*run `mixq download mnist`") as e:
         load_mnist_arrays(train=False)
+    assert str(no_default_data) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(DataError, match="does not exist"):
         load_mnist_arrays(train=False, root=tmp_path / "nope")
     with pytest.raises(DataError, match="file not found"):
         load_mnist_arrays(train=False, root=tmp_path)
+
+
+def test_default_order_env_then_shared_data_then_cache(data_dir, no_default_data, tmp_path, monkeypatch):
+    cache = no_default_data
+    (cache / "mnist").mkdir(parents=True)
+    with pytest.raises(DataError, match="no mnist data"):  # a folder a failed download left is not the data
+        data.data_dir(None, "mnist")
+    for f in (data_dir / "mnist").iterdir():
+        shutil.copy(f, cache / "mnist" / f.name)
+    assert data.data_dir(None, "mnist") == cache
+    assert load_mnist_arrays(train=False)[1][:3].tolist() == [7, 2, 1]
+    with pytest.raises(DataError, match="no cifar10 data"):
+        data.data_dir(None, "cifar10")
+    checkout = tmp_path / "work" / "clone"  # shared/data in a folder above the checkout comes before the cache
+    (tmp_path / "work" / "shared" / "data" / "mnist").mkdir(parents=True)
+    for f in (data_dir / "mnist").iterdir():
+        shutil.copy(f, tmp_path / "work" / "shared" / "data" / "mnist" / f.name)
+    monkeypatch.setattr(data, "_checkout_root", lambda: checkout)
+    assert data.data_dir(None, "mnist") == tmp_path / "work" / "shared" / "data"
+    monkeypatch.setenv("MIXQ_DATA", str(data_dir))
+    assert data.data_dir(None, "mnist") == data_dir
+    monkeypatch.setenv("MIXQ_DATA", str(tmp_path / "gone"))
+    with pytest.raises(DataError, match="MIXQ_DATA=.*gone does not exist"):
+        data.data_dir(None, "mnist")
+
+
+def test_user_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data.user_cache_dir() == tmp_path / "mixq" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data.user_cache_dir() == Path.home() / ".cache" / "mixq" / "data"

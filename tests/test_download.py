@@ -14,7 +14,7 @@ import pytest
 
 from mixq import DataError
 from mixq.zoo.data import load_cifar10_arrays, load_mnist_arrays
-from mixq.zoo.download import download_cifar10, download_mnist, fetch
+from mixq.zoo.download import copy_dataset, download_cifar10, download_mnist, fetch
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
@@ -116,3 +116,21 @@ def test_cifar10_archive_download_checks_every_batch(server, data_dir, tmp_path)
     download_cifar10(target, mirrors=[url])
     x, y = load_cifar10_arrays(train=False, root=target)
     assert y[:3].tolist() == [3, 8, 8] and x.shape == (10000, 3, 32, 32)
+
+
+def test_file_mirror_and_copy_from_a_data_directory(data_dir, tmp_path):
+    """Offline copies: a file:// mirror of the official MNIST files, and a copy of another data directory (the
+    CIFAR-10 batches as they are there, .xz), each file checked; a corrupted source file is refused."""
+    target = tmp_path / "data"
+    download_mnist(target, mirrors=[(data_dir / "mnist").as_uri() + "/"])
+    assert load_mnist_arrays(train=False, root=target)[1][:3].tolist() == [7, 2, 1]
+    copy_dataset("cifar10", data_dir, target)
+    assert load_cifar10_arrays(train=False, root=target)[1][:3].tolist() == [3, 8, 8]
+    bad = tmp_path / "bad" / "mnist"
+    bad.mkdir(parents=True)
+    for f in (data_dir / "mnist").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not mnist")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: checksum mismatch"):
+        copy_dataset("mnist", bad.parent, tmp_path / "other")
+    assert not (tmp_path / "other" / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "unwritable_reason"]
 
 
 @contextlib.contextmanager
@@ -70,3 +70,27 @@ def _chmod(fd: int, path: str, mode: int) -> None:
         os.fchmod(fd, mode)
     else:  # Windows: only the read-only bit exists
         os.chmod(path, mode)
+
+
+def unwritable_reason(path: str | os.PathLike, folder: bool) -> str | None:
+    """Why ``path`` cannot be written (``folder``: a folder mixq creates and fills; else a file), or None when it
+    can. Checked without leaving anything behind: a path under a file, a folder that is a file (or the reverse),
+    and a probe file created and removed in the nearest existing folder (which catches read-only file systems,
+    ``/proc``, missing permissions)."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        return "is a folder, not a file" if not folder else "is a file, not a folder"
+    existing = target if folder else target.parent
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, so nothing can be created under it"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mixq-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot create files in {existing} ({e.strerror or e})"
+    return None

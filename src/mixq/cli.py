@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from ._errors import ConfigError, MixqError
+from ._errors import ConfigError, DataError, MixqError
 
 __all__ = ["main", "build_parser", "DEFAULT_BACKEND"]
 
@@ -36,11 +36,14 @@ LOG_EVERY_SECONDS = 10.0
 
 EXAMPLES = {
     "demo": """examples:
-  mixq demo --data-dir ../shared/data            # the NNI tutorial end to end, 3 epochs
-  mixq demo --data-dir ../shared/data --quick    # small subset, two short epochs (CI)
+  mixq demo                                      # the NNI tutorial end to end, 3 epochs (data: see --data-dir)
+  mixq demo --quick                              # small subset, two short epochs (CI)
   mixq demo --backend onnxruntime                # one backend instead of auto (the fastest measured)""",
     "download": """examples:
-  mixq download mnist cifar10 --data-dir ~/data  # official files, resumable, checksum-verified""",
+  mixq download mnist cifar10                    # into ~/.cache/mixq/data: official files, resumable, verified
+  mixq download mnist --data-dir ~/data          # into a folder of your choice (then MIXQ_DATA=~/data)
+  mixq download mnist --mirror file:///mnt/mnist/ # from an offline copy of the official files
+  mixq download mnist cifar10 --from /mnt/share/data  # copy (and verify) another data directory""",
     "quantize": """config lists ship in examples/configs/ (nni_tutorial.yaml, all_8bit.yaml, fast_mixed.yaml).
 
 examples:
@@ -73,6 +76,7 @@ examples:
   mixq inspect runs/q/calibration.json""",
 }
 
+DATA_DEFAULT = "$MIXQ_DATA, else shared/data beside the checkout, else ~/.cache/mixq/data, downloaded if missing"
 WEIGHTS_HINT = "pass the trained float state dict, or --random-weights for a smoke test"
 INSPECT_TAKES = "inspect takes a calibration config (.json/.pth) or an engine file (.mixq)"
 
@@ -439,10 +443,44 @@ def _explain_failure(failing, model, shape, error: Exception) -> str:
     return f"layer {name} ({kind}) fails on its input {list(got) if got is not None else '?'} ({_one_line(error)})"
 
 
-def _data_root(data_dir: str | None) -> Path:
+def _data_root(data_dir: str | None, dataset: str) -> Path:
+    """The data directory holding ``dataset``: ``--data-dir``, ``$MIXQ_DATA``, or the first default location
+    (mixq.zoo.data.default_data_dirs). When none is given and none holds it, the official files are downloaded into
+    the user cache folder now, before any work; a failed download is one line naming the exact commands."""
     from .zoo.data import data_dir as resolve
+    from .zoo.data import user_cache_dir
+    from .zoo.download import download
 
-    return resolve(data_dir)
+    try:
+        return resolve(data_dir, dataset)
+    except DataError:
+        if data_dir is not None or os.environ.get("MIXQ_DATA"):
+            raise
+    cache = user_cache_dir()
+    print(f"mixq: no {dataset} data found; downloading it into {cache} (checksum-verified)", file=sys.stderr)
+    try:
+        download(dataset, cache)
+    except (DataError, OSError) as e:
+        raise DataError(
+            f"no {dataset} data found and downloading it into {cache} failed ({_short(e)}): run "
+            f"`mixq download {dataset}` where the internet is reachable, `mixq download {dataset} --from DIR` to "
+            f"copy a local copy, or set MIXQ_DATA to a folder holding {dataset}/"
+        ) from None
+    return cache
+
+
+def _short(e: BaseException, limit: int = 90) -> str:
+    text = _one_line(e, limit)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_out(path: str, folder: bool) -> None:
+    """--out must be creatable and writable: checked before any work, so that nothing is trained for nothing."""
+    from ._io import unwritable_reason
+
+    reason = unwritable_reason(path, folder)
+    if reason is not None:
+        raise ConfigError(f"--out {path}: {reason}")
 
 
 def _dataset(name: str, data_dir, train: bool, limit=None):
@@ -533,26 +571,38 @@ def _note(progress, text: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    _data_root(args.data_dir)
+    _check_out(args.out, folder=True)
     _check_backend(args.backend)
+    root = _data_root(args.data_dir, "mnist")
 
     from .zoo.demo import DemoOptions, run_demo
 
     opts = DemoOptions(
-        data_dir=args.data_dir, out=args.out, epochs=args.epochs, quick=args.quick, seed=args.seed, backend=args.backend
+        data_dir=str(root), out=args.out, epochs=args.epochs, quick=args.quick, seed=args.seed, backend=args.backend
     )
     run_demo(opts, progress_factory=_progress_factory(not args.no_progress))
     return 0
 
 
 def cmd_download(args) -> int:
-    from .zoo.data import data_dir
-    from .zoo.download import download_cifar10, download_mnist
+    from ._io import unwritable_reason
+    from .zoo.data import user_cache_dir
+    from .zoo.download import copy_dataset, download
 
-    root = Path(args.data_dir) if args.data_dir else data_dir(None)
+    root = Path(args.data_dir or os.environ.get("MIXQ_DATA") or user_cache_dir())
+    folder = "--data-dir" if args.data_dir else "MIXQ_DATA" if os.environ.get("MIXQ_DATA") else "the cache folder"
+    reason = unwritable_reason(root, True)
+    if reason is not None:
+        raise ConfigError(f"{folder} {root}: {reason}")
+    if args.source is not None and not Path(args.source).is_dir():
+        raise ConfigError(f"--from {args.source}: not a folder (a data directory holding mnist/ or cifar10/)")
     for name in args.datasets:
-        path = download_mnist(root) if name == "mnist" else download_cifar10(root)
-        print(f"{name}: {path} (checksums verified)")
+        if args.source is not None:
+            path = copy_dataset(name, args.source, root)
+            print(f"{name}: {path} (copied from {args.source}, checksums verified)")
+        else:
+            path = download(name, root, args.mirror)
+            print(f"{name}: {path} (checksums verified)")
     return 0
 
 
@@ -581,6 +631,7 @@ def _prepare_quantize(args) -> _QuantizeJob:
         raise ConfigError(
             "--distributed takes the device from torchrun (one GPU per process, else the CPU); drop --device"
         )
+    _check_out(args.out, folder=True)
     if (args.compile or args.amp) and args.method != "qat":
         raise ConfigError(f"--{'compile' if args.compile else 'amp'} applies to QAT training; PTQ only calibrates")
 
@@ -591,8 +642,33 @@ def _prepare_quantize(args) -> _QuantizeJob:
     shape = IMAGE_SHAPES[args.dataset]
     _check_model_input(model, shape, args.model, f"--dataset {args.dataset} (images {'x'.join(map(str, shape))})")
     config = _resolved_config(model, args.config)
-    _data_root(args.data_dir)
+    if not args.training_only:
+        _check_buildable(model, config, args.config)
+    args.data_dir = str(_data_root(args.data_dir, args.dataset))
     return _QuantizeJob(model, config)
+
+
+def _check_buildable(model, config: list, path: str) -> None:
+    """Whether an engine can build what ``config`` asks for (e.g. 3-bit weights cannot): the same rule ``build``
+    applies to the calibration config (mixq.export.layer_precisions), applied before training."""
+    from .config import resolve_config
+    from .export import layer_precisions
+
+    entries = {}
+    for name, spec in resolve_config(model, config).items():
+        entry = {}
+        for t in spec.quant_types:
+            q = spec.spec(t)
+            entry[f"{t}_bits"] = q.dtype.bits
+            if q.is_float:
+                entry[f"{t}_qspec"] = {"dtype": "fp8"}
+        entries[name] = entry
+    try:
+        layer_precisions(entries)
+    except MixqError as e:
+        raise ConfigError(
+            f"--config {path}: {e} (pass --training-only to train and export it anyway, for study; no engine builds it)"
+        ) from None
 
 
 def cmd_quantize(args) -> int:
@@ -736,6 +812,7 @@ def _prepare_build(args):
     _check_model_input(model, shape[1:], args.model, f"--input-shape {','.join(map(str, shape))}")
     calibration = load_calibration(args.calibration)
     _check_backend(args.backend)
+    _check_out(args.out, folder=False)
     return model, calibration
 
 
@@ -827,10 +904,8 @@ def _prepare_search(args):
             f"--eval-images {args.eval_images} + --verify-images {args.verify_images} exceed the {test_images} test "
             f"images of {args.dataset} (the two sets are disjoint)"
         )
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file, not a folder")
-    _data_root(args.data_dir)
+    _check_out(args.out, folder=True)
+    args.data_dir = str(_data_root(args.data_dir, args.dataset))
     return model, ("auto" if backends == ["auto"] else backends)
 
 
@@ -969,7 +1044,7 @@ def _weights_options(p, weights_help: str, random_help: str) -> None:
 
 def _add_demo(add) -> None:
     demo = add("demo", "the NNI tutorial end to end on MNIST", cmd_demo)
-    demo.add_argument("--data-dir", help="folder holding mnist/ (default: $MIXQ_DATA)")
+    demo.add_argument("--data-dir", help=f"folder holding mnist/ (default: {DATA_DEFAULT})")
     demo.add_argument("--epochs", type=_positive_int, default=3, help="training epochs per strategy")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.add_argument("--quick", action="store_true", help="12000 train / 2000 test images, two epochs, fewer runs")
@@ -981,7 +1056,16 @@ def _add_demo(add) -> None:
 def _add_download(add) -> None:
     dl = add("download", "download MNIST / CIFAR-10 (official files, checksum-verified)", cmd_download)
     dl.add_argument("datasets", nargs="+", choices=["mnist", "cifar10"], help="data sets to download")
-    dl.add_argument("--data-dir", help="target folder (default: $MIXQ_DATA)")
+    dl.add_argument("--data-dir", help="target folder (default: $MIXQ_DATA, else the user cache ~/.cache/mixq/data)")
+    source = dl.add_mutually_exclusive_group()
+    source.add_argument(
+        "--mirror",
+        action="append",
+        metavar="URL",
+        help="base URL to download from instead of the usual mirrors "
+        "(repeatable; file:// works: a folder holding the official files)",
+    )
+    source.add_argument("--from", dest="source", metavar="DIR", help="copy from another data directory instead")
 
 
 def _add_quantize(add) -> None:
@@ -995,7 +1079,7 @@ def _add_quantize(add) -> None:
     q.add_argument("--config", required=True, metavar="FILE", help="config_list as .yaml or .json")
     q.add_argument("--method", choices=["qat", "ptq"], default="qat", help="quantization-aware training or PTQ")
     q.add_argument("--dataset", choices=sorted(IMAGE_SHAPES), required=True, help="training and test data")
-    q.add_argument("--data-dir", help="folder holding mnist/ and cifar10/ (default: $MIXQ_DATA)")
+    q.add_argument("--data-dir", help=f"folder holding mnist/ and cifar10/ (default: {DATA_DEFAULT})")
     q.add_argument("--epochs", type=_positive_int, default=1, help="QAT epochs")
     q.add_argument("--lr", type=_positive_float, default=0.01, help="QAT SGD learning rate")
     q.add_argument("--momentum", type=_nonnegative_float, default=0.5, help="QAT SGD momentum")
@@ -1008,6 +1092,11 @@ def _add_quantize(add) -> None:
     )
     q.add_argument("--out", required=True, metavar="DIR", help="output folder for model.pth and calibration.json")
     q.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines on stderr")
+    q.add_argument(
+        "--training-only",
+        action="store_true",
+        help="accept a config no engine builds (e.g. 3-bit weights): train and export it for study",
+    )
     q.add_argument("--distributed", action="store_true", help="under torchrun: DDP QAT / sharded PTQ, rank 0 writes")
     q.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (auto: a GPU if there is one)"
@@ -1062,7 +1151,7 @@ def _add_search(add) -> None:
         "no --weights on purpose: search the random initial weights (smoke tests only)",
     )
     s.add_argument("--dataset", choices=sorted(IMAGE_SHAPES), required=True, help="calibration and test data")
-    s.add_argument("--data-dir", help="folder holding mnist/ and cifar10/ (default: $MIXQ_DATA)")
+    s.add_argument("--data-dir", help=f"folder holding mnist/ and cifar10/ (default: {DATA_DEFAULT})")
     budget = s.add_mutually_exclusive_group()
     budget.add_argument(
         "--max-drop", type=_nonnegative_float, default=0.5, help="largest allowed top-1 drop, in points"

@@ -1,9 +1,11 @@
 """MNIST and CIFAR-10 as torch Datasets, read from the official files in a data directory.
 
-The data directory is the ``data_dir`` argument, else the ``MIXQ_DATA`` environment variable. Layout:
-``<data_dir>/mnist/*-ubyte.gz`` (the official gzip files) and ``<data_dir>/cifar10/cifar-10-batches-py/``
-holding the official batches, either plain or xz-compressed (``data_batch_1`` or ``data_batch_1.xz``).
-Every file is checked against its official checksum before use.
+The data directory is the ``data_dir`` argument, else the ``MIXQ_DATA`` environment variable, else the first of
+:func:`default_data_dirs` that holds the data set: ``shared/data`` beside a source checkout or one of its parent
+folders (the project's layout), then the user cache folder ``$XDG_CACHE_HOME/mixq/data`` (``~/.cache/mixq/data``),
+where ``mixq download`` writes by default. Layout: ``<data_dir>/mnist/*-ubyte.gz`` (the official gzip files) and
+``<data_dir>/cifar10/cifar-10-batches-py/`` holding the official batches, either plain or xz-compressed
+(``data_batch_1`` or ``data_batch_1.xz``). Every file is checked against its official checksum before use.
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ from torch.utils.data import TensorDataset
 
 from .._errors import DataError
 
-__all__ = ["data_dir", "load_mnist", "load_cifar10", "MNIST_FILES", "CIFAR10_FILES", "MNIST_MEAN", "MNIST_STD"]
+__all__ = [
+    "data_dir",
+    "default_data_dirs",
+    "user_cache_dir",
+    "holds",
+    "DATASETS",
+    "load_mnist",
+    "load_cifar10",
+    "MNIST_FILES",
+    "CIFAR10_FILES",
+    "MNIST_MEAN",
+    "MNIST_STD",
+]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -47,15 +61,68 @@ CIFAR10_FILES = {
 }
 
 
-def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """``path``, else ``$MIXQ_DATA``; an error says how to set it."""
-    chosen = path if path is not None else os.environ.get("MIXQ_DATA")
-    if not chosen:
-        raise DataError("no data directory: pass --data-dir / data_dir=... or set MIXQ_DATA")
-    p = Path(chosen)
-    if not p.is_dir():
-        raise DataError(f"data directory {p} does not exist")
-    return p
+# The folder of each data set inside a data directory.
+DATASETS = {"mnist": "mnist", "cifar10": "cifar10"}
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/mixq/data``, else ``~/.cache/mixq/data``: where ``mixq download`` writes by default."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mixq" / "data"
+
+
+def _checkout_root() -> Path | None:
+    """The repository root when mixq runs from a source checkout (``src/mixq/zoo/data.py``), else None."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "mixq").is_dir() else None
+
+
+def default_data_dirs() -> list[Path]:
+    """Where data is looked for when neither ``data_dir`` nor ``MIXQ_DATA`` is given, in order: ``shared/data``
+    in the parent folder of a source checkout or any folder above it, then :func:`user_cache_dir`."""
+    found = []
+    root = _checkout_root()
+    if root is not None:
+        found += [parent / "shared" / "data" for parent in root.parents]
+    return [*found, user_cache_dir()]
+
+
+def data_dir(path: str | os.PathLike | None = None, dataset: str | None = None) -> Path:
+    """``path``, else ``$MIXQ_DATA``, else the first of :func:`default_data_dirs` holding ``dataset`` (``mnist`` or
+    ``cifar10``; any of the two when None). The error says where it looked and the command that fetches the data."""
+    if path is not None or os.environ.get("MIXQ_DATA"):
+        p = Path(path if path is not None else os.environ["MIXQ_DATA"])
+        if not p.is_dir():
+            origin = "" if path is not None else "MIXQ_DATA="
+            raise DataError(f"data directory {origin}{p} does not exist")
+        return p
+    wanted = [dataset] if dataset else list(DATASETS)
+    for candidate in default_data_dirs():
+        if any(holds(candidate, name) for name in wanted):
+            return candidate
+    raise DataError(missing_data_message(dataset))
+
+
+def holds(root: str | os.PathLike, dataset: str) -> bool:
+    """Whether ``root`` has every file of ``dataset`` (by name; checksums are checked when they are read), so that
+    a folder a failed download left behind is not taken for the data."""
+    d = Path(root) / DATASETS[dataset]
+    if dataset == "mnist":
+        return all((d / name).is_file() for name in MNIST_FILES)
+    d = d / "cifar-10-batches-py"
+    return all((d / name).is_file() or (d / f"{name}.xz").is_file() for name in CIFAR10_FILES)
+
+
+def missing_data_message(dataset: str | None) -> str:
+    """One line: no data found, where mixq looked, and the exact command that gets it."""
+    names = [dataset] if dataset else list(DATASETS)
+    folders = " and ".join(f"{DATASETS[n]}/" for n in names)
+    cache = user_cache_dir()
+    return (
+        f"no {' or '.join(names)} data found (MIXQ_DATA is not set; looked in shared/data beside the checkout and in "
+        f"{cache}): run `mixq download {' '.join(names)}` (writes {cache}), or set MIXQ_DATA to a folder holding "
+        f"{folders}"
+    )
 
 
 def _read_verified(path: Path, md5: str, decompress=None) -> bytes:
@@ -82,7 +149,7 @@ def _parse_idx(data: bytes, name: str) -> np.ndarray:
 
 def load_mnist_arrays(train: bool, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels uint8 [N]) from the official gzip files, checksum-verified."""
-    d = data_dir(root) / "mnist"
+    d = data_dir(root, "mnist") / "mnist"
     prefix = "train" if train else "t10k"
     arrays = []
     for kind in ("images-idx3", "labels-idx1"):
@@ -106,7 +173,7 @@ def load_cifar10_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 3, 32, 32], labels int64 [N]); reads plain or .xz batches, checksum-verified.
     ``train_batches`` picks which of the five official training batches to read (10k images each)."""
-    d = data_dir(root) / "cifar10" / "cifar-10-batches-py"
+    d = data_dir(root, "cifar10") / "cifar10" / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in train_batches] if train else ["test_batch"]
     xs, ys = [], []
     for name in names:

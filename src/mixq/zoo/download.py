@@ -1,9 +1,12 @@
 """Download MNIST / CIFAR-10 from the usual mirrors into a data directory: resumable (HTTP Range), atomic
-(``.part`` files renamed only after the checksum matched) and checksum-verified against the official values."""
+(``.part`` files renamed only after the checksum matched) and checksum-verified against the official values.
+A mirror may be any URL urllib opens, ``file://`` included (an offline copy of the official files);
+:func:`copy_dataset` takes the files from another mixq data directory instead (a share, a colleague's copy)."""
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import tarfile
 import urllib.error
@@ -13,9 +16,17 @@ from pathlib import Path
 
 from .._errors import DataError
 from .._io import atomic_write
-from .data import CIFAR10_FILES, MNIST_FILES
+from .data import CIFAR10_FILES, MNIST_FILES, _read_verified
 
-__all__ = ["MNIST_MIRRORS", "CIFAR10_MIRRORS", "download_mnist", "download_cifar10", "fetch"]
+__all__ = [
+    "MNIST_MIRRORS",
+    "CIFAR10_MIRRORS",
+    "download",
+    "download_mnist",
+    "download_cifar10",
+    "copy_dataset",
+    "fetch",
+]
 
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 CIFAR10_MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
@@ -100,3 +111,39 @@ def download_cifar10(
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{archive}: cannot extract ({e}); delete it to download again") from e
     return d
+
+
+def download(name: str, root: str | os.PathLike, mirrors: Sequence[str] | None = None, progress=None) -> Path:
+    """``download_mnist`` or ``download_cifar10`` by data set name, from ``mirrors`` (default: the usual ones)."""
+    if name == "mnist":
+        return download_mnist(root, mirrors or MNIST_MIRRORS, progress)
+    if name == "cifar10":
+        return download_cifar10(root, mirrors or CIFAR10_MIRRORS, progress=progress)
+    raise DataError(f"unknown data set {name!r}: mnist or cifar10")
+
+
+def copy_dataset(name: str, source: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """Copy data set ``name`` from the data directory ``source`` (holding ``mnist/`` or ``cifar10/`` in mixq's
+    layout) into ``root``, each file checked against its official checksum first (CIFAR-10 batches as they are,
+    plain or .xz) and written atomically. Files already in ``root`` are replaced."""
+    src, dst = Path(source), Path(root)
+    if name == "mnist":
+        for file, md5 in MNIST_FILES.items():
+            data = _read_verified(src / "mnist" / file, md5)
+            with atomic_write(dst / "mnist" / file, "wb") as f:
+                f.write(data)
+        return dst / "mnist"
+    if name != "cifar10":
+        raise DataError(f"unknown data set {name!r}: mnist or cifar10")
+    d_src = src / "cifar10" / "cifar-10-batches-py"
+    d_dst = dst / "cifar10" / "cifar-10-batches-py"
+    for file, md5 in CIFAR10_FILES.items():
+        plain, xz = d_src / file, d_src / f"{file}.xz"
+        path = plain if plain.is_file() or not xz.is_file() else xz
+        _read_verified(path, md5, lzma.decompress if path is xz else None)
+        with atomic_write(d_dst / path.name, "wb") as f:
+            f.write(path.read_bytes())
+    if (d_src / "batches.meta").is_file():
+        with atomic_write(d_dst / "batches.meta", "wb") as f:
+            f.write((d_src / "batches.meta").read_bytes())
+    return d_dst
