@@ -2,11 +2,34 @@
 
 Importing mixq loads torch only: no CUDA initialisation, no ONNX Runtime or TensorRT import.
 
-Layers, bottom up: ``spec``/``primitives`` (pure math) <- ``observers`` <- ``config`` <- ``quantization``
-(fake-quant modules, layer wrappers, the model verbs) -> ``calibration`` (file format) <- ``export`` (float
-model + calibration -> Q/DQ ONNX) <- ``backends`` <- ``speedup`` <- ``report``, ``api`` (the native verbs
-``quantize``, ``compile``, ``load``); faces: ``nni``, ``cli``.
-Demo and benchmark support (models, data sets, download, demo, tutorial assets, metrics): ``mixq.zoo``.
+Layers, bottom up. A module imports only from layers below its own (or from its own name); names on one line
+are siblings and do not import each other. Names are under ``mixq.``; each stands for that module or package
+and everything under it, the most specific name listed wins; ``mixq`` is this file only
+(``tests/test_layering.py`` reads this list and checks it, and that no module imports itself in a circle):
+
+1. ``_errors``
+2. ``_io``, ``_timing``, ``distributed``: files, timing loops, process groups
+3. ``spec``
+4. ``primitives``: pure quantization math
+5. ``observers``
+6. ``config``
+7. ``calibration``: the calibration file format
+8. ``quantization``, ``export``: fake-quant modules and the model verbs; float model + calibration -> Q/DQ ONNX
+9. ``backends.errors``
+10. ``backends.onnx_graph``: the Q/DQ ONNX graph helpers every backend's legalization shares
+11. ``backends.base``: the backend interface, registry and engine file
+12. ``backends.profiling``, ``backends.cpu_features``
+13. ``backends.onnxruntime``, ``backends.openvino``, ``backends.tensorrt``, ``backends.cuda``: one per engine
+14. ``backends``: the registry's entry point (registers every engine)
+15. ``report``: placement and per-layer time tables
+16. ``auto``
+17. ``speedup``: orchestration
+18. ``search``, ``api``: mixed-precision search; the native verbs ``quantize``, ``compile``, ``load``
+19. ``mixq``: this package's public names
+20. ``zoo``: demo and benchmark support (models, data sets, download, demo, tutorial assets, metrics)
+21. ``nni``: the NNI 2.x face
+22. ``cli``
+23. ``__main__``
 """
 
 from ._errors import CalibrationFileError, ConfigError, DataError, MixqError, ModelStructureError

@@ -20,8 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._errors import MixqError
 from .._io import atomic_write
+from .errors import EngineError
+from .onnx_graph import (  # re-exported: the graph helpers lived here before backends/onnx_graph.py
+    constant_tensors,
+    constant_values,
+    dequantize_constant,
+    fold_fp8_weights,
+    fp8_array,
+    fp8_dtype,
+    is_fp8,
+    tensor_ranges,
+)
 
 __all__ = [
     "EngineError",
@@ -51,10 +61,6 @@ __all__ = [
 ]
 
 ENGINE_FORMAT_VERSION = 1
-
-
-class EngineError(MixqError):
-    """An engine that cannot be built, loaded or run as asked (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -229,148 +235,6 @@ def layer_of_node(node_name: str, layers) -> str | None:
         if dotted in layers:
             best = dotted
     return best
-
-
-def tensor_ranges(model, tensors: list[str], samples) -> dict[str, tuple[float, float]]:
-    """Min/max of ``tensors`` of an ONNX model over ``samples`` (input batches), running the graph literally
-    on ONNX Runtime's CPU provider (no graph optimizations): the build-time calibration that backends'
-    legalizations use for tensors the config leaves float."""
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for t in tensors:
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    lo = {t: np.inf for t in tensors}
-    hi = {t: -np.inf for t in tensors}
-    for x in samples:
-        values = session.run(tensors, {name: np.ascontiguousarray(x, dtype=np.float32)})
-        for t, v in zip(tensors, values, strict=True):
-            lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
-    return {t: (lo[t], hi[t]) for t in tensors}
-
-
-def fp8_dtype():
-    """numpy's float8e4m3fn type (ml_dtypes', an onnx dependency; what :func:`fp8_array` returns)."""
-    import ml_dtypes
-
-    return ml_dtypes.float8_e4m3fn
-
-
-def is_fp8(x) -> bool:
-    """Whether ``x`` holds float8e4m3fn values: an ONNX TensorProto of type FLOAT8E4M3FN, or an array of
-    :func:`fp8_dtype` (as :func:`fp8_array` and :func:`constant_values` give)."""
-    if x is None:
-        return False
-    if hasattr(x, "data_type"):
-        from onnx import TensorProto
-
-        return x.data_type == TensorProto.FLOAT8E4M3FN
-    return np.asarray(x).dtype == fp8_dtype()
-
-
-def fp8_array(tensor) -> np.ndarray:
-    """The values of a FLOAT8E4M3FN TensorProto as a :func:`fp8_dtype` array of its shape, read from its
-    ``raw_data`` or ``int32_data`` (one e4m3 code per element) without ``onnx.numpy_helper.to_array``, whose
-    result type for float8 changed across onnx versions (uint8 codes before 1.19)."""
-    name = getattr(tensor, "name", "") or "(unnamed)"
-    if not is_fp8(tensor):
-        raise EngineError(f"tensor {name!r} is not FLOAT8E4M3FN (ONNX data type {tensor.data_type})")
-    shape = tuple(int(d) for d in tensor.dims)
-    count = int(np.prod(shape, dtype=np.int64))
-    if tensor.raw_data:
-        codes = np.frombuffer(tensor.raw_data, np.uint8)
-    elif len(tensor.int32_data):
-        codes = np.asarray(tensor.int32_data, np.int64)
-        if codes.min() < 0 or codes.max() > 255:
-            raise EngineError(f"fp8 tensor {name!r}: int32_data holds values outside the 8-bit codes 0..255")
-        codes = codes.astype(np.uint8)
-    elif count == 0:
-        codes = np.zeros(0, np.uint8)
-    else:
-        raise EngineError(f"fp8 tensor {name!r} has neither raw_data nor int32_data (external data is not read)")
-    if codes.size != count:
-        raise EngineError(f"fp8 tensor {name!r}: {codes.size} values for shape {list(shape)}")
-    return codes.view(fp8_dtype()).reshape(shape)
-
-
-def constant_tensors(model) -> dict:
-    """The TensorProto of every initializer and Constant node (its ``value``) of ``model``, by tensor name."""
-    protos = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        value = next((a.t for a in n.attribute if a.name == "value"), None) if n.op_type == "Constant" else None
-        if value is not None:
-            protos[n.output[0]] = value
-    return protos
-
-
-def constant_values(model):
-    """:func:`mixq.export.constant_resolver` (the value of an initializer or Constant, through Identity nodes),
-    with float8e4m3fn constants read by :func:`fp8_array`."""
-    from ..export import constant_resolver
-
-    protos = constant_tensors(model)
-    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input}
-    resolve = constant_resolver(model)
-
-    def value(name):
-        while name not in protos and name in alias:
-            name = alias[name]
-        tensor = protos.get(name)
-        return fp8_array(tensor) if is_fp8(tensor) else resolve(name)
-
-    return value
-
-
-def dequantize_constant(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int = 1) -> np.ndarray:
-    """What DequantizeLinear computes for constants, in float32 as ONNX does: ``(q - zp) * scale`` (integer
-    types subtract exactly, in int64; float8 in float32), per channel along ``axis`` when ``scale`` is a vector."""
-    kind = np.float32 if is_fp8(q) else np.int64
-    q = np.asarray(q).astype(kind)
-    scale = np.asarray(scale).astype(np.float32)
-    zp = np.zeros_like(scale, kind) if zp is None else np.asarray(zp).astype(kind)
-    if scale.ndim == 1 and q.ndim > 1:
-        shape = [1] * q.ndim
-        shape[axis % q.ndim] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return (q - zp).astype(np.float32) * scale
-
-
-def fold_fp8_weights(model) -> list[str]:
-    """Replace each DequantizeLinear of a float8e4m3fn weight initializer by the float32 initializer it
-    computes, ``(q - zp) * scale`` (per channel along ``axis``; the same float32 products, bit for bit), in
-    place; return the names of the nodes folded. For backends without fp8 kernels (ONNX Runtime, OpenVINO on
-    CPU): the weights stay on the fp8 grid, the runtime sees an ordinary float conv/gemm and can use its fast
-    float layout instead of dequantizing every run."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    value = constant_values(model)
-    folded, keep = [], []
-    for node in model.graph.node:
-        w = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
-        if not is_fp8(w) or node.input[1] not in inits:
-            keep.append(node)
-            continue
-        zp = value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        weight = dequantize_constant(fp8_array(w), value(node.input[1]), zp, axis)
-        model.graph.initializer.append(numpy_helper.from_array(weight, node.output[0]))
-        folded.append(node)
-    if folded:
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
-        used = {i for n in model.graph.node for i in n.input}
-        dropped = {i for n in folded for i in n.input} - used
-        for init in [i for i in model.graph.initializer if i.name in dropped]:
-            model.graph.initializer.remove(init)
-    return [n.name or n.output[0] for n in folded]
 
 
 FP8_CAPABILITY = (8, 9)  # e4m3 tensor cores: Ada (8.9) and Hopper (9.0) onwards

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +25,8 @@ import torch
 from torch import nn
 
 from .._errors import MixqError
+from .._timing import median_latency
+from ..backends.profiling import LayerSamples
 from .space import CHOICES, FLOAT, Unit, config_list_for, offered_on
 
 __all__ = ["Measurer", "EngineMeasurer", "sqnr_db"]
@@ -286,20 +287,18 @@ class EngineMeasurer(Measurer):
                 engines[c] = engine
                 groups[c] = fusion_groups(self.model, engine.layers, self.x[:1].to(self.device))
         rounds = min(PROFILE_ROUNDS, self.profile_runs)
-        samples: dict[str, dict[str, list[float]]] = {c: {} for c in engines}
-        for _ in range(rounds):
+        samples = {c: LayerSamples(rounds) for c in engines}
+        for r in range(rounds):
             for c, engine in engines.items():
                 for key, us in group_times(engine.profile(self.x, -(-self.profile_runs // rounds)), groups[c]).items():
-                    samples[c].setdefault(key, []).append(us)
+                    samples[c].add(key, r, us)
         for c, per_key in samples.items():
-            median = {k: statistics.median(v) for k, v in per_key.items()}
+            median = per_key.medians()
             self._profiles[backend, c]["times"] = {n: float(median.get(n, 0.0)) for n in names}
             self._profiles[backend, c]["total"] = float(sum(median.values()))
 
     def time_engines(self, engines: list, scale: int = 1) -> list[float]:
         """Median ms per engine at the search batch, interleaved in rounds (noise hits all alike)."""
-        from ..zoo.metrics import median_latency
-
         runners = {str(i): e.run for i, e in enumerate(engines)}
         runs = self.runs * scale
         seconds = median_latency(runners, self.x, warmup=3, runs=runs, rounds=min(5, runs))

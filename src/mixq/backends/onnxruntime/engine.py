@@ -6,7 +6,6 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import statistics
 import tempfile
 import warnings
 from collections import defaultdict
@@ -36,6 +35,7 @@ from ..cpu_features import (
     saturation_message,
     weights_to_uint8,
 )
+from ..profiling import LayerSamples
 from .legalize import FP8_UNSAFE_REWRITES, LEGALIZED_KEY, float_output_convs, has_fp8, quantize_conv_outputs
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeEngine", "INT8_KERNELS"]
@@ -263,18 +263,15 @@ class OnnxRuntimeEngine(Engine):
                 sess.run(None, feed)
             trace = json.loads(Path(sess.end_profiling()).read_text())
         starts = sorted(ev["ts"] for ev in trace if ev.get("cat") == "Session" and ev.get("name") == "model_run")
-        per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * max(1, len(starts)))
-        kernels: dict[str, set] = defaultdict(set)
+        samples = LayerSamples(len(starts), keep=runs)  # the trace has the warm-up runs too
         for ev in trace:
             if ev.get("cat") != "Node" or not ev["name"].endswith("_kernel_time"):
                 continue
             op = ev.get("args", {}).get("op_name", "?")
             layer = self.layer_of_kernel(ev["name"][: -len("_kernel_time")], op) or "(glue)"
-            per_run[layer][max(0, bisect.bisect_right(starts, ev["ts"]) - 1)] += float(ev["dur"])
-            kernels[layer].add(op)
+            samples.add(layer, bisect.bisect_right(starts, ev["ts"]) - 1, float(ev["dur"]), op)
         scale = 1.0 if starts else 1.0 / (3 + runs)  # no run boundaries in the trace: the mean over all runs
-        timed = {layer: scale * statistics.median(v[-runs:]) for layer, v in per_run.items()}
-        return [LayerTime(k, v, tuple(sorted(kernels[k]))) for k, v in sorted(timed.items(), key=lambda kv: -kv[1])]
+        return samples.layer_times(scale)
 
     def members(self) -> dict[str, bytes]:
         # The canonical int8 model only: the layout for the CPU is re-decided on load.

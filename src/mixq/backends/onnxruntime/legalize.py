@@ -23,7 +23,8 @@ import numpy as np
 
 from ...primitives import choose_qparams
 from ...spec import IntType, PerTensor, QuantSpec
-from ..base import EngineError, constant_tensors, is_fp8, layer_of_node, tensor_ranges
+from ..base import layer_of_node
+from ..onnx_graph import GraphIndex, calibrated_ranges, constant_tensors, insert_qdq, is_fp8
 
 __all__ = ["float_output_convs", "quantize_conv_outputs", "LEGALIZED_KEY", "has_fp8", "FP8_UNSAFE_REWRITES"]
 
@@ -49,15 +50,11 @@ _ACTIVATION = QuantSpec(IntType(8, signed=False), symmetric=False, granularity=P
 def float_output_convs(model) -> list:
     """Conv nodes with dequantized input and weight whose output is not quantized: consumed by something
     other than a QuantizeLinear, directly or through one Relu."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in model.graph.output}
+    g = GraphIndex(model)
+    producers, graph_outputs = g.producer, g.graph_outputs
 
     def quantized(tensor: str) -> bool:
-        users = consumers.get(tensor, [])
+        users = [u for u, _ in g.consumers.get(tensor, [])]
         if tensor in graph_outputs or not users:
             return False
         for u in users:
@@ -76,65 +73,35 @@ def float_output_convs(model) -> list:
             continue  # renaming a graph output would change the engine's interface
         x, w = producers.get(node.input[0]), producers.get(node.input[1])
         dequantized = x is not None and w is not None and x.op_type == w.op_type == "DequantizeLinear"
-        if dequantized and _reads_fp8(w, model):
+        if dequantized and any(is_fp8(g.inits.get(name)) for name in w.input[::2]):
             continue  # an fp8 layer runs emulated in fp32 anyway: a uint8 output would only round it once more
         if dequantized and not quantized(node.output[0]):
             out.append(node)
     return out
 
 
-def _reads_fp8(dq, model) -> bool:
-    """Whether a DequantizeLinear reads float8 (its input or zero point is a float8e4m3fn initializer)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    return any(is_fp8(inits.get(name)) for name in dq.input[::2])
-
-
 def quantize_conv_outputs(model, layers: dict, samples) -> list[str]:
     """Insert a calibrated Q/DQ pair after every conv of :func:`float_output_convs` (in place); return the
     layers whose outputs were calibrated. ``samples``: input batches (float32 arrays)."""
-    from onnx import helper, numpy_helper
-
     convs = float_output_convs(model)
     if not convs or not samples:
         return []
-    try:
-        ranges = tensor_ranges(model, [c.output[0] for c in convs], samples)
-    except Exception as e:  # onnxruntime raises its own types
-        raise EngineError(f"ONNX Runtime legalization could not calibrate conv outputs: {type(e).__name__}: {e}") from e
+    ranges = calibrated_ranges(model, [c.output[0] for c in convs], samples, "ONNX Runtime legalization")
     done = []
     for conv in convs:
         tensor = conv.output[0]
-        lo, hi = ranges[tensor]
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            continue
-        scale, zero_point = choose_qparams(lo, hi, _ACTIVATION)
-        base = f"{tensor}_legalized"
-        model.graph.initializer.extend(
-            [
-                numpy_helper.from_array(np.array(float(scale), np.float32), f"{base}_scale"),
-                numpy_helper.from_array(np.array(int(zero_point), np.uint8), f"{base}_zero_point"),
-            ]
-        )
-        for node in model.graph.node:  # rewire the conv's consumers to the dequantized tensor
-            for i, name in enumerate(node.input):
-                if name == tensor:
-                    node.input[i] = f"{base}_dq"
+        if tensor not in ranges:
+            continue  # NaN or infinite on the samples: left float
+        scale, zero_point = choose_qparams(*ranges[tensor], _ACTIVATION)
         prefix = conv.name.rsplit("/", 1)[0]  # keeps the layer's scope, so the report attributes the pair
-        q = helper.make_node(
-            "QuantizeLinear",
-            [tensor, f"{base}_scale", f"{base}_zero_point"],
-            [f"{base}_q"],
-            name=f"{prefix}/LegalQ_{tensor}",
+        insert_qdq(
+            model,
+            tensor,
+            np.array(float(scale), np.float32),
+            np.array(int(zero_point), np.uint8),
+            f"{tensor}_legalized",
+            (f"{prefix}/LegalQ_{tensor}", f"{prefix}/LegalDQ_{tensor}"),
         )
-        dq = helper.make_node(
-            "DequantizeLinear",
-            [f"{base}_q", f"{base}_scale", f"{base}_zero_point"],
-            [f"{base}_dq"],
-            name=f"{prefix}/LegalDQ_{tensor}",
-        )
-        index = list(model.graph.node).index(conv)
-        model.graph.node.insert(index + 1, dq)
-        model.graph.node.insert(index + 1, q)
         layer = layer_of_node(conv.name, layers)
         if layer is not None:
             done.append(layer)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import threading
 import warnings
@@ -58,6 +57,7 @@ from ..cpu_features import (
     split_int8_weights,
     weights_to_uint8,
 )
+from ..profiling import LayerSamples
 
 __all__ = ["OpenVINOBackend", "OpenVINOEngine", "fp8_initializers_as_raw", "fp8_message"]
 
@@ -291,11 +291,10 @@ class OpenVINOEngine(Engine):
         feed = {0: x.numpy()}
         for _ in range(3):
             request.infer(feed)
-        per_run: dict[str, list[float]] = defaultdict(list)
-        kernels: dict[str, set[str]] = defaultdict(set)
-        for _ in range(max(1, runs)):
+        runs = max(1, int(runs))
+        samples = LayerSamples(runs)
+        for run in range(runs):
             request.infer(feed)
-            totals: dict[str, float] = defaultdict(float)
             for info in request.get_profiling_info():
                 us = info.real_time.total_seconds() * 1e6
                 if us <= 0:
@@ -303,13 +302,8 @@ class OpenVINOEngine(Engine):
                 owner = (
                     layer_of_node(info.node_name, self.layers) if types.get(info.node_name) in COMPUTE_TYPES else None
                 )
-                owner = owner or "(glue)"
-                totals[owner] += us
-                kernels[owner].add(info.exec_type)
-            for layer, us in totals.items():
-                per_run[layer].append(us)
-        rows = [LayerTime(k, statistics.median(v), tuple(sorted(kernels[k]))) for k, v in per_run.items()]
-        return sorted(rows, key=lambda r: -r.microseconds)
+                samples.add(owner or "(glue)", run, us, info.exec_type)
+        return samples.layer_times()
 
     def members(self) -> dict[str, bytes]:
         # The canonical int8 model only: which weights become uint8 is re-decided on load.

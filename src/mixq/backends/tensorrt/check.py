@@ -24,13 +24,14 @@ The rules and where TensorRT documents them:
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...export import LAYERS_METADATA_KEY
-from ..base import constant_values, layer_of_node
+from .. import onnx_graph
+from ..base import layer_of_node
+from ..onnx_graph import attr
 
 __all__ = [
     "Problem",
@@ -110,36 +111,9 @@ class Problem:
         return f"{self.node}: [{self.rule}] {self.detail}"
 
 
-class GraphIndex:
-    """Producers, consumers and constants of an ONNX graph (built once, read many times)."""
-
-    def __init__(self, model):
-        self.model = model
-        graph = model.graph
-        self.nodes = list(graph.node)
-        self.producer = {o: n for n in graph.node for o in n.output if o}
-        self.consumers: dict[str, list] = defaultdict(list)
-        for n in graph.node:
-            for i, name in enumerate(n.input):
-                if name:
-                    self.consumers[name].append((n, i))
-        self.inits = {i.name: i for i in graph.initializer}
-        self.graph_outputs = {o.name for o in graph.output}
-        self.value = constant_values(model)
-
-    def is_constant(self, name: str) -> bool:
-        while name not in self.inits:
-            node = self.producer.get(name)
-            if node is None or node.op_type not in ("Constant", "Identity"):
-                return False
-            if node.op_type == "Constant":
-                return True
-            name = node.input[0]
-        return True
-
-    def op(self, name: str) -> str | None:
-        node = self.producer.get(name)
-        return node.op_type if node is not None else None
+class GraphIndex(onnx_graph.GraphIndex):
+    """:class:`mixq.backends.onnx_graph.GraphIndex` and what TensorRT fuses: dequantized inputs through
+    commuting ops, int8 producers and consumers."""
 
     def dequantized(self, name: str):
         """The DequantizeLinear that ``name`` comes from, directly or through commuting ops (else None)."""
@@ -165,9 +139,6 @@ class GraphIndex:
                 return True
         return False
 
-    def opset(self) -> int:
-        return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
 
 def weight_axis(node, input_index: int, rank: int) -> int | None:
     """The output-channel axis of the weight at ``input_index`` of a weighted ``node`` (None: not a weight)."""
@@ -178,15 +149,10 @@ def weight_axis(node, input_index: int, rank: int) -> int | None:
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
+        return 0 if attr(node, "transB", 0) else 1
     if node.op_type == "MatMul":
         return rank - 1
     return None
-
-
-def _attr(node, name: str, default):
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 def _elem_type(g: GraphIndex, name: str) -> int | None:
@@ -250,7 +216,7 @@ def _check_qdq(g: GraphIndex, node) -> list[Problem]:
 
 def _check_weight_axis(g: GraphIndex, dq, name: str, channels: int) -> list[Problem]:
     w = g.value(dq.input[0])
-    axis = _attr(dq, "axis", 1) % max(w.ndim, 1)
+    axis = attr(dq, "axis", 1) % max(w.ndim, 1)
     out = []
     for consumer, index in g.consumers.get(dq.output[0], []):
         want = weight_axis(consumer, index, w.ndim)

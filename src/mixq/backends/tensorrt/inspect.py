@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
 from ..base import LayerPlacement, LayerTime, layer_of_node
+from ..profiling import LayerSamples
 from .legalize import NOTES_KEY
 
 __all__ = ["EngineLayer", "parse_engine_information", "io_tensors", "tensor_dtype", "placement", "layer_times"]
@@ -201,12 +201,8 @@ def layer_times(
     reformats, casts, unknown names) is ``(glue)``. Microseconds, slowest first."""
     owner = {layer.name: _leader(layer, ops, layers) or "(glue)" for layer in engine_layers}
     kinds = {layer.name: layer.layer_type or layer.name for layer in engine_layers}
-    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(runs))
-    kernels: dict[str, set] = defaultdict(set)
+    samples = LayerSamples(len(runs))
     for i, run in enumerate(runs):
         for name, ms in run.items():
-            layer = owner.get(name, "(glue)")
-            per_run[layer][i] += float(ms) * 1000.0
-            kernels[layer].add(kinds.get(name, name))
-    times = {layer: statistics.median(values) for layer, values in per_run.items()}
-    return [LayerTime(k, v, tuple(sorted(kernels[k]))) for k, v in sorted(times.items(), key=lambda kv: -kv[1])]
+            samples.add(owner.get(name, "(glue)"), i, float(ms) * 1000.0, kinds.get(name, name))
+    return samples.layer_times()

@@ -40,7 +40,8 @@ import numpy as np
 from ...export import LAYERS_METADATA_KEY
 from ...primitives import choose_qparams, quantize
 from ...spec import FloatType, IntType, PerChannel, QuantSpec
-from ..base import EngineError, dequantize_constant, fp8_dtype, is_fp8, layer_of_node, tensor_ranges
+from ..base import EngineError, layer_of_node
+from ..onnx_graph import attr, calibrated_ranges, dequantize_node, fp8_dtype, insert_qdq, is_fp8, remove_nodes
 from .check import (
     TYPE_NEUTRAL_OPS,
     WEIGHTED_OPS,
@@ -131,17 +132,8 @@ def _scope(node_name: str) -> str:
 
 
 def _dequantize(g: GraphIndex, dq) -> np.ndarray:
-    """What a weight/bias DequantizeLinear computes, in float32 as ONNX does (:func:`..base.dequantize_constant`)."""
-    zp = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    return dequantize_constant(g.value(dq.input[0]), g.value(dq.input[1]), zp, axis)
-
-
-def _remove_nodes(model, nodes) -> None:
-    ids = {id(n) for n in nodes}
-    keep = [n for n in model.graph.node if id(n) not in ids]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
+    """What a weight/bias DequantizeLinear computes (:func:`..onnx_graph.dequantize_node`)."""
+    return dequantize_node(g.value, dq)
 
 
 def _prune_unused(model) -> None:
@@ -151,7 +143,7 @@ def _prune_unused(model) -> None:
         dead = [n for n in model.graph.node if n.op_type in ("Constant", "Identity") and n.output[0] not in used]
         if not dead:
             break
-        _remove_nodes(model, dead)
+        remove_nodes(model, dead)
     for init in [i for i in model.graph.initializer if i.name not in used]:
         model.graph.initializer.remove(init)
 
@@ -170,7 +162,7 @@ def _float_biases(model, notes: _Notes) -> None:
             user.input[i] = name
             notes.add(user.name, "bias kept float (TensorRT dequantizes no int32 bias)")
         done.append(dq)
-    _remove_nodes(model, done)
+    remove_nodes(model, done)
 
 
 def _weight_ok(g: GraphIndex, dq, axis: int | None) -> bool:
@@ -185,51 +177,31 @@ def _weight_ok(g: GraphIndex, dq, axis: int | None) -> bool:
         return False
     if scale.size == 1:
         return True
-    return axis is not None and next((a.i for a in dq.attribute if a.name == "axis"), 1) % q.ndim == axis
+    return axis is not None and attr(dq, "axis", 1) % q.ndim == axis
 
 
 def _quantize_weight(model, w: np.ndarray, axis: int | None, base: str, fp8: bool = False) -> tuple[str, str, str]:
     """Symmetric int8 (``fp8``: float8e4m3fn) per-channel (along ``axis``; per tensor when None) initializers for
-    float ``w``."""
-    if fp8:
-        return _quantize_weight_fp8(model, w, axis, base)
-    if axis is None:
-        lo, hi = float(w.min(initial=0.0)), float(w.max(initial=0.0))
-        scale = np.array(symmetric_scale(lo, hi), np.float32)
-        q = np.clip(np.rint(w / scale), -127, 127)
-        zp = np.zeros((), np.int8)
-    else:
-        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-        scale, _ = choose_qparams(moved.min(axis=1, initial=0.0), moved.max(axis=1, initial=0.0), _INT8)
-        scale = scale.numpy().astype(np.float32)
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127)
-        zp = np.zeros(scale.shape, np.int8)
-    return (
-        _initializer(model, q.astype(np.int8), f"{base}_int8"),
-        _initializer(model, scale, f"{base}_int8_scale"),
-        _initializer(model, zp, f"{base}_int8_zero_point"),
-    )
-
-
-def _quantize_weight_fp8(model, w: np.ndarray, axis: int | None, base: str) -> tuple[str, str, str]:
+    float ``w``: :func:`mixq.primitives.choose_qparams` and :func:`mixq.primitives.quantize`, mixq's one formula."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(w, np.float32))
+    dtype = FloatType() if fp8 else IntType(8, signed=True)
     if axis is None:
-        scale, _ = choose_qparams(float(w.min(initial=0.0)), float(w.max(initial=0.0)), _FP8)
+        scale, _ = choose_qparams(float(w.min(initial=0.0)), float(w.max(initial=0.0)), _FP8 if fp8 else _INT8)
     else:
         moved = t.movedim(axis, 0).reshape(w.shape[axis], -1)
         lo, hi = moved.min(dim=1).values.clamp(max=0), moved.max(dim=1).values.clamp(min=0)
-        scale, _ = choose_qparams(lo, hi, QuantSpec(FloatType(), symmetric=True, granularity=PerChannel(axis)))
-    q = quantize(t, scale, torch.zeros_like(scale), FloatType(), axis)
-    q = q.view(torch.uint8).numpy().view(fp8_dtype())
+        scale, _ = choose_qparams(lo, hi, QuantSpec(dtype, symmetric=True, granularity=PerChannel(axis)))
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    q = quantize(t, scale, torch.zeros_like(scale, dtype=torch.int32), dtype, axis)
+    q = q.view(torch.uint8).numpy().view(fp8_dtype()) if fp8 else q.numpy().astype(np.int8)
+    kind = "fp8" if fp8 else "int8"
     scale = scale.numpy().astype(np.float32)
     return (
-        _initializer(model, q, f"{base}_fp8"),
-        _initializer(model, scale, f"{base}_fp8_scale"),
-        _initializer(model, _zero_point(scale.shape, True), f"{base}_fp8_zero_point"),
+        _initializer(model, q, f"{base}_{kind}"),
+        _initializer(model, scale, f"{base}_{kind}_scale"),
+        _initializer(model, _zero_point(scale.shape, fp8), f"{base}_{kind}_zero_point"),
     )
 
 
@@ -300,34 +272,14 @@ def _symmetric_activations(model, notes: _Notes) -> None:
         notes.add(q.name, f"activation re-quantized to symmetric {kind} from its calibrated range")
 
 
-def _insert_qdq(
-    model, g: GraphIndex, tensor: str, rng: tuple[float, float], users, name_from: str, fp8: bool = False
-) -> None:
+def _insert_qdq(model, tensor: str, rng: tuple[float, float], users, name_from: str, fp8: bool = False) -> None:
     """Quantize ``tensor`` (symmetric int8, or fp8, over ``rng``) for the ``(node, index)`` pairs in ``users``."""
-    from onnx import helper
-
     base = f"{tensor}_trt{'_fp8' if fp8 else ''}"
-    if f"{base}_dq" in g.producer:  # quantized already for other consumers: share the pair
-        for node, i in users:
-            node.input[i] = f"{base}_dq"
-        return
-    scale = _initializer(model, np.array(symmetric_scale(*rng, fp8=fp8), np.float32), f"{base}_scale")
-    zp = _initializer(model, _zero_point((), fp8), f"{base}_zero_point")
     prefix = _scope(name_from)
     # Names end in the op type like the exporter's, so the placement report attributes them without the graph.
-    q = helper.make_node(
-        "QuantizeLinear", [tensor, scale, zp], [f"{base}_q"], name=f"{prefix}/QuantizeLinear_trt_{tensor}"
-    )
-    dq = helper.make_node(
-        "DequantizeLinear", [f"{base}_q", scale, zp], [f"{base}_dq"], name=f"{prefix}/DequantizeLinear_trt_{tensor}"
-    )
-    for node, i in users:
-        node.input[i] = f"{base}_dq"
-    producer = g.producer.get(tensor)
-    nodes = list(model.graph.node)
-    index = nodes.index(producer) + 1 if producer is not None else 0
-    model.graph.node.insert(index, dq)
-    model.graph.node.insert(index, q)
+    names = (f"{prefix}/QuantizeLinear_trt_{tensor}", f"{prefix}/DequantizeLinear_trt_{tensor}")
+    scale = np.array(symmetric_scale(*rng, fp8=fp8), np.float32)
+    insert_qdq(model, tensor, scale, _zero_point((), fp8), base, names, users)
 
 
 def _fix_weighted_inputs(model, notes: _Notes, samples) -> None:
@@ -371,7 +323,7 @@ def _fix_weighted_inputs(model, notes: _Notes, samples) -> None:
     for tensor, users in wanted.items():
         if tensor in ranges:
             fp8 = tensor in fp8_inputs
-            _insert_qdq(model, GraphIndex(model), tensor, ranges[tensor], users, users[0][0].name, fp8)
+            _insert_qdq(model, tensor, ranges[tensor], users, users[0][0].name, fp8)
 
 
 def _fix_residuals(model, notes: _Notes, samples) -> None:
@@ -391,7 +343,7 @@ def _fix_residuals(model, notes: _Notes, samples) -> None:
         producer = g.producer[tensor].name
         if tensor in ranges:
             fp8 = tensor in fp8_adds
-            _insert_qdq(model, GraphIndex(model), tensor, ranges[tensor], users, producer, fp8)
+            _insert_qdq(model, tensor, ranges[tensor], users, producer, fp8)
             kind = "fp8" if fp8 else "int8"
             notes.add(producer, f"output quantized from calibration_data: it is the {kind} residual input of an add")
         else:
@@ -431,11 +383,7 @@ def _residual_tensors(g: GraphIndex, add) -> list[str]:
 
 
 def _calibrate(model, tensors: list[str], samples) -> dict[str, tuple[float, float]]:
-    try:
-        ranges = tensor_ranges(model, tensors, samples)
-    except Exception as e:  # onnxruntime raises its own types
-        raise EngineError(f"TensorRT legalization could not calibrate {len(tensors)} tensors: {e}") from e
-    return {t: r for t, r in ranges.items() if np.isfinite(r[0]) and np.isfinite(r[1])}
+    return calibrated_ranges(model, tensors, samples, "TensorRT legalization")
 
 
 def _drop_unfusable(model, notes: _Notes) -> None:
@@ -457,7 +405,7 @@ def _drop_unfusable(model, notes: _Notes) -> None:
                     raise EngineError(f"{dq.name}: a quantized tensor is the graph output; TensorRT needs float")
         drop += [q, *dqs]
         notes.add(q.name, "Q/DQ pair removed: no neighbour runs int8 in TensorRT, so it would only add two kernels")
-    _remove_nodes(model, drop)
+    remove_nodes(model, drop)
 
 
 def _cast_fp16(model, layers: dict, notes: _Notes) -> None:
