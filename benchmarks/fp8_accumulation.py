@@ -1,7 +1,7 @@
 """How far is a GPU's e4m3 tensor-core accumulation from exact? The raw accumulator of the ``cuda`` backend's
 fp8 conv kernel (scale 1, bias 0, float output) on random e4m3 data spread over 12 binades, against the exact
 float64 sum, per tile config (32-row tiles run mma.sync, taller ones wgmma), and its ratio to the worst-case
-bound the kernel tests use (``acc_bound`` in tests/backends/test_cuda_kernels.py).
+bound the kernel tests use (``acc_bound`` in mixq.zoo.cuda_cases, shared with tests/backends/test_cuda_kernels.py).
 
     PYTHONPATH=src python benchmarks/fp8_accumulation.py      (from the repository root, on a GPU)
 
@@ -10,25 +10,21 @@ torch 2.11, Triton 3.6.0, code 40ab18f).
 """
 
 import math
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, "tests/backends")
-import test_cuda_kernels as T
-
+import mixq.zoo.cuda_cases as T
 from mixq.backends.cuda.engine import ConvRunner
 from mixq.backends.cuda.kernels import KernelConfig
 from mixq.backends.cuda.lower import F8Grid, QConv
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = T.DEVICE
 CONFIGS = [KernelConfig(32, 16, 32, 4, 2), KernelConfig(64, 32, 64, 4, 3), KernelConfig(64, 64, 128, 4, 3),
            KernelConfig(64, 64, 64, 4, 3), KernelConfig(128, 64, 64, 4, 4)]  # fmt: skip
 
-for case in T.SHAPES:
-    shape, name = case.values[0], case.id
-    op, geo, gx, acc, s_abs, env = T._fp8_conv_case(shape, torch.Generator().manual_seed(5))
+for name, shape in T.CONV_SHAPES.items():
+    op, geo, gx, acc, s_abs, env = T.fp8_conv_case(shape, torch.Generator().manual_seed(5))
     n, cin, h, w, cout, k, s, pad = shape
     op = QConv("conv", "fp8", T.X, False, F8Grid(1.0), op.weight, np.ones(cout), np.zeros(cout), geo,
                out=T.OUT, out_grid=None)  # fmt: skip

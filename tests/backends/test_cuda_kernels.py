@@ -38,17 +38,30 @@ from mixq.backends.cuda.kernels import KernelConfig  # noqa: E402
 from mixq.backends.cuda.lower import (  # noqa: E402
     F8Grid,
     Grid,
-    Plan,
     QConv,
     QPool,
     Quantize,
     Requant,
     Shortcut,
-    TensorInfo,
 )
 from mixq.spec import FP8_E4M3  # noqa: E402
-
-X, RES, X2, OUT, OUT2 = 0, 1, 2, 3, 4
+from mixq.zoo.cuda_cases import (  # noqa: E402
+    CONV_SHAPES,
+    FP32_ACCUMULATION,
+    OUT,
+    OUT2,
+    RES,
+    X2,
+    X,
+    acc_bound,
+    e4m3,
+    geometry,
+    nhwc,
+    plan_for,
+    rand_e4m3,
+    rand_f8_grid,
+)
+from mixq.zoo.cuda_cases import fp8_conv_case as _fp8_conv_case  # noqa: E402
 
 
 def _torch_convert_float(original):
@@ -105,20 +118,6 @@ def rand_grid(gen) -> Grid:
                 int(torch.randint(-128, 100, (), generator=gen)))  # fmt: skip
 
 
-def nhwc(t: torch.Tensor) -> torch.Tensor:
-    return t.permute(0, 2, 3, 1).contiguous()
-
-
-def geometry(cin, h, w, cout, k, s, p):
-    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    return {"cin": cin, "h": h, "w": w, "kh": k, "kw": k, "sh": s, "sw": s, "ph": p, "pw": p, "dh": 1, "dw": 1,
-            "cout": cout, "oh": oh, "ow": ow}  # fmt: skip
-
-
-def plan_for(tensors: dict) -> Plan:
-    return Plan([], {t: TensorInfo(t, shape, dtype) for t, (shape, dtype) in tensors.items()}, OUT, (1,))
-
-
 EIGHT_BIT = (torch.int8, torch.float8_e4m3fn)
 
 
@@ -150,13 +149,7 @@ def conv_reference(xq, g, wq, w_scale, bias, geo, scale_override=None):
     return acc, acc * scale + torch.as_tensor(bias).reshape(1, -1, 1, 1)
 
 
-SHAPES = [  # (batch, cin, h, w, cout, k, stride, pad): odd channel counts, batch 1, stride 2, 1x1 and 5x5
-    pytest.param((2, 3, 7, 7, 5, 3, 1, 1), id="cin3-3x3-pad"),
-    pytest.param((1, 20, 6, 5, 17, 5, 1, 2), id="batch1-5x5-pad2"),
-    pytest.param((2, 33, 7, 7, 24, 3, 2, 1), id="cin33-stride2"),
-    pytest.param((3, 40, 5, 5, 19, 1, 1, 0), id="1x1"),
-    pytest.param((5, 70, 1, 1, 10, 1, 1, 0), id="linear"),
-]
+SHAPES = [pytest.param(shape, id=name) for name, shape in CONV_SHAPES.items()]
 
 
 def _conv_case(shape, gen, **epilogue):
@@ -552,21 +545,7 @@ def test_persistent_configs_are_tuning_candidates_and_round_trip(monkeypatch):
 #    on an H100 stayed below 1% of it: benchmarks/results/fp8-accumulation-h100.log), so there the kernels are
 #    held to the bracket, the small-integer exactness test and the end-to-end agreement on real images.
 
-F8_BITS = 13
-WGMMA_K = 32
 EPS = 2.0**-20
-
-
-def e4m3(t: torch.Tensor) -> torch.Tensor:
-    """Round to e4m3 (nearest even, saturating at +-448), as float64."""
-    return t.clamp(-FP8_E4M3.max, FP8_E4M3.max).float().to(torch.float8_e4m3fn).double()
-
-
-def rand_e4m3(shape, gen, binades: int = 6) -> torch.Tensor:
-    """Random e4m3 values over 2 * binades binades around 4 (subnormals included), both signs."""
-    mag = torch.exp2(torch.rand(shape, generator=gen, dtype=torch.float64) * 2 * binades - binades + 2)
-    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0).double()
-    return e4m3(mag * sign)
 
 
 def e4m3_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -577,10 +556,6 @@ def e4m3_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(bits >= 128, -(bits & 0x7F), bits & 0x7F)
 
     return (ordinal(a) - ordinal(b)).abs()
-
-
-def rand_f8_grid(gen) -> F8Grid:
-    return F8Grid(float(np.float32(0.002 + 0.05 * torch.rand((), generator=gen).item())))
 
 
 def quant_any(v: torch.Tensor, g, push: float = 0.0) -> torch.Tensor:
@@ -595,22 +570,6 @@ def quant_any(v: torch.Tensor, g, push: float = 0.0) -> torch.Tensor:
 
 def deq_any(q: torch.Tensor, g) -> torch.Tensor:
     return (q.double() - g.zp) * g.scale
-
-
-FP32_ACCUMULATION = DEVICE == "cpu"  # the interpreter sums the exact fp32 products in fp32
-
-
-def acc_bound(s_abs: torch.Tensor, geo: dict) -> torch.Tensor:
-    """Bound on |acc - exact| of an e4m3 GEMM, in the accumulator's units. On a GPU (model above): instructions
-    counted for either reduction order the kernel uses (taps padded per BK <= 128, or flat), zero padding
-    included (it adds nothing, so it is safe). A worst case: 33 truncations per instruction, so it is loose
-    (0.4 S for K = 297). In the interpreter (fp32 accumulation of exact products): each of the at most
-    n_terms adds rounds by at most 2**-24 of a partial sum, and every partial sum is at most S."""
-    taps, k = geo["kh"] * geo["kw"], geo["kh"] * geo["kw"] * geo["cin"]
-    n = taps * -(-geo["cin"] // 128) * 128 // WGMMA_K + -(-k // 128) * 128 // WGMMA_K
-    if FP32_ACCUMULATION:
-        return n * WGMMA_K * 2.0**-24 * s_abs
-    return n * (WGMMA_K + 1) * 2.0 ** (1 - F8_BITS) * s_abs
 
 
 def fp8_bracket(chain, acc: torch.Tensor, bound: torch.Tensor):
@@ -634,21 +593,6 @@ def assert_fp8_output(got: torch.Tensor, lowest, exact, highest, e4m3_out: bool)
         assert bool(one_step.any())
     if bool(one_step.any()):  # on a GPU the worst-case fp8 bracket rarely allows a one-step check
         assert int(steps(got)[one_step].max()) <= 1
-
-
-def _fp8_conv_case(shape, gen, weight_binades: int = 6):
-    n, cin, h, w, cout, k, s, p = shape
-    geo = geometry(cin, h, w, cout, k, s, p)
-    gx = rand_f8_grid(gen)
-    x8 = rand_e4m3((n, cin, h, w), gen)
-    w8 = rand_e4m3((cout, cin, k, k), gen, weight_binades)
-    w_scale = (0.001 + 0.01 * torch.rand(cout, generator=gen, dtype=torch.float64)).numpy()
-    bias = (torch.randn(cout, generator=gen, dtype=torch.float64) * 0.5).numpy()
-    op = QConv("conv", "fp8", X, False, gx, w8.numpy().astype(np.float32), w_scale, bias, geo)
-    env = {X: nhwc(x8).to(torch.float8_e4m3fn).to(DEVICE)}
-    acc = F.conv2d(x8, w8, stride=s, padding=p)  # float64: exact (products of 8 significant bits)
-    s_abs = F.conv2d(x8.abs(), w8.abs(), stride=s, padding=p)
-    return op, geo, gx, acc, s_abs, env
 
 
 def _fp8_configs():
