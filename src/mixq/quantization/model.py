@@ -52,7 +52,8 @@ def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     except Exception as e:  # fx raises many types for untraceable code
         raise ModelStructureError(
             f"cannot trace {type(model).__name__} to find Conv->BatchNorm pairs for folding ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); pass dummy_input=None to quantize without BN folding"
+            f"{str(e).splitlines()[0] if str(e) else ''}); pass example_input=None (dummy_input=None in mixq.nni) "
+            "to quantize without BN folding"
         ) from e
     modules = dict(model.named_modules())
     pairs = {}
@@ -105,7 +106,7 @@ def prepare_(
         if not modules[bn].track_running_stats or not modules[bn].affine:
             raise ModelStructureError(
                 f"BatchNorm {bn!r} needs running statistics and affine=True to be folded into {conv!r}; "
-                "pass dummy_input=None to quantize without folding"
+                "pass example_input=None (dummy_input=None in mixq.nni) to quantize without folding"
             )
     model_device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
     for name, spec in specs.items():

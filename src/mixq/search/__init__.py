@@ -256,7 +256,7 @@ def _finetune(real: EngineMeasurer, finetune: Callable, config_list: list, w: Ev
     if not isinstance(tuned, nn.Module) or not quantized_layers(tuned):
         raise ConfigError(
             "finetune must return the model prepared with the given config_list and trained "
-            "(e.g. QAT_Quantizer(model, config_list, optimizer, dummy_input) then your training loop)"
+            "(e.g. mixq.quantize(model, config_list, method=mixq.QAT()) then your training loop)"
         )
     tuned.eval()
     s = ModelSpeedup(
