@@ -94,7 +94,7 @@ def select_engine(
     if not built:
         raise EngineError("backend 'auto': no candidate engine could be built: " + "; ".join(failures))
     # One call per round, interleaved, so that drift in machine load hits all engines alike.
-    seconds = median_latency({k: e.run for k, e in built.items()}, x, warmup, runs, rounds=runs)
+    seconds = median_latency({k: _timed_run(e, x) for k, e in built.items()}, x, warmup, runs, rounds=runs)
     times = {k: 1e3 * v for k, v in seconds.items()}
     candidates = tuple(Candidate(n, kinds[n][0], kinds[n][1], times[n]) for n in built)
     best_q = min((c for c in candidates if c.quantized), key=lambda c: c.milliseconds, default=None)
@@ -123,3 +123,13 @@ def select_engine(
         reason += "; not built or skipped: " + "; ".join(failures)
     selection = Selection(candidates, chosen.name, reason, int(x.shape[0]), runs)
     return built[chosen.name], selection
+
+
+def _timed_run(engine: Engine, x: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    """What is timed for one engine: its ``run`` on ``x``, or for an engine on a GPU on ``x`` already copied
+    there (a CUDA model's user passes CUDA batches; the copy would otherwise be timed with the engine)."""
+    device = getattr(engine, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        on_device = x.to(device)
+        return lambda _x: engine.run(on_device)
+    return engine.run

@@ -77,12 +77,19 @@ def _reduction(g: dict) -> int:
     return g["cin"] * g["kh"] * g["kw"]
 
 
+def fp8_accumulation() -> str:
+    """How fp8 GEMMs accumulate: ``acc32`` (default: fp32 across BK-long chunks, as the fake-quant model sums)
+    or, with ``MIXQ_CUDA_FP8_ACC=reduced``, ``int8`` (the tensor cores' reduced precision over the whole
+    reduction: faster, but deep nets lose fidelity, docs/cuda-fp8.md)."""
+    return "int8" if os.environ.get("MIXQ_CUDA_FP8_ACC", "acc32") == "reduced" else "acc32"
+
+
 def default_config(op) -> object:
     """A config that fits the layer (used without tuning: on the CPU interpreter, or as the fallback)."""
     k = _kernels()
     bn = max(16, min(128, k.next_pow2(op.geometry["cout"])))
     bk = min(64, _max_bk(op, _taps(op.geometry)))
-    return k.KernelConfig(64, bn, bk, 4, 3)
+    return k.KernelConfig(64, bn, bk, 4, 3, fp8_accumulation() if op.mode == "fp8" else "int8")
 
 
 # (bm, bn, bk, warps, stages, math[, persist]): tensor-core tiles for int8 (int32 accumulation) and for int8 values on
@@ -128,7 +135,7 @@ def candidate_configs(op) -> list:
         if op.x_float:  # or quantize the float input in a pass of its own, then read int8 (fewer bytes gathered)
             base += [(*c[:5], "q+" + c[5], *c[6:]) for c in base if c[5] != "f16"]
     elif op.mode == "fp8":
-        base = [(*c, "int8") for c in _FP8]
+        base = [(*c, fp8_accumulation()) for c in _FP8]
     else:
         base = [(*c, "int8") for c in _FLOAT]
     if os.environ.get("MIXQ_CUDA_PERSIST", "1") == "0":  # leave the persistent-grid tiles out of the tuning
@@ -236,11 +243,13 @@ class ConvRunner(_Runner):
             self.dot = {"int8": k.DOT_INT8, "f16": k.DOT_I8F16, "fma": k.DOT_FMA}[config.math.removeprefix("q+")]
         else:
             self.dot = {"fp16": k.DOT_FP16, "fp32": k.DOT_FP32, "fp8": k.DOT_FP8}[op.mode]
+            if op.mode == "fp8" and config.math == "acc32":
+                self.dot = k.DOT_FP8_ACC32
         self.taps = _taps(g) and self.dot != k.DOT_FMA
         self.np = -(-g["cout"] // config.bn) * config.bn
         dtype = {
             k.DOT_INT8: torch.int8, k.DOT_I8F16: torch.float16, k.DOT_FMA: torch.float32, k.DOT_FP16: torch.float16,
-            k.DOT_FP32: torch.float32, k.DOT_FP8: torch.float8_e4m3fn,
+            k.DOT_FP32: torch.float32, k.DOT_FP8: torch.float8_e4m3fn, k.DOT_FP8_ACC32: torch.float8_e4m3fn,
         }[self.dot]  # fmt: skip
         self.w = self._pack(op.weight, g, self.taps, dtype)
         scale = op.w_scale * (op.grid.scale if op.mode in ("int8", "fp8") else 1.0)  # s_x * s_w[c]
@@ -427,7 +436,8 @@ class ConvRunner(_Runner):
             parts.insert(0, "quantize pass +")
         elif op.x_float and op.mode in ("int8", "fp8"):
             parts.insert(0, "quantize-on-load")
-        math = {0: "int8 tensor cores", 3: "fp8 tensor cores", 4: "int8 on fp16 tensor cores", 5: "int8 on CUDA cores"}
+        math = {0: "int8 tensor cores", 3: "fp8 tensor cores", 4: "int8 on fp16 tensor cores", 5: "int8 on CUDA cores",
+                6: "fp8 tensor cores (fp32 accumulation)"}  # fmt: skip
         math = math.get(self.dot, op.mode)
         return f"triton conv {op.mode} [{' '.join(parts)}] {math} {self.config}"
 
@@ -588,11 +598,19 @@ class TorchRunner(_Runner):
 # ------------------------------------------------------------------------------------------ engine
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Graph:
+    """One captured batch size: the graph reads ``x`` and writes ``out`` (static buffers) and ``finite`` (the
+    input had no NaN/inf, computed inside the graph, so checking it costs no launch and no extra sync).
+    ``staging``: the pinned host buffer CPU inputs go through (made on first use); ``staged`` records when its
+    copy to the device finished, so the next call does not overwrite it while the copy is in flight."""
+
     graph: object
     x: torch.Tensor
     out: torch.Tensor
+    finite: torch.Tensor
+    staging: torch.Tensor | None = None
+    staged: object = None
 
 
 def _device_info(device: torch.device) -> dict:
@@ -624,6 +642,8 @@ class CudaEngine(Engine):
 
         super().__init__(input_shape, layers, max_batch=None)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N": inputs compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.qdq_bytes = qdq_bytes
         try:
             self.plan = lower(onnx.load_from_string(qdq_bytes), layers)
@@ -758,28 +778,57 @@ class CudaEngine(Engine):
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad(), _no_tf32():
+            finite = torch.isfinite(x).all()
             out = self._forward(x)
-        g = _Graph(graph, x, out)
+        g = _Graph(graph, x, out, finite)
         self._graphs[batch] = g
         if len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)
         return g
 
+    def _stage(self, g: _Graph, x: torch.Tensor) -> None:
+        """Copy a host input into the graph's input buffer through pinned memory (asynchronously)."""
+        if g.staging is None:
+            g.staging = torch.empty(g.x.shape, dtype=g.x.dtype, pin_memory=True)
+            g.staged = torch.cuda.Event()
+        else:
+            g.staged.synchronize()  # the previous call's copy out of the staging buffer has finished
+        g.staging.copy_(x)
+        g.x.copy_(g.staging, non_blocking=True)
+        g.staged.record()
+
     def run_device(self, x, check_finite: bool = True) -> torch.Tensor:
         """Run on the engine's device and return the output there (a CUDA tensor on a GPU). On a GPU this
-        replays the batch size's CUDA graph (captured on first use)."""
-        x = self.check_input(x, check_finite).to(self.device, non_blocking=True)
+        replays the batch size's CUDA graph (captured on first use): an input already on the engine's GPU is
+        copied device-to-device into the graph's input buffer (no host round trip), a CPU input through a
+        pinned staging buffer. ``check_finite`` reads the graph's own finiteness flag after the replay (one
+        synchronization, which a caller reading the output needs anyway); without it nothing waits for the GPU."""
         if self.device.type != "cuda":
+            x = self.check_input(x, check_finite).to(self.device)
             with torch.no_grad():
                 return self._forward(x).clone()
+        x = self.check_input(x, check_finite=False)
         with self._lock:
             g = self._graph(x.shape[0])
-            g.x.copy_(x)
+            if x.device == self.device:
+                g.x.copy_(x)
+            elif x.device.type == "cpu":
+                self._stage(g, x)
+            else:
+                g.x.copy_(x.to(self.device))
             g.graph.replay()
-            return g.out.clone()
+            out = g.out.clone()
+            if check_finite and not bool(g.finite):
+                raise EngineError("input contains NaN or infinite values")
+        return out
 
     def run(self, x, check_finite: bool = True) -> torch.Tensor:
-        return self.run_device(x, check_finite).float().cpu()
+        """float32 output: on the engine's GPU for an input already there (nothing copied back to the host),
+        else a CPU tensor."""
+        out = self.run_device(x, check_finite).float()
+        if isinstance(x, torch.Tensor) and x.device == self.device:
+            return out
+        return out.cpu()
 
     # ---------------------------------------------------------------- report
     def _op_layer(self, op) -> str | None:
@@ -790,11 +839,14 @@ class CudaEngine(Engine):
         precisions: dict[str, set[str]] = {}
         gemms: dict[str, str] = {}  # layer -> the precision its conv/linear kernel runs in
         fused_into: dict[str, str] = {}
+        acc32: set[str] = set()  # layers whose fp8 GEMM accumulates in fp32
         for runner in self.runners:
             op = runner.op
             owner = self._op_layer(op)
             if owner is None:
                 continue
+            if isinstance(runner, ConvRunner) and runner.dot == _kernels().DOT_FP8_ACC32:
+                acc32.add(owner)
             kernels.setdefault(owner, []).append(runner.describe())
             precisions.setdefault(owner, set()).add(_runs_as(runner))
             if isinstance(runner, ConvRunner) or (isinstance(runner, TorchRunner) and op.op in _GEMM_OPS):
@@ -810,7 +862,7 @@ class CudaEngine(Engine):
             p = precisions.get(layer, set())
             if ks:
                 runs_as = gemms.get(layer) or next((r for r in ("int8", "fp8", "fp16", "fp32") if r in p), "fp32")
-                note = _note(info, runs_as, self.plan.notes.get(layer))
+                note = _note(info, runs_as, self.plan.notes.get(layer), layer in acc32)
             elif layer in fused_into:
                 runs_as, note = "fused", f"no kernel of its own: fused into {fused_into[layer]}"
             else:
@@ -871,9 +923,13 @@ FP8_ACCUMULATION_NOTE = (
     "fp8 tensor cores accumulate with reduced precision (about 11 bits measured on an H100), so sums can differ "
     "from the fp32 fake-quant model's"
 )
+FP8_ACC32_NOTE = (
+    "fp8 tensor cores, each BK-long chunk's sum added to an fp32 accumulator (the tensor cores alone keep about "
+    "11 bits over the whole reduction)"
+)
 
 
-def _note(info: dict, runs_as: str, why_not_fp8: str | None = None) -> str:
+def _note(info: dict, runs_as: str, why_not_fp8: str | None = None, fp8_acc32: bool = False) -> str:
     """The placement report's note for a layer; ``why_not_fp8``: the lowering's reason (``Plan.notes``)."""
     requested = info["precision"]
     if requested == "int8" and runs_as == "fp32":
@@ -887,7 +943,7 @@ def _note(info: dict, runs_as: str, why_not_fp8: str | None = None) -> str:
         why = why_not_fp8 or "its input and weight do not both come through fp8 (FLOAT8E4M3FN) DequantizeLinear"
         return f"asked fp8, runs {runs_as}: {why}"
     if runs_as == "fp8":
-        return FP8_ACCUMULATION_NOTE
+        return FP8_ACC32_NOTE if fp8_acc32 else FP8_ACCUMULATION_NOTE
     return ""
 
 
@@ -955,6 +1011,18 @@ class CudaBackend(Backend):
 
     def build(self, qdq, input_shape, options: BuildOptions) -> CudaEngine:
         return build_engine(qdq, input_shape, options, "cuda")
+
+    def strongest_float(self, model, input_shape, layers: dict, options: BuildOptions) -> Engine:
+        """``auto``'s float reference on this GPU: the torch model in fp16 channels-last, compiled and
+        CUDA-graphed (:class:`.torch_float.TorchFloatEngine`)."""
+        from .torch_float import TorchFloatEngine
+
+        try:
+            return TorchFloatEngine(model, input_shape, layers, max(1, options.opt_batch))
+        except EngineError:
+            raise
+        except Exception as e:
+            raise EngineError(f"torch fp16 float engine: {type(e).__name__}: {e}") from e
 
     def load(self, path: str | os.PathLike, device="cuda") -> CudaEngine:
         manifest, members = read_engine_file(path, self.name)

@@ -54,6 +54,7 @@ __all__ = [
     "DOT_FP16",
     "DOT_FP32",
     "DOT_FP8",
+    "DOT_FP8_ACC32",
     "DOT_I8F16",
     "DOT_FMA",
     "conv_kernel",
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 DOT_INT8, DOT_FP16, DOT_FP32, DOT_FP8, DOT_I8F16, DOT_FMA = 0, 1, 2, 3, 4, 5
+# e4m3 with fp32 accumulation: each BK-long chunk's wgmma result is added to an fp32 accumulator in registers
+# (Triton's max_num_imprecise_acc = BK). DOT_FP8 accumulates the whole reduction in the tensor cores' reduced
+# precision (about 11 mantissa bits measured on an H100: benchmarks/results/fp8-accumulation-h100.log).
+DOT_FP8_ACC32 = 6
 FP8_MAX = float(FP8_E4M3.max)  # largest finite e4m3 value
 
 
@@ -76,7 +81,9 @@ class KernelConfig:
     bk: int
     warps: int = 4
     stages: int = 3
-    math: str = "int8"  # int8 layers: int8 tensor cores | f16 (int8 values on fp16 tensor cores) | fma (CUDA cores)
+    math: str = "int8"  # int8 layers: int8 tensor cores | f16 (int8 values on fp16 tensor cores) | fma (CUDA cores);
+    # fp8 layers: acc32 (fp32 accumulation across BK chunks) | int8 (the name kept by older engine files: the
+    # tensor cores' reduced-precision accumulation over the whole reduction)
     persist: int = 0  # 0: one output tile per program; p > 0: p programs per SM, each looping over tiles
 
     def to_dict(self) -> dict:
@@ -231,7 +238,7 @@ def _load_a(
     else:
         if DOT == 0:  # padding reads 0 (straight to shared memory); the epilogue corrects for it exactly
             a = tl.load(ptrs, mask=mask, other=0)
-        elif DOT == 3:  # e4m3 straight to shared memory (no zero point: padding 0.0 is exact)
+        elif (DOT == 3) or (DOT == 6):  # e4m3 straight to shared memory (no zero point: padding 0.0 is exact)
             a = tl.load(ptrs, mask=mask, other=0.0)
         elif DOT == 4:
             q = tl.load(ptrs, mask=mask, other=a_zpi)
@@ -314,6 +321,8 @@ def _gemm(
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             elif DOT == 2:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
+            elif DOT == 6:  # fp32 accumulation across chunks (see DOT_FP8_ACC32)
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BK)
             else:
                 acc = tl.dot(a, b, acc)
     return acc
