@@ -183,8 +183,8 @@ def test_auto_keeps_an_engine_that_matches_and_says_what_it_tried(int8_model, fl
 
 
 def test_numpy_in_torch_out(int8_model, task):
-    engine = mixq.compile(int8_model, task.test_set.tensors[0][:8], backend="onnxruntime")
     x = task.test_set.tensors[0][:8]
+    engine = mixq.compile(int8_model, x.numpy(), backend="onnxruntime")  # a numpy example too
     out = engine(x.numpy())
     assert isinstance(out, torch.Tensor) and torch.equal(out, engine(x))
 

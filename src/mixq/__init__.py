@@ -26,7 +26,7 @@ and everything under it, the most specific name listed wins; ``mixq`` is this fi
 17. ``speedup``: orchestration
 18. ``search``, ``api``: mixed-precision search; the native verbs ``quantize``, ``compile``, ``load``
 19. ``mixq``: this package's public names
-20. ``zoo``: demo and benchmark support (models, data sets, download, demo, tutorial assets, metrics)
+20. ``zoo``: demo, test and benchmark support (models, data sets, download, demo, tutorial assets, metrics)
 21. ``nni``: the NNI 2.x face
 22. ``cli``
 23. ``__main__``
