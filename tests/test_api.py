@@ -10,6 +10,7 @@ noise the config itself adds), on the real images and on fresh random inputs.
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import mixq
+import mixq.speedup
 from mixq.zoo.models import TorchModel
 from mixq.zoo.tutorial import MnistTask, trainer
 
@@ -270,6 +272,17 @@ def test_bad_compile_arguments(int8_model, example, backend, expected):
         mixq.compile(int8_model, example, backend=backend)
     message = _one_line(e)
     assert expected in message and "dummy_input" not in message
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_a_backend_this_machine_lacks_is_one_line_before_any_export(int8_model, monkeypatch):
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before the backend was checked")
+
+    monkeypatch.setattr(mixq.speedup, "export_qdq_onnx", no_export)
+    with pytest.raises(mixq.MixqError) as e:
+        mixq.compile(int8_model, torch.randn(2, 1, 28, 28), backend="tensorrt")
+    assert "backend 'tensorrt' needs TensorRT" in _one_line(e)
 
 
 def test_compile_before_calibration_names_the_layer(float_model):
