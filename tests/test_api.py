@@ -116,6 +116,10 @@ def test_presets_resolve_against_the_model_and_are_frozen(float_model):
         mixq.INT8.observer = "mse"
     mse = dataclasses.replace(mixq.INT8, observer="mse")
     assert {e["observer"] for e in mse.config_list(float_model)} == {"mse"}
+    with pytest.raises(mixq.MixqError, match=r"preset 'INT8': weight_bits must be an int in 2\.\.8"):
+        dataclasses.replace(mixq.INT8, weight_bits=16)
+    with pytest.raises(mixq.MixqError, match="dtype must be 'int' or 'fp8', got 'bf16'"):
+        mixq.Preset("BF16", dtype="bf16")
 
 
 def test_ptq_forward_loop_calibrates_on_the_real_images(int8_model, calib):

@@ -53,6 +53,15 @@ class Preset:
     dtype: str = "int"
     observer: str = "minmax"
 
+    def __post_init__(self):
+        if self.dtype not in ("int", "fp8"):
+            raise ConfigError(f"preset {self.name!r}: dtype must be 'int' or 'fp8', got {self.dtype!r}")
+        for key in ("weight_bits", "activation_bits"):
+            bits = getattr(self, key)
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ConfigError(f"preset {self.name!r}: {key} must be an int in 2..8 (engines build int8 layers), "
+                                  f"got {bits!r}")  # fmt: skip
+
     def config_list(self, model: nn.Module) -> list[dict]:
         """The ``config_list`` this preset means for ``model``."""
         from .speedup import all_int8_config
