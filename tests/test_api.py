@@ -289,6 +289,13 @@ def test_a_backend_this_machine_lacks_is_one_line_before_any_export(int8_model, 
     assert "backend 'tensorrt' needs TensorRT" in _one_line(e)
 
 
+def test_activations_below_8_bits_are_training_only_and_compile_says_so(float_model, calib):
+    model = _ptq(float_model, calib, mixq.Preset("W4A4", weight_bits=4, activation_bits=4))
+    with pytest.raises(mixq.MixqError) as e:
+        mixq.compile(model, torch.randn(2, 1, 28, 28), backend="onnxruntime")
+    assert "layer 'conv1' asks for [4] bits; engines build int8 layers (8-bit activations" in _one_line(e)
+
+
 def test_compile_before_calibration_names_the_layer(float_model):
     model = mixq.quantize(copy.deepcopy(float_model), mixq.INT8)  # PTQ without a loop: prepared only
     with pytest.raises(mixq.MixqError) as e:

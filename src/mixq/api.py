@@ -45,6 +45,8 @@ class Preset:
     ``weight_bits``/``activation_bits``: integer bits (ignored for fp8, which is 8-bit e4m3 throughout);
     ``dtype``: ``"int"`` or ``"fp8"``; ``observer``: the PTQ range observer (``minmax``, ``ema``,
     ``percentile``, ``entropy``, ``mse``). Change one with ``dataclasses.replace(mixq.INT8, observer="mse")``.
+    Activations below 8 bits (e.g. ``Preset("W4A4", 4, 4)``) train and calibrate but build on no backend
+    (engines run 8-bit activations): :func:`compile` says so in one line naming the first layer.
     """
 
     name: str
