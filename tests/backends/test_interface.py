@@ -46,3 +46,50 @@ def test_get_backend_of_an_unknown_name_is_one_clear_error():
         from mixq.backends import get_backend
 
         get_backend("tpu")
+
+
+def _engine_file(path, backend: str, **manifest):
+    import json
+    import zipfile
+
+    body = {"format": "mixq-engine", "format_version": 1, "backend": backend, "sha256": {}, **manifest}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("manifest.json", json.dumps(body))
+    return path
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino", "tensorrt"])
+@pytest.mark.parametrize(
+    "manifest", [{}, {"input_shape": [1, 3]}, {"input_shape": "x", "layers": {}}, {"input_shape": [1], "layers": []}]
+)
+def test_a_bad_manifest_is_one_engine_error_naming_the_file(tmp_path, name, manifest):
+    """One load path for every backend (Backend.load): no KeyError/TypeError from a manifest or member that is
+    missing or malformed, TensorRT's included (needs no TensorRT: the file is refused before)."""
+    path = _engine_file(tmp_path / f"{name}.mixq", name, **manifest)
+    with pytest.raises(EngineError, match=rf"{name}\.mixq: engine manifest or members are incomplete"):
+        registered_backend(name).load(path)
+
+
+def test_tensorrt_file_without_its_plan_says_so(tmp_path):
+    path = _engine_file(tmp_path / "t.mixq", "tensorrt", input_shape=[1, 3], layers={})
+    with pytest.raises(EngineError, match="no engine.plan member"):
+        registered_backend("tensorrt").load(path)
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino", "tensorrt"])
+def test_build_legalizes_first_through_the_backend_hook(name, monkeypatch):
+    """Backend.build calls legalize (the hook every backend has) and then build_legal with its result."""
+    from types import SimpleNamespace
+
+    from mixq.backends import BuildOptions
+    from mixq.backends.base import Backend, Legalized
+
+    backend = registered_backend(name)
+    calls = []
+    legal = Legalized(object(), {"conv": {"precision": "int8"}})
+    monkeypatch.setattr(backend, "legalize", lambda model, layers, options: calls.append(("legalize", model)) or legal)
+    monkeypatch.setattr(backend, "build_legal", lambda got, shape, options: calls.append(("build", got, shape)))
+    qdq = SimpleNamespace(model="model", layers={"conv": {"precision": "int8"}})
+    backend.build(qdq, [1, 3], BuildOptions())
+    assert calls == [("legalize", "model"), ("build", legal, (1, 3))]
+    assert Backend.legalize(backend, "m", {}, BuildOptions()) == Legalized("m", {})  # the default: unchanged

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixq.backends import BuildOptions
-from mixq.backends.openvino.engine import OpenVINOEngine, fp8_initializers_as_raw
+from mixq.backends.openvino.engine import OpenVINOBackend, OpenVINOEngine, fp8_initializers_as_raw
 from mixq.spec import FP8_E4M3
 
 from .fp8_graphs import INPUT_SHAPE, Fp8Graph, fp8_steps
@@ -17,10 +17,16 @@ from .fp8_graphs import INPUT_SHAPE, Fp8Graph, fp8_steps
 pytest.importorskip("openvino")
 
 
+def _build(model, input_shape, layers) -> OpenVINOEngine:
+    """What OpenVINOBackend.build does with an export: legalize (the fp8 rewrites), then the engine."""
+    backend, options = OpenVINOBackend(), BuildOptions(threads=1)
+    return backend.build_legal(backend.legalize(model, layers, options), input_shape, options)
+
+
 def _engine(graph: Fp8Graph) -> OpenVINOEngine:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return OpenVINOEngine(graph.model.SerializeToString(), INPUT_SHAPE, graph.layers, BuildOptions(threads=1))
+        return _build(graph.model, INPUT_SHAPE, graph.layers)
 
 
 @pytest.mark.parametrize("raw", [True, False], ids=["raw_data", "int32_data"])
@@ -51,7 +57,7 @@ def test_int32_data_weights_are_rewritten_as_raw_data_with_the_same_values():
 def test_fp8_engine_is_marked_inexact_warns_and_notes_it():
     graph = Fp8Graph()
     with pytest.warns(UserWarning, match="not exact for its fp8 layers"):
-        engine = OpenVINOEngine(graph.model.SerializeToString(), INPUT_SHAPE, graph.layers, BuildOptions(threads=1))
+        engine = _build(graph.model, INPUT_SHAPE, graph.layers)
     assert "float16" in engine.inexact and "conv" in engine.inexact
     rows = {r.layer: r for r in engine.placement()}
     assert rows["conv"].requested == "fp8" and rows["conv"].runs_as == "fp32"
@@ -90,7 +96,7 @@ def test_openvino_really_rounds_through_float16():
 
 
 def _engine_of(model) -> OpenVINOEngine:
-    return OpenVINOEngine(model.SerializeToString(), (1, 4096), {}, BuildOptions(threads=1))
+    return _build(model, (1, 4096), {})
 
 
 def test_fp8_engine_file_round_trip_stays_marked_inexact(tmp_path):

@@ -8,6 +8,7 @@ truncated, bit-flipped or foreign file gives a clear error and nothing is unpick
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "BuildOptions",
     "LayerPlacement",
     "LayerTime",
+    "Legalized",
     "Engine",
     "Backend",
     "register_backend",
@@ -48,6 +50,9 @@ __all__ = [
     "PRECISIONS",
     "ENGINE_FORMAT_VERSION",
     "layer_of_node",
+    "copy_layers",
+    "fp8_emulated_note",
+    "FUSED_INTO_NEIGHBOUR",
     "tensor_ranges",
     "fold_fp8_weights",
     "fp8_dtype",
@@ -98,6 +103,14 @@ class LayerPlacement:
     @property
     def mismatch(self) -> bool:
         return self.requested == "int8" and self.runs_as not in ("int8", "fused")
+
+
+@dataclass(frozen=True)
+class Legalized:
+    """A Q/DQ model rewritten for one backend and its layers metadata (with notes of what changed)."""
+
+    model: object  # onnx.ModelProto
+    layers: dict
 
 
 @dataclass(frozen=True)
@@ -218,6 +231,20 @@ def read_engine_file(path: str | os.PathLike, backend: str | None = None) -> tup
     return manifest, members
 
 
+FUSED_INTO_NEIGHBOUR = "no kernel of its own: fused into a neighbour"  # placement notes start so
+
+
+def fp8_emulated_note(runtime: str, how: str) -> str:
+    """The placement note of an fp8 layer on a backend without fp8 kernels (``runtime``: its name in the
+    report, ``how``: how the rounding is emulated there)."""
+    return f"asked fp8: {runtime} CPU has no fp8 kernels; fp8 rounding emulated in fp32 {how}"
+
+
+def copy_layers(layers: dict) -> dict:
+    """A deep copy of a layers metadata mapping (what legalizations change instead of the export's)."""
+    return copy.deepcopy(layers)
+
+
 def layer_of_node(node_name: str, layers) -> str | None:
     """Map an ONNX node name with the exporter's scope (``/layer1/layer1.0/conv1/Conv_token_3``) to the
     deepest configured layer name it lies in. Scope parts are either attribute names or full dotted names."""
@@ -279,12 +306,39 @@ class Backend(ABC):
     def unavailable_reason(self) -> str:
         return f"backend {self.name!r} needs the {self.package} package (pip install {self.package})"
 
-    @abstractmethod
-    def build(self, qdq, input_shape: tuple[int, ...], options: BuildOptions) -> Engine:
-        """Build from a :class:`mixq.export.QDQExport`."""
+    def legalize(self, model, layers: dict, options: BuildOptions) -> Legalized:
+        """The backend-neutral Q/DQ ``model`` (``layers``: its layers metadata) rewritten into what this backend
+        runs as asked, decided from the graph alone (and ``options.calibration_data``); ``model`` and ``layers``
+        are not changed. What depends on the machine an engine runs on (e.g. the CPU backends' weight layout)
+        is decided where the engine is created, so an engine file stays portable. Default: nothing to rewrite."""
+        return Legalized(model, layers)
 
-    @abstractmethod
-    def load(self, path: str | os.PathLike) -> Engine: ...
+    def build(self, qdq, input_shape: tuple[int, ...], options: BuildOptions) -> Engine:
+        """Build from a :class:`mixq.export.QDQExport`: :meth:`legalize`, then :meth:`build_legal`."""
+        return self.build_legal(self.legalize(qdq.model, qdq.layers, options), tuple(input_shape), options)
+
+    def build_legal(self, legal: Legalized, input_shape: tuple[int, ...], options: BuildOptions) -> Engine:
+        """The engine of a legalized graph (what :meth:`build` calls after :meth:`legalize`)."""
+        raise NotImplementedError(f"backend {self.name!r} builds in build()")
+
+    def load(self, path: str | os.PathLike) -> Engine:
+        """The engine saved at ``path``: the file checked (:func:`read_engine_file`: format, backend, checksums),
+        then :meth:`engine_from_file`; a manifest or member that is missing or malformed is one
+        :class:`EngineError` naming the file."""
+        manifest, members = read_engine_file(path, self.name)
+        try:
+            input_shape = tuple(int(d) for d in manifest["input_shape"])
+            layers = manifest["layers"]
+            if not isinstance(layers, dict):
+                raise TypeError(f"layers is a {type(layers).__name__}, not a mapping")
+            return self.engine_from_file(manifest, members, input_shape, layers)
+        except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
+
+    def engine_from_file(self, manifest: dict, members: dict[str, bytes], input_shape: tuple[int, ...], layers: dict):
+        """The engine of a checked engine file (:meth:`load`); ``KeyError``/``TypeError``/``ValueError`` for
+        missing or malformed members become :meth:`load`'s one error."""
+        raise NotImplementedError(f"backend {self.name!r} loads in load()")
 
 
 _REGISTRY: dict[str, Callable[[], Backend]] = {}

@@ -15,15 +15,18 @@ import torch
 
 from ...config import WEIGHTED_OP_TYPES
 from ..base import (
+    FUSED_INTO_NEIGHBOUR,
     Backend,
     BuildOptions,
     Engine,
     EngineError,
     LayerPlacement,
     LayerTime,
+    Legalized,
+    copy_layers,
     fold_fp8_weights,
+    fp8_emulated_note,
     layer_of_node,
-    read_engine_file,
     register_backend,
 )
 from ..cpu_features import (
@@ -35,6 +38,7 @@ from ..cpu_features import (
     saturation_message,
     weights_to_uint8,
 )
+from ..onnx_graph import GraphIndex
 from ..profiling import LayerSamples
 from .legalize import FP8_UNSAFE_REWRITES, LEGALIZED_KEY, float_output_convs, has_fp8, quantize_conv_outputs
 
@@ -71,9 +75,10 @@ def _note(info: dict, runs_as: str) -> str:
     if info["precision"] == "fp16":
         return "ORT CPU has no fast fp16 kernels: runs fp32"
     if info["precision"] == "fp8" and runs_as != "fused":
-        return (
-            "asked fp8: ORT CPU has no fp8 kernels; fp8 rounding emulated in fp32 (float8e4m3fn "
-            "QuantizeLinear/DequantizeLinear kept, fp8-grid weights stored as float32, the layer computed in fp32)"
+        return fp8_emulated_note(
+            "ORT",
+            "(float8e4m3fn QuantizeLinear/DequantizeLinear kept, fp8-grid weights stored as float32, the layer "
+            "computed in fp32)",
         )
     if info.get(LEGALIZED_KEY) and runs_as == "int8":
         return (
@@ -96,7 +101,7 @@ def _note(info: dict, runs_as: str) -> str:
             )
         return "asked int8, runs float (ORT found no int8 kernel for this Q/DQ pattern)"
     if runs_as == "fused":
-        return "no kernel of its own: fused into a neighbour (Conv+ReLU, or ReLU into a quantized range)"
+        return f"{FUSED_INTO_NEIGHBOUR} (Conv+ReLU, or ReLU into a quantized range)"
     return ""
 
 
@@ -184,10 +189,10 @@ class OnnxRuntimeEngine(Engine):
         if getattr(self, "_owner_map", None) is None:
             import onnx
 
-            graph = onnx.load_from_string(self.qdq_bytes).graph
-            producer = {o: n for n in graph.node for o in n.output}
+            g = GraphIndex(onnx.load_from_string(self.qdq_bytes))
+            producer = g.producer
             owners = {}
-            for node in graph.node:
+            for node in g.nodes:
                 act = layer_of_node(node.name, self.layers)
                 if act is None or node.op_type not in ACTIVATION_KERNELS or not node.input:
                     continue
@@ -290,35 +295,30 @@ class OnnxRuntimeBackend(Backend):
     precisions = frozenset({"fp32", "int8"})  # fp16 runs fp32 (no fast fp16 kernels on CPU)
     emulated = frozenset({"fp8"})  # fp8 Q/DQ kept, the layer computed in fp32 (exact, slower than fp32)
 
-    def build(self, qdq, input_shape, options: BuildOptions) -> OnnxRuntimeEngine:
-        """Legalize (see :mod:`.legalize`: conv outputs ORT needs quantized are calibrated on
-        ``options.calibration_data`` when given) and create the session."""
-        import copy
-
+    def legalize(self, model, layers: dict, options: BuildOptions) -> Legalized:
+        """See :mod:`.legalize`: conv outputs ORT needs quantized are calibrated on ``options.calibration_data``
+        when given. The weight layout for the CPU is decided where the engine is created."""
         import onnx
 
-        model, layers = qdq.model, qdq.layers
-        if options.calibration_data and float_output_convs(model):
-            model = onnx.ModelProto()
-            model.CopyFrom(qdq.model)
-            layers = copy.deepcopy(qdq.layers)
-            for layer in quantize_conv_outputs(model, layers, options.calibration_data):
-                layers[layer][LEGALIZED_KEY] = len(options.calibration_data)
-        return OnnxRuntimeEngine(model.SerializeToString(), input_shape, layers, options)
+        if not (options.calibration_data and float_output_convs(model)):
+            return Legalized(model, layers)
+        legal = onnx.ModelProto()
+        legal.CopyFrom(model)
+        layers = copy_layers(layers)
+        for layer in quantize_conv_outputs(legal, layers, options.calibration_data):
+            layers[layer][LEGALIZED_KEY] = len(options.calibration_data)
+        return Legalized(legal, layers)
 
-    def load(self, path) -> OnnxRuntimeEngine:
-        manifest, members = read_engine_file(path, self.name)
-        try:
-            opts = json.loads(members["options.json"])
-            # Files from before the layout moved to load time stored the build machine's decision, with an
-            # optimized.onnx member: decide again here.
-            uint8 = None if "optimized.onnx" in members else opts["uint8_weights"]
-            options = BuildOptions(
-                threads=opts["threads"], keep_pools_float=opts["keep_pools_float"], uint8_weights=uint8
-            )
-            return OnnxRuntimeEngine(members["model.onnx"], tuple(manifest["input_shape"]), manifest["layers"], options)
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
+    def build_legal(self, legal: Legalized, input_shape, options: BuildOptions) -> OnnxRuntimeEngine:
+        return OnnxRuntimeEngine(legal.model.SerializeToString(), input_shape, legal.layers, options)
+
+    def engine_from_file(self, manifest, members, input_shape, layers) -> OnnxRuntimeEngine:
+        opts = json.loads(members["options.json"])
+        # Files from before the layout moved to load time stored the build machine's decision, with an
+        # optimized.onnx member: decide again here.
+        uint8 = None if "optimized.onnx" in members else opts["uint8_weights"]
+        options = BuildOptions(threads=opts["threads"], keep_pools_float=opts["keep_pools_float"], uint8_weights=uint8)
+        return OnnxRuntimeEngine(members["model.onnx"], input_shape, layers, options)
 
 
 register_backend("onnxruntime", OnnxRuntimeBackend)

@@ -26,7 +26,6 @@ it) and warns; ONNX Runtime runs the same graph exactly.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import threading
 import warnings
@@ -43,9 +42,10 @@ from ..base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    Legalized,
     fold_fp8_weights,
+    fp8_emulated_note,
     layer_of_node,
-    read_engine_file,
     register_backend,
 )
 from ..cpu_features import (
@@ -78,9 +78,10 @@ COMPUTE_TYPES = frozenset(
 )
 INT_PRECISIONS = frozenset({"u8", "i8", "U8", "I8"})
 MAX_COMPILED_SHAPES = 8
-FP8_NOTE = (
-    "asked fp8: OpenVINO CPU has no fp8 kernels; fp8 rounding emulated in fp32 (FakeConvert), rounding through "
-    "float16 first: values next to the midpoint of two fp8 values may land one fp8 step off"
+FP8_NOTE = fp8_emulated_note(
+    "OpenVINO",
+    "(FakeConvert), rounding through float16 first: values next to the midpoint of two fp8 values may land one "
+    "fp8 step off",
 )
 
 
@@ -159,7 +160,6 @@ class OpenVINOEngine(Engine):
         import onnx
 
         model = onnx.load_from_string(onnx_bytes)
-        rewritten = len(fold_fp8_weights(model)) + fp8_initializers_as_raw(model)
         maxima = int8_weight_maxima(model)
         risky = set() if cpu_has_vnni() else {n for n, top in maxima.items() if top > SAFE_U8S8_WEIGHT}
         choice = self.options.uint8_weights
@@ -178,7 +178,7 @@ class OpenVINOEngine(Engine):
         if fp8:
             self.inexact = (self.inexact + "; " if self.inexact else "") + fp8_message(fp8)
             warnings.warn(fp8_message(fp8), stacklevel=3)
-        return model.SerializeToString() if split or to_uint8 or rewritten else onnx_bytes
+        return model.SerializeToString() if split or to_uint8 else onnx_bytes
 
     def _config(self, profiling: bool) -> dict:
         config = {
@@ -318,21 +318,28 @@ class OpenVINOBackend(Backend):
     precisions = frozenset({"fp32", "int8"})  # fp16 runs fp32 (INFERENCE_PRECISION_HINT f32)
     emulated = frozenset({"fp8"})  # FakeConvert around fp32 kernels
 
-    def build(self, qdq, input_shape, options: BuildOptions) -> OpenVINOEngine:
-        return OpenVINOEngine(qdq.model.SerializeToString(), tuple(input_shape), qdq.layers, options)
+    def legalize(self, model, layers: dict, options: BuildOptions) -> Legalized:
+        """fp8 layers (see the module doc): fp8-grid weights folded to float32 (no fp8 kernels), the other
+        float8e4m3fn initializers stored as ``raw_data`` (the form OpenVINO reads right). The weight layout for
+        the CPU is decided where the engine is created."""
+        import onnx
 
-    def load(self, path: str | os.PathLike) -> OpenVINOEngine:
-        manifest, members = read_engine_file(path, self.name)
-        try:
-            opts = json.loads(members["options.json"])
-            return OpenVINOEngine(
-                members["model.onnx"],
-                tuple(manifest["input_shape"]),
-                manifest["layers"],
-                BuildOptions(threads=opts["threads"], uint8_weights=opts.get("uint8_weights")),
-            )
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
+        legal = onnx.ModelProto()
+        legal.CopyFrom(model)
+        changed = len(fold_fp8_weights(legal)) + fp8_initializers_as_raw(legal)
+        return Legalized(legal if changed else model, layers)
+
+    def build_legal(self, legal: Legalized, input_shape, options: BuildOptions) -> OpenVINOEngine:
+        return OpenVINOEngine(legal.model.SerializeToString(), input_shape, legal.layers, options)
+
+    def engine_from_file(self, manifest, members, input_shape, layers) -> OpenVINOEngine:
+        import onnx
+
+        opts = json.loads(members["options.json"])
+        options = BuildOptions(threads=opts["threads"], uint8_weights=opts.get("uint8_weights"))
+        # Files saved before legalize() existed hold the model as exported: legalize it (a no-op otherwise).
+        legal = self.legalize(onnx.load_from_string(members["model.onnx"]), layers, options)
+        return OpenVINOEngine(legal.model.SerializeToString(), input_shape, legal.layers, options)
 
 
 register_backend("openvino", OpenVINOBackend)

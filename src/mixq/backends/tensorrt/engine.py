@@ -18,7 +18,6 @@ building, running, and reading the inspector and profiler of a real engine.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -31,9 +30,10 @@ from ..base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    Legalized,
     check_fp8_support,
+    copy_layers,
     layer_of_node,
-    read_engine_file,
     register_backend,
 )
 from .check import check
@@ -264,13 +264,17 @@ class TensorRTBackend(Backend):
         )
 
     def build(self, qdq, input_shape, options: BuildOptions) -> TensorRTEngine:
-        """Legalize (:mod:`.legalize`), check (:func:`.check`: a rule TensorRT would reject is an
-        error here, a placement rule a note in the report), then parse and build a strongly typed network. fp8
-        layers need a GPU of compute capability 8.9 or newer (:func:`..base.check_fp8_support`, checked first)."""
+        """:meth:`legalize`, then parse and build a strongly typed network (:meth:`build_legal`). fp8 layers need
+        a GPU of compute capability 8.9 or newer (:func:`..base.check_fp8_support`, checked first)."""
         fp8 = next((name for name, info in qdq.layers.items() if info.get("precision") == "fp8"), None)
         if fp8 is not None and torch.cuda.is_available():
             check_fp8_support(f"layer {fp8!r}", torch.device("cuda", torch.cuda.current_device()))
-        legal = legalize(qdq.model, qdq.layers, options.calibration_data)
+        return super().build(qdq, input_shape, options)
+
+    def legalize(self, model, layers: dict, options: BuildOptions) -> Legalized:
+        """:func:`.legalize.legalize`, then :func:`.check`: a rule TensorRT would reject is an error here, a
+        placement rule a note on its layer. Needs no TensorRT."""
+        legal = legalize(model, layers, options.calibration_data)
         problems = check(legal.model)
         rejected = [p for p in problems if p.kind == "rejected"]
         if rejected:
@@ -278,8 +282,10 @@ class TensorRTBackend(Backend):
                 f"; and {len(rejected) - 4} more" if len(rejected) > 4 else ""
             )
             raise EngineError(f"TensorRT would reject this Q/DQ graph after legalization: {shown}")
-        layers = _with_placement_notes(legal.layers, problems)
-        onnx_bytes = legal.model.SerializeToString()
+        return Legalized(legal.model, _with_placement_notes(legal.layers, problems))
+
+    def build_legal(self, legal: Legalized, input_shape, options: BuildOptions) -> TensorRTEngine:
+        layers, onnx_bytes = legal.layers, legal.model.SerializeToString()
         trt = _trt()
         plan = plan_network(legal.model, input_shape, options, _version(trt.__version__)[0])
         logger = trt.Logger(trt.Logger.WARNING)
@@ -305,18 +311,15 @@ class TensorRTBackend(Backend):
             raise EngineError("TensorRT failed to build the engine (see the TensorRT log above)")
         return TensorRTEngine(bytes(serialized), onnx_bytes, input_shape, layers)
 
-    def load(self, path) -> TensorRTEngine:
-        manifest, members = read_engine_file(path, self.name)
+    def engine_from_file(self, manifest, members, input_shape, layers) -> TensorRTEngine:
         if "engine.plan" not in members:
-            raise EngineError(f"{path}: the engine file has no engine.plan member")
-        return TensorRTEngine(
-            members["engine.plan"], members.get("model.onnx", b""), tuple(manifest["input_shape"]), manifest["layers"]
-        )
+            raise EngineError("the engine file has no engine.plan member")
+        return TensorRTEngine(members["engine.plan"], members.get("model.onnx", b""), input_shape, layers)
 
 
 def _with_placement_notes(layers: dict, problems) -> dict:
     """``layers`` with each remaining placement problem noted on the layer of its node."""
-    out = json.loads(json.dumps(layers))
+    out = copy_layers(layers)
     for p in problems:
         layer = layer_of_node(p.node, out)
         note = f"TensorRT placement [{p.rule}]: {p.detail}"

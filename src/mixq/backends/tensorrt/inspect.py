@@ -26,7 +26,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..base import LayerPlacement, LayerTime, layer_of_node
+from ..base import FUSED_INTO_NEIGHBOUR, LayerPlacement, LayerTime, layer_of_node
 from ..profiling import LayerSamples
 from .legalize import NOTES_KEY
 
@@ -178,7 +178,7 @@ def placement(engine_layers: list[EngineLayer], ops: dict[str, str], layers: dic
         runs_as = {"bf16": "fp16"}.get(runs_as, runs_as)
         notes = list(info.get(NOTES_KEY, []))
         if runs_as == "fused" and not kernels.get(name):
-            notes.insert(0, "no kernel of its own: fused into a neighbour's kernel")
+            notes.insert(0, f"{FUSED_INTO_NEIGHBOUR}'s kernel")
         rows.append(
             LayerPlacement(
                 name,

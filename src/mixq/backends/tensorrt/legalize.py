@@ -31,16 +31,14 @@ placement report shows.
 
 from __future__ import annotations
 
-import copy
 import json
-from dataclasses import dataclass
 
 import numpy as np
 
 from ...export import LAYERS_METADATA_KEY
 from ...primitives import choose_qparams, quantize
 from ...spec import FloatType, IntType, PerChannel, QuantSpec
-from ..base import EngineError, layer_of_node
+from ..base import EngineError, Legalized, copy_layers, layer_of_node
 from ..onnx_graph import attr, calibrated_ranges, dequantize_node, fp8_dtype, insert_qdq, is_fp8, remove_nodes
 from .check import (
     TYPE_NEUTRAL_OPS,
@@ -58,14 +56,6 @@ NOTES_KEY = "tensorrt"  # layers metadata: what the TensorRT legalization did to
 _INT8 = QuantSpec(IntType(8, signed=True), symmetric=True)
 _FP8 = QuantSpec(FloatType(), symmetric=True)
 QUANTIZED_PRECISIONS = ("int8", "fp8")  # layers asked for a type TensorRT runs quantized
-
-
-@dataclass(frozen=True)
-class Legalized:
-    """The legalized model and the layers metadata with the notes of what changed."""
-
-    model: object  # onnx.ModelProto
-    layers: dict
 
 
 def symmetric_scale(lo: float, hi: float, fp8: bool = False) -> float:
@@ -88,7 +78,7 @@ def legalize(model, layers: dict, calibration_data=()) -> Legalized:
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    layers = copy.deepcopy(layers)
+    layers = copy_layers(layers)
     notes = _Notes(layers)
     _float_biases(out, notes)
     _symmetric_weights(out, notes)
