@@ -93,3 +93,36 @@ def test_build_legalizes_first_through_the_backend_hook(name, monkeypatch):
     backend.build(qdq, [1, 3], BuildOptions())
     assert calls == [("legalize", "model"), ("build", legal, (1, 3))]
     assert Backend.legalize(backend, "m", {}, BuildOptions()) == Legalized("m", {})  # the default: unchanged
+
+
+def test_build_time_calibration_without_onnx_runtime_is_one_clear_error(monkeypatch):
+    """Calibration runs the graph on ONNX Runtime for every backend (TensorRT too): without it, one line
+    saying so before any work, not an ImportError from deep inside a legalization."""
+    import sys
+
+    from mixq.backends.onnx_graph import calibrated_ranges
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(EngineError, match="runs the graph on ONNX Runtime's CPU provider, which is not installed"):
+        calibrated_ranges(object(), ["t"], [object()], "TensorRT legalization")
+
+
+def test_calibrated_ranges_drop_non_finite_tensors():
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mixq.backends.onnx_graph import calibrated_ranges
+
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["log"]), helper.make_node("Relu", ["x"], ["relu"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("relu", TensorProto.FLOAT, [None, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    samples = [np.array([[0.0, 1.0, 4.0]], np.float32), np.array([[2.0, 0.5, -3.0]], np.float32)]
+    ranges = calibrated_ranges(model, ["log", "relu"], samples, "test")
+    assert ranges == {"relu": (0.0, 4.0)}  # log(0) = -inf and log(-3) = nan: left out
