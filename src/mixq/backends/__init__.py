@@ -1,6 +1,7 @@
-"""Backends: a small interface (``is_available``, ``build``, ``load``; engines ``run``, ``profile``,
-``placement``, ``save``) and a registry. Importing this package imports no runtime: ONNX Runtime, OpenVINO,
-TensorRT and Triton are imported when an engine is built or loaded."""
+"""Backends: a small interface (capabilities ``device``, ``precisions``, ``emulated``; ``is_available``,
+``legalize``, ``build``, ``load``; engines ``run``, ``profile``, ``placement``, ``save``) and a registry, one
+subpackage per engine. Importing this package imports no runtime: ONNX Runtime, OpenVINO, TensorRT and Triton
+are imported when an engine is built or loaded."""
 
 from . import cuda as _cuda  # noqa: F401  (registers the backend)
 from . import onnxruntime as _onnxruntime  # noqa: F401
