@@ -53,6 +53,7 @@ __all__ = [
     "copy_layers",
     "fp8_emulated_note",
     "FUSED_INTO_NEIGHBOUR",
+    "FLOAT_BIAS_NOTE",
     "tensor_ranges",
     "fold_fp8_weights",
     "fp8_dtype",
@@ -232,6 +233,8 @@ def read_engine_file(path: str | os.PathLike, backend: str | None = None) -> tup
 
 
 FUSED_INTO_NEIGHBOUR = "no kernel of its own: fused into a neighbour"  # placement notes start so
+# The export leaves a layer's bias float when it does not fit int32 steps (``layers[...]["float_bias"]``).
+FLOAT_BIAS_NOTE = "asked int8, runs float: its bias does not fit int32 steps (an output channel with all-zero weights)"
 
 
 def fp8_emulated_note(runtime: str, how: str) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from ...config import WEIGHTED_OP_TYPES
 from ..base import (
+    FLOAT_BIAS_NOTE,
     FUSED_INTO_NEIGHBOUR,
     Backend,
     BuildOptions,
@@ -93,7 +94,7 @@ def _note(info: dict, runs_as: str) -> str:
                 "or also used elsewhere), so the conv output feeds a float BatchNorm"
             )
         if info.get("float_bias"):
-            return "asked int8, runs float: its bias does not fit int32 steps (an output channel with all-zero weights)"
+            return FLOAT_BIAS_NOTE
         if info["op_type"] in ("Conv1d", "Conv2d"):
             return (
                 "asked int8, runs float: ORT runs a conv int8 only with a quantized output; quantize its output "
