@@ -631,3 +631,44 @@ def test_download_from_a_data_directory_into_the_cache(data_dir, tmp_path, capsy
     assert (tmp_path / "cache" / "mixq" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz").is_file()
     assert main(["download", "mnist", "--from", str(tmp_path / "nope")]) == 2
     assert "--from" in _error(capsys)
+
+
+def test_a_closed_pipe_ends_inspect_quietly(calibration):
+    """`mixq inspect x | head`: the reader goes away; no traceback, the shell's status for SIGPIPE."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mixq", "inspect", str(calibration)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # before the command writes anything
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
+def test_ctrl_c_in_the_demo_keeps_the_finished_strategies(data_dir, tmp_path, capsys, monkeypatch):
+    """Interrupted while the second strategy trains: the first one's model file is kept (written atomically,
+    complete) and stderr names it; the interrupt still ends the command with 130."""
+    from mixq.zoo import demo
+    from mixq.zoo.models import TorchModel
+    from mixq.zoo.tutorial import TrainedVariant
+
+    def train_variants(task, configs, *args, **kwargs):
+        if isinstance(task, demo._WarmupTask):  # the untimed warm-up of every strategy
+            return {}
+        ((name, config),) = configs.items()
+        if config is not None:
+            raise KeyboardInterrupt
+        return {name: TrainedVariant(name, TorchModel().eval(), None, 10.0, [0.1])}
+
+    monkeypatch.setattr(demo, "train_variants", train_variants)
+    argv = ["demo", "--quick", "--data-dir", str(data_dir), "--out", str(tmp_path), "--no-progress"]
+    assert main([*argv, "--backend", "onnxruntime"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "mixq demo: interrupted"
+    assert err[-2] == (
+        f"mixq demo: interrupted during training or building; kept in {tmp_path}: all in 32bit "
+        "(all_in_32bit_model.pth) (no table: it needs every strategy)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all_in_32bit_model.pth"]
+    assert set(torch.load(tmp_path / "all_in_32bit_model.pth")) == set(TorchModel().state_dict())

@@ -102,3 +102,16 @@ def test_group_times_keep_every_microsecond():
     out = group_times(rows, {"conv1": ["conv1", "relu1"], "fc1": ["fc1"]})
     assert out == {"conv1": 12.0, "fc1": 3.0, "(glue)": 4.0, "elsewhere": 1.0}
     assert sum(out.values()) == sum(r.microseconds for r in rows)
+
+
+def test_a_layer_outside_the_config_is_not_advised_out_of_it():
+    """A pool the config never named, run int8 by the backend between int8 layers and slower than float: the
+    warning says so, without advising to leave it out of a config it is not in."""
+    rows = [LayerPlacement("pool1", "MaxPool2d", "fp32", "int8", ("NhwcMaxPool",), 0)]
+    report = PlacementReport("onnxruntime", rows, {"pool1": 30.0}, {"pool1": 10.0}, batch=8)
+    assert report.slower_than_float == ["pool1"]
+    warning = str(report).splitlines()[-1]
+    assert warning == (
+        "WARNING: pool1 is slower in int8 (30.0 us) than in float (10.0 us) on onnxruntime; it is not in the "
+        "config: onnxruntime runs it on the int8 tensors of its neighbours"
+    )

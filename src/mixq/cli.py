@@ -1251,7 +1251,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse printed usage + error (status 2), or --help / --version (0)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is then caught below
+        return status
     except MixqError as e:
         print(f"mixq {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -1259,6 +1261,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixq {args.command}: interrupted", file=sys.stderr)
         _forget_interrupt()
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mixq inspect x.mixq | head`): stop quietly, as a command killed by SIGPIPE does.
+        # stdout is pointed at /dev/null so that Python's flush of it at exit does not raise a second time.
+        _silence_stdout()
+        return 128 + 13  # 141, what a shell reports for SIGPIPE
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no real file (captured under a test): nothing to flush later
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

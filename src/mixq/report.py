@@ -121,10 +121,18 @@ class PlacementReport:
         for r in self.mismatches:
             lines.append(f"WARNING: {r.layer} asked for {r.requested} but runs as {r.runs_as}: {r.note}")
         mine, other = self.row_times(self.times), self.row_times(self.float_times, own=False)
+        requested = {r.layer: r.requested for r in self.rows}
         for layer in self.slower_than_float:
+            # Only a layer the config asked to quantize can be left out of it; one that runs int8 without being in
+            # the config got there from the backend (e.g. a pool between quantized layers takes their int8 tensors).
+            advice = (
+                "consider leaving it out of the config"
+                if requested[layer] == "int8"
+                else f"it is not in the config: {self.backend} runs it on the int8 tensors of its neighbours"
+            )
             lines.append(
                 f"WARNING: {layer} is slower in int8 ({mine[layer]:.1f} us) than in float "
-                f"({other[layer]:.1f} us) on {self.backend}; consider leaving it out of the config"
+                f"({other[layer]:.1f} us) on {self.backend}; {advice}"
             )
         for r in self.rows:
             if r.note and r.requested in ("fp16", "fp8"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from .._io import atomic_write
 from ..calibration import save_calibration_config
@@ -45,6 +46,8 @@ FP32, ALL8 = "all in 32bit", "all in 8bit (QAT)"
 # 55-62% (seed 0). QUICK_LR trains the same 188 steps to a usable model. Both measured tables and their
 # commands: docs/results/demo-quick-cpu.md.
 QUICK_LR = 0.1
+# Training images of the untimed warm-up pass of each strategy before any timed epoch.
+WARMUP_IMAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,25 @@ def _slug(strategy: str) -> str:
     return strategy.split(" (")[0].replace(" ", "_").replace(":", "").replace(",", "")
 
 
+class _WarmupTask:
+    """The first ``WARMUP_IMAGES`` training images of a task, one shuffled pass: enough steps for the one-time costs
+    of the first training in a process (kernel selection, allocator growth, thread pool start), too few to matter."""
+
+    def __init__(self, task: MnistTask):
+        images, labels = task.train_set.tensors
+        self.train_set = TensorDataset(images[:WARMUP_IMAGES], labels[:WARMUP_IMAGES])
+        self.test_set = TensorDataset(images[:TRAIN_BATCH], labels[:TRAIN_BATCH])
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=TRAIN_BATCH, shuffle=True)
+
+    def test_loader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=TRAIN_BATCH)
+
+
 def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
+    """Train, save and build one strategy after the other: on Ctrl-C the strategies already finished keep their
+    model and calibration files (each written atomically) and a line on stderr names them."""
     out = Path(opts.out)
     train_limit, test_limit = (12_000, 2000) if opts.quick else (None, None)
     epochs = 2 if opts.quick else opts.epochs
@@ -133,41 +154,60 @@ def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
         file=sys.stderr,
         flush=True,
     )
-    variants = train_variants(task, STRATEGIES, epochs, opts.seed, progress_factory, lr=lr, momentum=TUTORIAL_MOMENTUM)
-    example = task.test_set.tensors[0][:1]
-    costs = layer_costs(variants[FP32].model, example)
+    # Untimed warm-up of every strategy (throwaway models), so that the first strategy's timed epochs do not pay
+    # the process's one-time costs (issue 25: the fp32 row, trained first, had them in its first epoch).
+    train_variants(_WarmupTask(task), STRATEGIES, 1, opts.seed, lr=lr, momentum=TUTORIAL_MOMENTUM)
     shape = (opts.batch, 1, 28, 28)
-
-    engines, calibrations, rows, written = {}, {}, [], []
-    for name, v in variants.items():
-        slug = _slug(name)
-        calibration = {}
-        if v.config_list is not None:
-            # As NNI's export_model: the calibration, then the model unwrapped to its float deploy modules (BN
-            # folded); the engine is built from that float model and the calibration config.
-            calibration = export_calibration(v.model, allow_unobserved=True)
-            deploy_(v.model)
-            save_calibration_config(calibration, out / f"{slug}_calibration.json")
-        with atomic_write(out / f"{slug}_model.pth", "wb") as f:
-            torch.save(v.model.state_dict(), f)
-        written += [f"{slug}_model.pth"] + ([f"{slug}_calibration.json"] if calibration else [])
-        speedup = ModelSpeedup(v.model, shape, config=calibration, batchsize=opts.batch, backend=opts.backend)
-        speedup.compress()
-        engines[name], calibrations[name] = speedup, calibration
-        engine = _engine_label(speedup, quantized=v.config_list is not None)
-        by_mac, by_param = average_bits(costs, calibration)
-        rows.append(
-            {
-                "strategy": name,
-                "engine": engine,
-                "avg_bits_mac": round(by_mac, 2),
-                "avg_bits_params": round(by_param, 2),
-                "accuracy_engine": accuracy(lambda x, s=speedup: s.inference(x)[0], task.test_set),
-                "accuracy_pytorch": v.accuracy,
-                "training": "float" if v.config_list is None else "QAT",
-                "train_seconds_per_epoch": sum(v.epoch_seconds) / len(v.epoch_seconds),
-            }
+    engines, calibrations, variants, rows, written, kept = {}, {}, {}, [], [], []
+    costs = None
+    try:
+        for name, config_list in STRATEGIES.items():
+            v = train_variants(
+                task, {name: config_list}, epochs, opts.seed, progress_factory, lr=lr, momentum=TUTORIAL_MOMENTUM
+            )[name]
+            variants[name] = v
+            if costs is None:
+                costs = layer_costs(v.model, task.test_set.tensors[0][:1])
+            slug = _slug(name)
+            calibration = {}
+            if v.config_list is not None:
+                # As NNI's export_model: the calibration, then the model unwrapped to its float deploy modules (BN
+                # folded); the engine is built from that float model and the calibration config.
+                calibration = export_calibration(v.model, allow_unobserved=True)
+                deploy_(v.model)
+                save_calibration_config(calibration, out / f"{slug}_calibration.json")
+            with atomic_write(out / f"{slug}_model.pth", "wb") as f:
+                torch.save(v.model.state_dict(), f)
+            files = [f"{slug}_model.pth"] + ([f"{slug}_calibration.json"] if calibration else [])
+            written += files
+            kept.append(f"{name} ({', '.join(files)})")
+            speedup = ModelSpeedup(v.model, shape, config=calibration, batchsize=opts.batch, backend=opts.backend)
+            speedup.compress()
+            engines[name], calibrations[name] = speedup, calibration
+            engine = _engine_label(speedup, quantized=v.config_list is not None)
+            by_mac, by_param = average_bits(costs, calibration)
+            rows.append(
+                {
+                    "strategy": name,
+                    "engine": engine,
+                    "avg_bits_mac": round(by_mac, 2),
+                    "avg_bits_params": round(by_param, 2),
+                    "accuracy_engine": accuracy(lambda x, s=speedup: s.inference(x)[0], task.test_set),
+                    "accuracy_pytorch": v.accuracy,
+                    "training": "float" if v.config_list is None else "QAT",
+                    "train_seconds_per_epoch": sum(v.epoch_seconds) / len(v.epoch_seconds),
+                    "train_seconds_epochs": v.epoch_seconds,
+                }
+            )
+    except KeyboardInterrupt:
+        where = f" in {out}" if kept else ""
+        print(
+            f"mixq demo: interrupted during training or building; kept{where}: {'; '.join(kept) or 'nothing'} "
+            "(no table: it needs every strategy)",
+            file=sys.stderr,
+            flush=True,
         )
+        raise
     x = task.test_set.tensors[0][: opts.batch].contiguous()
     if len(x) < opts.batch:
         x = x.repeat((opts.batch + len(x) - 1) // len(x), 1, 1, 1)[: opts.batch]
@@ -189,7 +229,9 @@ def run_demo(opts: DemoOptions, progress_factory=None, log=print) -> dict:
         f"layers weighted by MACs (by parameters in brackets); float layers count 32\nengine: the backend and "
         f"graph each row ran (with backend auto, a quantized strategy whose engines were all slower than the "
         f"float engine runs float, and says so here)\ntrain s/epoch: mean wall "
-        f"time of one training epoch on this machine (float training for {FP32}, QAT for the others)"
+        f"time of one training epoch on this machine (float training for {FP32}, QAT for the others), every "
+        f"epoch timed; before any timing every strategy trains one untimed pass over {WARMUP_IMAGES} images on a "
+        f"throwaway model, so that no row pays the process's one-time start-up costs (results.json: each epoch)"
     )
     lines = [
         header,
