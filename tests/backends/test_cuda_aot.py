@@ -78,10 +78,10 @@ def _compile_all(mode: str, every: str) -> None:
     import torch
 
     from mixq.backends.cuda.compile import aot_compile, wgmma_waits
-    from mixq.backends.cuda.engine import ConvRunner, _taps, candidate_configs
+    from mixq.backends.cuda.runners import ConvRunner, _taps, candidate_configs
 
     for name, op, plan in _variants(mode):
-        configs = [c for c in candidate_configs(op) if c.math == "int8" and not c.persist]
+        configs = [c for c in candidate_configs(op) if c.math in ("int8", "acc32") and not c.persist]
         configs = configs if every == "1" else configs[:2]
         for config in configs:
             strides = {3: (3 * 32 * 32, 32 * 32, 32, 1), 6: (64 * 32 * 32, 1, 32 * 64, 64)}  # NCHW, NHWC

@@ -33,7 +33,6 @@ if DEVICE == "cpu":
                     allow_module_level=True)  # fmt: skip
     os.environ["TRITON_INTERPRET"] = "1"
 
-from mixq.backends.cuda.engine import STORED, ConvRunner, PoolRunner, QuantizeRunner, RequantRunner  # noqa: E402
 from mixq.backends.cuda.kernels import KernelConfig  # noqa: E402
 from mixq.backends.cuda.lower import (  # noqa: E402
     F8Grid,
@@ -44,6 +43,7 @@ from mixq.backends.cuda.lower import (  # noqa: E402
     Requant,
     Shortcut,
 )
+from mixq.backends.cuda.runners import STORED, ConvRunner, PoolRunner, QuantizeRunner, RequantRunner  # noqa: E402
 from mixq.spec import FP8_E4M3  # noqa: E402
 from mixq.zoo.cuda_cases import (  # noqa: E402
     CONV_SHAPES,
@@ -437,7 +437,7 @@ def test_quantize_float_to_nhwc(layout, kind):
 def test_border_table_holds_the_weight_sum_over_the_taps_inside(shape):
     """Every output pixel's entry in the BORDER table equals the brute-force sum of the weights over the
     kernel taps that fall inside the image (what the kernel subtracts times the zero point)."""
-    from mixq.backends.cuda.engine import border_table
+    from mixq.backends.cuda.runners import border_table
 
     gen = torch.Generator().manual_seed(17)
     _, cin, h, w, cout, k, s, p = shape
@@ -509,7 +509,7 @@ def test_persistent_grid_covers_every_tile(config, shortcut):
 def test_persistent_configs_are_tuning_candidates_and_round_trip(monkeypatch):
     """The tuner times persistent-grid tiles next to the one-tile-per-program ones (MIXQ_CUDA_PERSIST=0 leaves
     them out); a config keeps ``persist`` through the engine file, and configs stored before it load as 0."""
-    from mixq.backends.cuda.engine import candidate_configs
+    from mixq.backends.cuda.runners import candidate_configs
 
     op, *_ = _conv_case((2, 64, 8, 8, 64, 3, 1, 1), torch.Generator().manual_seed(3))
     configs = candidate_configs(op)
@@ -847,7 +847,7 @@ def test_requant_between_fp8_and_int8(kinds):
 
 
 def test_fp8_tuning_candidates_fit_the_layer_and_round_trip():
-    from mixq.backends.cuda.engine import candidate_configs
+    from mixq.backends.cuda.runners import candidate_configs
 
     op, *_ = _fp8_conv_case((2, 20, 6, 6, 24, 1, 1, 0), torch.Generator().manual_seed(3))
     configs = candidate_configs(op)

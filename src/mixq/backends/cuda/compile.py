@@ -60,8 +60,8 @@ def _work(path: str, index: str, count: str) -> None:
     """A worker: compile every ``count``-th job starting at ``index`` (errors are left to the engine's process)."""
     import torch
 
-    from .engine import ConvRunner
     from .lower import Plan
+    from .runners import ConvRunner
 
     data = pickle.loads(Path(path).read_bytes())
     plan = Plan([], data["tensors"], -1, ())
