@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mixq
-from mixq.backends import BuildOptions, load_engine
+from mixq.backends import BuildOptions, EngineError, load_engine
 from mixq.export import export_qdq_onnx
 from mixq.speedup import ModelSpeedup, all_fp8_config, all_int8_config
 from mixq.zoo.models import create_model
@@ -141,7 +141,31 @@ def test_auto_on_a_cuda_model_includes_the_cuda_engines():
     mixq.calibrate_(model, lambda m: m(x))
     s = ModelSpeedup(model, (32, 1, 28, 28), batchsize=32).compress()
     names = {c.name for c in s.selection.candidates}
-    assert {"cuda quantized", "cuda float"} <= names, names
+    assert {"cuda quantized", "cuda float", "cuda torch-fp16 float"} <= names, names  # + the strongest float
+    times = {c.name: c.milliseconds for c in s.selection.candidates}
+    assert times["cuda torch-fp16 float"] < times["cuda float"], times  # fp16 + graph vs the exact fp32 graph
+
+
+def test_run_keeps_a_cuda_batch_on_the_gpu_and_stages_a_cpu_batch(resnet_engine):
+    """A CUDA input: output on the same GPU, equal to the CPU-input path (pinned staging) bit for bit; repeated
+    CPU calls reuse the staging buffer without corrupting a copy in flight; NaN is caught by the graph's flag."""
+    model, _, engine = resnet_engine
+    xs = [torch.randn(64, 3, 32, 32) for _ in range(3)]
+    outs = [engine.run(x, check_finite=False) for x in xs]  # back to back: no wait between the staging copies
+    for x, out in zip(xs, outs, strict=True):
+        on_gpu = engine.run(x.cuda())
+        assert on_gpu.is_cuda and on_gpu.dtype == torch.float32
+        assert out.device.type == "cpu" and torch.equal(out, on_gpu.cpu())
+    bad = xs[0].clone().cuda()
+    bad[3, 1, 2, 2] = float("nan")
+    with pytest.raises(EngineError, match="NaN"):
+        engine.run(bad)
+    with pytest.raises(EngineError, match="NaN"):
+        engine.run(bad.cpu())
+    speedup = ModelSpeedup(model, (64, 3, 32, 32), batchsize=64, backend="cuda")
+    speedup.engine = engine
+    out, seconds = speedup.inference(xs[1].cuda())
+    assert out.is_cuda and seconds > 0 and torch.equal(out.cpu(), outs[1])
 
 
 def test_backend_reports_unavailability_reason_only_without_gpu():
