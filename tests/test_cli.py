@@ -672,3 +672,98 @@ def test_ctrl_c_in_the_demo_keeps_the_finished_strategies(data_dir, tmp_path, ca
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all_in_32bit_model.pth"]
     assert set(torch.load(tmp_path / "all_in_32bit_model.pth")) == set(TorchModel().state_dict())
+
+
+def _own_model(tmp_path):
+    """The model of examples/own_model.py (a 1-D signal classifier no registry knows) and random inputs for it."""
+    torch.manual_seed(1)
+    return REPO / "examples" / "own_model.py", torch.randn(300, 2, 32)
+
+
+def test_own_model_ptq_from_the_cli_with_calib_and_eval_data(tmp_path, capsys):
+    """PTQ of a model the CLI has never seen, on the user's own .npy inputs, evaluated on their own labelled .pt
+    data (labels = the float model's own predictions, so the float model scores 100%); then build and inspect."""
+    import importlib.util
+
+    import numpy as np
+
+    path, x = _own_model(tmp_path)
+    spec = importlib.util.spec_from_file_location("own_net", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.Net().eval()
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    with torch.no_grad():
+        labels = net(x[200:]).argmax(1)
+    np.save(tmp_path / "calib.npy", x[:200].numpy())
+    torch.save({"images": x[200:], "labels": labels}, tmp_path / "eval.pt")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("- quant_types: [input, weight]\n  quant_bits: 8\n  op_types: [Conv1d, Linear]\n")
+    argv = ["quantize", "--model", f"{path}:Net", "--weights", str(tmp_path / "w.pth"), "--config", str(cfg)]
+    argv += ["--method", "ptq", "--calib-data", str(tmp_path / "calib.npy"), "--eval-data", str(tmp_path / "eval.pt")]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    acc = float(re.search(r"fake-quant accuracy ([\d.]+)% on 100 test images", out).group(1))
+    assert acc >= 90.0, out  # 8-bit PTQ of a float model that scores 100% on these labels by construction
+    calib = json.loads((tmp_path / "q" / "calibration.json").read_text())
+    assert {k for k in calib if not k.startswith("__")} == {"conv", "fc"} and calib["conv"]["input_bits"] == 8
+    build = ["build", "--model", f"{path}:Net", "--weights", str(tmp_path / "q" / "model.pth")]
+    build += ["--calibration", str(tmp_path / "q" / "calibration.json"), "--input-shape", "4,2,32"]
+    assert main([*build, "--backend", "onnxruntime", "--out", str(tmp_path / "own.mixq")]) == 0
+    assert main(["inspect", str(tmp_path / "own.mixq")]) == 0
+    assert "conv (Conv1d): int8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("make", "option", "expected"),
+    [
+        (lambda p: np_save(p / "c.npy", np_zeros((4, 2, 32), "uint8")), "calib", "uint8 [4, 2, 32]; the model takes"),
+        (lambda p: np_save(p / "c.npy", np_zeros((4, 3, 32), "float32")), "calib", "expects 2 input channels, got 3"),
+        (lambda p: torch.save({"a": torch.zeros(2)}, p / "c.pt"), "calib", "holds a dict with keys ['a']"),
+        (lambda p: torch.save(torch.zeros(4, 2, 32), p / "c.pt"), "eval", "holds inputs only (float32 [4, 2, 32])"),
+        (lambda p: (p / "c.csv").write_text("1,2"), "calib", "expected a .npy, .npz, .pt, .pth file"),
+    ],
+)
+def test_own_data_files_are_checked_before_any_work(make, option, expected, tmp_path, capsys):
+    path, _ = _own_model(tmp_path)
+    make(tmp_path)
+    data = next(p for p in tmp_path.iterdir() if p.stem == "c")
+    argv = ["quantize", "--model", f"{path}:Net", "--random-weights", "--config", str(CONFIGS / "all_8bit.yaml")]
+    argv += ["--method", "ptq", "--out", str(tmp_path / "q")]
+    argv += (
+        ["--calib-data", str(data)]
+        if option == "calib"
+        else ["--calib-data", str(_npy(tmp_path)), "--eval-data", str(data)]
+    )
+    assert main(argv) == 2
+    line = _error(capsys)
+    assert f"--{option}-data {data}" in line and expected in line, line
+    assert not (tmp_path / "q").exists()
+
+
+def test_calib_data_is_for_ptq_and_dataset_or_calib_data_is_needed(tmp_path, capsys):
+    path, _ = _own_model(tmp_path)
+    argv = ["quantize", "--model", f"{path}:Net", "--random-weights", "--config", str(CONFIGS / "all_8bit.yaml")]
+    assert main([*argv, "--out", str(tmp_path / "q")]) == 2
+    assert "give --dataset (mnist, cifar10) or, for PTQ of your own model, --calib-data FILE" in _error(capsys)
+    assert main([*argv, "--calib-data", str(_npy(tmp_path)), "--out", str(tmp_path / "q")]) == 2
+    assert "--calib-data calibrates PTQ (--method ptq)" in _error(capsys)
+
+
+def _npy(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "ok.npy", np.random.default_rng(0).standard_normal((8, 2, 32)).astype("float32"))
+    return tmp_path / "ok.npy"
+
+
+def np_save(path, array):
+    import numpy as np
+
+    np.save(path, array)
+
+
+def np_zeros(shape, dtype):
+    import numpy as np
+
+    return np.zeros(shape, dtype)

@@ -24,7 +24,8 @@ and everything under it, the most specific name listed wins; ``mixq`` is this fi
 15. ``report``: placement and per-layer time tables
 16. ``auto``
 17. ``speedup``: orchestration
-18. ``search``, ``api``: mixed-precision search; the native verbs ``quantize``, ``compile``, ``load``
+18. ``search``, ``api``, ``train``: mixed-precision search; the native verbs ``quantize``, ``compile``, ``load``;
+    the QAT/PTQ loops ``mixq quantize`` runs
 19. ``mixq``: this package's public names
 20. ``zoo``: demo, test and benchmark support (models, data sets, download, demo, tutorial assets, metrics)
 21. ``nni``: the NNI 2.x face

@@ -610,6 +610,8 @@ def cmd_download(args) -> int:
 class _QuantizeJob:
     model: object
     config: list
+    calib: object = None  # --calib-data inputs (a tensor), or None: the data set's training images
+    test: object = None  # --eval-data (a TensorDataset), or None: the data set's test images (if any)
 
 
 def _prepare_quantize(args) -> _QuantizeJob:
@@ -634,18 +636,51 @@ def _prepare_quantize(args) -> _QuantizeJob:
     _check_out(args.out, folder=True)
     if (args.compile or args.amp) and args.method != "qat":
         raise ConfigError(f"--{'compile' if args.compile else 'amp'} applies to QAT training; PTQ only calibrates")
+    if args.dataset is None and args.calib_data is None:
+        raise ConfigError("give --dataset (mnist, cifar10) or, for PTQ of your own model, --calib-data FILE")
+    if args.calib_data is not None and args.method != "ptq":
+        raise ConfigError(
+            "--calib-data calibrates PTQ (--method ptq); QAT trains on labelled data: --dataset, or "
+            "mixq.train.qat_train with your own tensors (docs/own-model.md)"
+        )
+    calib, test = _own_data(args)
 
     torch.manual_seed(args.seed)
     model = load_model(args.model)
     if args.weights:
         load_weights(model, args.weights, args.model)
-    shape = IMAGE_SHAPES[args.dataset]
-    _check_model_input(model, shape, args.model, f"--dataset {args.dataset} (images {'x'.join(map(str, shape))})")
+    if calib is not None:
+        shape = tuple(calib.shape[1:])
+        _check_model_input(model, shape, args.model, f"--calib-data {args.calib_data} (samples {list(shape)})")
+    else:
+        shape = IMAGE_SHAPES[args.dataset]
+        _check_model_input(model, shape, args.model, f"--dataset {args.dataset} (images {'x'.join(map(str, shape))})")
+    if test is not None and tuple(test.tensors[0].shape[1:]) != shape:
+        raise ConfigError(
+            f"--eval-data {args.eval_data}: samples {list(test.tensors[0].shape[1:])}, but the model is calibrated "
+            f"on samples {list(shape)}"
+        )
     config = _resolved_config(model, args.config)
     if not args.training_only:
         _check_buildable(model, config, args.config)
-    args.data_dir = str(_data_root(args.data_dir, args.dataset))
-    return _QuantizeJob(model, config)
+    if args.dataset is not None:
+        args.data_dir = str(_data_root(args.data_dir, args.dataset))
+    return _QuantizeJob(model, config, calib, test)
+
+
+def _own_data(args):
+    """(--calib-data inputs or None, --eval-data TensorDataset or None), read and checked before any work."""
+    from .zoo.data import load_labelled_file, load_tensor_file
+
+    def read(option: str, path: str | None, loader):
+        if path is None:
+            return None
+        try:
+            return loader(path)
+        except DataError as e:
+            raise ConfigError(f"--{option} {e}") from None
+
+    return read("calib-data", args.calib_data, load_tensor_file), read("eval-data", args.eval_data, load_labelled_file)
 
 
 def _check_buildable(model, config: list, path: str) -> None:
@@ -673,32 +708,50 @@ def _check_buildable(model, config: list, path: str) -> None:
 
 def cmd_quantize(args) -> int:
     import torch
+    from torch.utils.data import TensorDataset
 
+    from .train import Placement, init_distributed, training_device
     from .zoo.metrics import accuracy
 
     job = _prepare_quantize(args)
     model = job.model
-    train = _dataset(args.dataset, args.data_dir, True, args.train_limit)
-    test = _dataset(args.dataset, args.data_dir, False, args.test_limit)
-    rank, world, device = _init_distributed() if args.distributed else (0, 1, _training_device(args.device))
-    model.to(device)
-    progress = _progress_factory(not args.no_progress and rank == 0)
+    train = test = None
+    if args.dataset is not None:
+        train = _dataset(args.dataset, args.data_dir, True, args.train_limit) if job.calib is None else None
+        test = job.test or _dataset(args.dataset, args.data_dir, False, args.test_limit)
+    else:
+        test = job.test
+    if test is not None and args.test_limit:
+        test = TensorDataset(*(t[: args.test_limit] for t in test.tensors))
+    placement = init_distributed() if args.distributed else Placement(device=training_device(args.device))
+    model.to(placement.device)
+    progress = _progress_factory(not args.no_progress and placement.rank == 0)
     torch.manual_seed(args.seed)
     if args.method == "qat":
-        quantizer = _qat(model, job.config, train, args, (rank, world, device), progress)
+        quantizer = _qat(model, job.config, train, args, placement, progress)
     else:
-        quantizer = _ptq(model, job.config, train, args, (rank, world, device), progress)
+        images = job.calib if job.calib is not None else train.tensors[0]
+        quantizer = _ptq(model, job.config, images, args, placement, progress)
     model.eval().cpu()
     out = Path(args.out)
     quantizer.export_model(out / "model.pth", out / "calibration.json")  # rank 0 writes
-    if rank == 0:
-        _note(progress, f"evaluating the fake-quant model on {len(test.tensors[0])} test images")
-        with torch.no_grad():
-            acc = accuracy(model, test)
-        print(
-            f"{args.method} {args.model} on {args.dataset}: fake-quant accuracy {acc:.2f}% "
-            f"on {len(test.tensors[0])} test images" + (f" ({world} processes)" if world > 1 else "")
-        )
+    if placement.rank == 0:
+        source = f"--eval-data {args.eval_data}" if job.test is not None else args.dataset
+        if test is None:
+            print(
+                f"{args.method} {args.model}: calibrated on --calib-data {args.calib_data}; no --eval-data, so "
+                "accuracy was not measured"
+            )
+        else:
+            own = f" of --eval-data {args.eval_data}" if job.test is not None else ""
+            _note(progress, f"evaluating the fake-quant model on {len(test.tensors[0])} test images{own}")
+            with torch.no_grad():
+                acc = accuracy(model, test)
+            processes = f" ({placement.world} processes)" if placement.world > 1 else ""
+            print(
+                f"{args.method} {args.model} on {source}: fake-quant accuracy {acc:.2f}% "
+                f"on {len(test.tensors[0])} test images{processes}"
+            )
         print(f"wrote {out / 'model.pth'} and {out / 'calibration.json'}")
     if args.distributed:
         import torch.distributed as dist
@@ -707,95 +760,33 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _training_device(choice: str):
-    import torch
-
-    if choice == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(choice)
-
-
 def _qat(model, config, train, args, placement, progress):
-    import contextlib
-
+    """QAT_Quantizer on ``model`` (NNI's config_list convention, as the CLI's configs are written), then the
+    library's loop (mixq.train.qat_train)."""
     import torch
     import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel
 
     from .nni import QAT_Quantizer
+    from .train import QATOptions, qat_train
 
-    rank, world, device = placement
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    quantizer = QAT_Quantizer(model, config, optimizer, train.tensors[0][:2].to(device))
-    memory_format = torch.channels_last if args.amp and train.tensors[0].dim() == 4 else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    net = model
-    if args.compile:
-        # Compiled before DDP wraps it, with optimize_ddp off (docs/distributed.md); CUDA graphs on a GPU.
-        torch._dynamo.config.optimize_ddp = False
-        net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
-    if world > 1:
-        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    quantizer = QAT_Quantizer(model, config, optimizer, train.tensors[0][:2].to(placement.device))
     loss_fn = F.nll_loss if args.model == "lenet" else F.cross_entropy
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
-    # The data set lives on the training device and whole batches are indexed there: no per-sample indexing and
-    # collation on the CPU, which at GPU rates is a bottleneck of its own. The permutation is RandomSampler's
-    # (randperm with the epoch's seed); under DDP each rank takes an equal strided shard of it.
-    images, labels = (t.to(device) for t in train.tensors)
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
-        if world > 1:
-            order = order[: len(order) // world * world][rank::world]
-        order = order.to(device)
-        # Full batches only under DDP (every rank the same count) and when compiled (one batch shape, one graph).
-        full_only = world > 1 or args.compile
-        steps = len(order) // args.batch_size if full_only else -(-len(order) // args.batch_size)
-        bar = progress(total=steps, desc=f"QAT epoch {epoch + 1}/{args.epochs}") if progress else None
-        net.train()
-        for i in range(steps):
-            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            optimizer.zero_grad()
-            with autocast():
-                loss = loss_fn(net(images[idx].contiguous(memory_format=memory_format)), labels[idx])
-            loss.backward()
-            optimizer.step()
-            if bar is not None:
-                bar.update(1, loss=loss.detach().item(), images=len(idx))
-        if bar is not None:
-            bar.close()
+    amp, compiled = getattr(args, "amp", False), getattr(args, "compile", False)  # `search` fine-tunes without them
+    options = QATOptions(epochs=args.epochs, batch_size=args.batch_size, amp=amp, compile=compiled)
+    qat_train(model, optimizer, *train.tensors, loss_fn, options, placement, progress)
     return quantizer
 
 
-def _ptq(model, config, train, args, placement, progress):
-    import mixq
-
+def _ptq(model, config, images, args, placement, progress):
+    """ObserverQuantizer on ``model``, then the library's sharded calibration (mixq.train.ptq_calibrate)."""
     from .nni import ObserverQuantizer
+    from .train import ptq_calibrate
 
-    rank, world, device = placement
     model.eval()
-    quantizer = ObserverQuantizer(model, config, None, train.tensors[0][:2].to(device))
-    images = train.tensors[0][: args.calib_images]
-    per_rank = len(images) // world // args.batch_size * args.batch_size or len(images) // world
-    shard = images[rank * per_rank : (rank + 1) * per_rank]  # equal shards: the same batch count per rank
-    _note(progress, f"PTQ: calibrating on {len(shard)} images in batches of {args.batch_size}")
-    mixq.calibrate_(
-        model,
-        lambda m: [m(shard[i : i + args.batch_size].to(device)) for i in range(0, len(shard), args.batch_size)],
-    )
+    quantizer = ObserverQuantizer(model, config, None, images[:2].to(placement.device))
+    ptq_calibrate(model, images[: args.calib_images], args.batch_size, placement, lambda t: _note(progress, t))
     return quantizer
-
-
-def _init_distributed():
-    """(rank, world size, device) from torchrun's environment: NCCL on GPUs, gloo on CPUs."""
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
 def _prepare_build(args):
@@ -916,6 +907,7 @@ def cmd_search(args) -> int:
     from torch.utils.data import TensorDataset
 
     from .search import Budget, search
+    from .train import Placement
     from .zoo.metrics import accuracy
 
     model, backends = _prepare_search(args)
@@ -940,7 +932,7 @@ def cmd_search(args) -> int:
         options = _argparse.Namespace(**{**vars(args), "epochs": args.finetune_epochs})
         tune = train if not args.train_limit else TensorDataset(*(t[: args.train_limit] for t in train.tensors))
         torch.manual_seed(args.seed)
-        _qat(net, config, tune, options, (0, 1, torch.device("cpu")), progress)
+        _qat(net, config, tune, options, Placement(), progress)
         return net
 
     budget = Budget(latency_ms=args.latency_ms) if args.latency_ms is not None else Budget(max_drop=args.max_drop)
@@ -1078,7 +1070,20 @@ def _add_quantize(add) -> None:
     )
     q.add_argument("--config", required=True, metavar="FILE", help="config_list as .yaml or .json")
     q.add_argument("--method", choices=["qat", "ptq"], default="qat", help="quantization-aware training or PTQ")
-    q.add_argument("--dataset", choices=sorted(IMAGE_SHAPES), required=True, help="training and test data")
+    q.add_argument(
+        "--dataset", choices=sorted(IMAGE_SHAPES), help="training and test data (or --calib-data with --method ptq)"
+    )
+    q.add_argument(
+        "--calib-data",
+        metavar="FILE",
+        help="PTQ on your own inputs: a float tensor [N, ...] in .npy or .pt/.pth (normalized as in training); "
+        "the first --calib-images are used",
+    )
+    q.add_argument(
+        "--eval-data",
+        metavar="FILE",
+        help="accuracy on your own labelled data: .npz (images, labels) or .pt/.pth {'images', 'labels'}",
+    )
     q.add_argument("--data-dir", help=f"folder holding mnist/ and cifar10/ (default: {DATA_DEFAULT})")
     q.add_argument("--epochs", type=_positive_int, default=1, help="QAT epochs")
     q.add_argument("--lr", type=_positive_float, default=0.01, help="QAT SGD learning rate")

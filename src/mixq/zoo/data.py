@@ -31,6 +31,8 @@ __all__ = [
     "default_data_dirs",
     "user_cache_dir",
     "holds",
+    "load_tensor_file",
+    "load_labelled_file",
     "DATASETS",
     "load_mnist",
     "load_cifar10",
@@ -229,3 +231,85 @@ def load_cifar10(
     mean = torch.tensor(CIFAR10_MEAN).reshape(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD).reshape(1, 3, 1, 1)
     return TensorDataset((x - mean) / std, torch.from_numpy(labels))
+
+
+# --- the user's own data: tensors in a file --------------------------------------------------------------
+
+OWN_DATA_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
+
+
+def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
+    """Model inputs from a file: a float array/tensor ``[N, ...one sample's shape]`` in ``.npy`` (read without
+    pickle) or ``.pt``/``.pth`` (``torch.save(tensor)``, read with ``weights_only=True``); a labelled file (see
+    :func:`load_labelled_file`) gives its images. Normalize the inputs the way the model was trained: they are
+    fed to the model as they are."""
+    data = _read_own(Path(path))
+    images = data[0] if isinstance(data, tuple) else data
+    return _checked_inputs(images, Path(path))
+
+
+def load_labelled_file(path: str | os.PathLike) -> TensorDataset:
+    """``(images, labels)`` from ``.npz`` (arrays ``images`` and ``labels``), or ``.pt``/``.pth`` holding a dict
+    with those keys or a tuple ``(images, labels)``; labels are class indices ``[N]``."""
+    p = Path(path)
+    data = _read_own(p)
+    if not isinstance(data, tuple):
+        raise DataError(
+            f"{p}: holds inputs only ({_shape_of(data)}); labelled data is an .npz with arrays 'images' and "
+            "'labels', or a .pt/.pth of {'images': tensor, 'labels': tensor} or (images, labels)"
+        )
+    images, labels = _checked_inputs(data[0], p), data[1]
+    if labels.dtype.is_floating_point or labels.dim() != 1:
+        raise DataError(f"{p}: labels must be integer class indices of shape [N], got {_shape_of(labels)}")
+    if len(labels) != len(images):
+        raise DataError(f"{p}: {len(images)} images but {len(labels)} labels")
+    return TensorDataset(images, labels.long())
+
+
+def _shape_of(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+
+def _read_own(p: Path) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A tensor, or (images, labels) for a labelled file; errors name the file and what it holds."""
+    if p.suffix not in OWN_DATA_SUFFIXES:
+        raise DataError(f"{p}: expected a {', '.join(OWN_DATA_SUFFIXES)} file of tensors")
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    try:
+        if p.suffix in (".npy", ".npz"):
+            loaded = np.load(p, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                return torch.from_numpy(np.ascontiguousarray(loaded))
+            with loaded:
+                keys = set(loaded.files)
+                if not {"images", "labels"} <= keys:
+                    raise DataError(f"{p}: an .npz needs arrays 'images' and 'labels', found {sorted(keys)}")
+                return torch.from_numpy(loaded["images"]), torch.from_numpy(loaded["labels"])
+        loaded = torch.load(p, map_location="cpu", weights_only=True)
+    except DataError:
+        raise
+    except Exception as e:  # numpy/torch raise many kinds for a damaged or pickled file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{p}: cannot read tensors ({first[:120]})") from None
+    if isinstance(loaded, torch.Tensor):
+        return loaded
+    if isinstance(loaded, dict) and {"images", "labels"} <= set(loaded):
+        loaded = (loaded["images"], loaded["labels"])
+    if isinstance(loaded, (tuple, list)) and len(loaded) == 2 and all(isinstance(t, torch.Tensor) for t in loaded):
+        return loaded[0], loaded[1]
+    kind = f"a dict with keys {sorted(map(str, loaded))[:4]}" if isinstance(loaded, dict) else type(loaded).__name__
+    raise DataError(f"{p}: holds {kind}; expected a tensor, (images, labels) or {{'images': ..., 'labels': ...}}")
+
+
+def _checked_inputs(images: torch.Tensor, p: Path) -> torch.Tensor:
+    if not images.dtype.is_floating_point:
+        raise DataError(
+            f"{p}: inputs are {_shape_of(images)}; the model takes float inputs: convert and normalize them the way "
+            "it was trained first"
+        )
+    if images.dim() < 2 or len(images) == 0:
+        raise DataError(f"{p}: inputs must be [N, ...one sample's shape] with N >= 1, got {_shape_of(images)}")
+    if not torch.isfinite(images).all():
+        raise DataError(f"{p}: inputs hold NaN or inf")
+    return images.float()
