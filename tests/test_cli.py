@@ -712,6 +712,15 @@ def test_own_model_ptq_from_the_cli_with_calib_and_eval_data(tmp_path, capsys):
     assert main([*build, "--backend", "onnxruntime", "--out", str(tmp_path / "own.mixq")]) == 0
     assert main(["inspect", str(tmp_path / "own.mixq")]) == 0
     assert "conv (Conv1d): int8" in capsys.readouterr().out
+    bench = ["bench", str(tmp_path / "own.mixq"), "--batch", "4", "--runs", "2", "--warmup", "0"]
+    assert main([*bench, "--eval-data", str(tmp_path / "eval.pt")]) == 0
+    engine_acc = float(re.search(r"engine top-1 ([\d.]+)% on the 100 images", capsys.readouterr().out).group(1))
+    # The engine computes the fake-quant model in integers (requantized once per layer): near-tie samples may
+    # flip, not more than 2 of 100 (here: 1).
+    assert abs(engine_acc - acc) <= 2.0, (engine_acc, acc)
+    torch.save({"images": torch.zeros(3, 2, 30), "labels": torch.zeros(3, dtype=torch.long)}, tmp_path / "bad.pt")
+    assert main([*bench, "--eval-data", str(tmp_path / "bad.pt")]) == 2
+    assert "samples [2, 30], the engine takes [2, 32]" in _error(capsys)
 
 
 @pytest.mark.parametrize(

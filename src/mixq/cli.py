@@ -670,17 +670,19 @@ def _prepare_quantize(args) -> _QuantizeJob:
 
 def _own_data(args):
     """(--calib-data inputs or None, --eval-data TensorDataset or None), read and checked before any work."""
+    return _own_data_file("calib-data", args.calib_data), _own_data_file("eval-data", args.eval_data)
+
+
+def _own_data_file(option: str, path: str | None):
+    """--calib-data: the inputs tensor; --eval-data: a labelled TensorDataset; None without the option."""
     from .zoo.data import load_labelled_file, load_tensor_file
 
-    def read(option: str, path: str | None, loader):
-        if path is None:
-            return None
-        try:
-            return loader(path)
-        except DataError as e:
-            raise ConfigError(f"--{option} {e}") from None
-
-    return read("calib-data", args.calib_data, load_tensor_file), read("eval-data", args.eval_data, load_labelled_file)
+    if path is None:
+        return None
+    try:
+        return (load_tensor_file if option == "calib-data" else load_labelled_file)(path)
+    except DataError as e:
+        raise ConfigError(f"--{option} {e}") from None
 
 
 def _check_buildable(model, config: list, path: str) -> None:
@@ -834,7 +836,13 @@ def cmd_bench(args) -> int:
     from .backends import load_engine
     from .zoo.metrics import median_latency
 
+    test = _own_data_file("eval-data", args.eval_data)
     engine = load_engine(args.engine)
+    if test is not None and tuple(test.tensors[0].shape[1:]) != engine.input_shape[1:]:
+        raise ConfigError(
+            f"--eval-data {args.eval_data}: samples {list(test.tensors[0].shape[1:])}, the engine takes "
+            f"{list(engine.input_shape[1:])}"
+        )
     print(f"{args.engine}: backend {engine.backend}; {platform.machine()}, torch threads {torch.get_num_threads()}")
     print(f"median of {args.runs} runs after {args.warmup} warm-up, random normal input")
     print("| batch | median ms | per sample us |\n|---|---|---|")
@@ -842,6 +850,11 @@ def cmd_bench(args) -> int:
         x = torch.randn(b, *engine.input_shape[1:])
         t = median_latency({"engine": engine.run}, x, args.warmup, args.runs)["engine"]
         print(f"| {b} | {t * 1e3:.3f} | {t * 1e6 / b:.2f} |")
+    if test is not None:
+        from .zoo.metrics import accuracy
+
+        acc = accuracy(engine.run, test, min(engine.max_batch or 1000, 1000))
+        print(f"engine top-1 {acc:.2f}% on the {len(test.tensors[0])} images of --eval-data {args.eval_data}")
     return 0
 
 
@@ -1136,6 +1149,11 @@ def _add_bench(add) -> None:
     bench.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 128], help="batch sizes (default: 1 128)")
     bench.add_argument("--runs", type=_positive_int, default=100, help="timed runs per batch size")
     bench.add_argument("--warmup", type=_nonnegative_int, default=10, help="untimed warm-up runs per batch size")
+    bench.add_argument(
+        "--eval-data",
+        metavar="FILE",
+        help="also the engine's top-1 on your labelled data: .npz (images, labels) or .pt/.pth {'images', 'labels'}",
+    )
 
 
 def _add_report(add) -> None:
