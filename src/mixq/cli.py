@@ -669,8 +669,24 @@ def _prepare_quantize(args) -> _QuantizeJob:
 
 
 def _own_data(args):
-    """(--calib-data inputs or None, --eval-data TensorDataset or None), read and checked before any work."""
-    return _own_data_file("calib-data", args.calib_data), _own_data_file("eval-data", args.eval_data)
+    """(--calib-data inputs or None, --eval-data TensorDataset or None), read and checked before any work. A
+    --calib-data folder is read as images through --calib-transform."""
+    from .zoo.data import ImageTransform, load_image_folder
+
+    if args.calib_transform is not None and (args.calib_data is None or not Path(args.calib_data).is_dir()):
+        raise ConfigError("--calib-transform applies to an image folder given as --calib-data DIR")
+    if args.calib_data is not None and Path(args.calib_data).is_dir():
+        try:
+            transform = ImageTransform.parse(args.calib_transform)
+        except DataError as e:
+            raise ConfigError(f"--calib-transform: {e}") from None
+        try:
+            calib = load_image_folder(args.calib_data, transform, args.calib_images)
+        except DataError as e:
+            raise ConfigError(f"--calib-data {e}") from None
+    else:
+        calib = _own_data_file("calib-data", args.calib_data)
+    return calib, _own_data_file("eval-data", args.eval_data)
 
 
 def _own_data_file(option: str, path: str | None):
@@ -1089,8 +1105,14 @@ def _add_quantize(add) -> None:
     q.add_argument(
         "--calib-data",
         metavar="FILE",
-        help="PTQ on your own inputs: a float tensor [N, ...] in .npy or .pt/.pth (normalized as in training); "
-        "the first --calib-images are used",
+        help="PTQ on your own inputs: a float tensor [N, ...] in .npy or .pt/.pth (normalized as in training), or "
+        "a folder of images (see --calib-transform); the first --calib-images are used",
+    )
+    q.add_argument(
+        "--calib-transform",
+        metavar="SPEC",
+        help="how a --calib-data image folder becomes inputs, e.g. 'size=32x32;mode=RGB;mean=0.49,0.48,0.45;"
+        "std=0.25,0.24,0.26' (mode L: gray; pixels scaled to [0, 1] before mean/std; default: as they are, RGB)",
     )
     q.add_argument(
         "--eval-data",

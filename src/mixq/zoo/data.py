@@ -18,6 +18,7 @@ import os
 import pickle
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ __all__ = [
     "holds",
     "load_tensor_file",
     "load_labelled_file",
+    "load_image_folder",
+    "ImageTransform",
     "DATASETS",
     "load_mnist",
     "load_cifar10",
@@ -313,3 +316,94 @@ def _checked_inputs(images: torch.Tensor, p: Path) -> torch.Tensor:
     if not torch.isfinite(images).all():
         raise DataError(f"{p}: inputs hold NaN or inf")
     return images.float()
+
+
+# --- the user's own data: a folder of images -------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """How image files become model inputs: converted to ``mode`` (``RGB`` or ``L``, gray), resized to ``size``
+    (height, width; None: as they are, then every image must have one size), scaled to [0, 1], then
+    ``(x - mean) / std`` per channel (one value: every channel). Written on the command line as
+    ``size=32x32;mode=RGB;mean=0.4914,0.4822,0.4465;std=0.247,0.243,0.261``."""
+
+    size: tuple[int, int] | None = None
+    mode: str = "RGB"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        if self.mode not in ("RGB", "L"):
+            raise DataError(f"transform mode must be RGB or L, got {self.mode!r}")
+        channels = 3 if self.mode == "RGB" else 1
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) not in (1, channels):
+                raise DataError(f"transform {key}: {len(values)} values for {channels} channel(s) of mode {self.mode}")
+        if any(v <= 0 for v in self.std):
+            raise DataError(f"transform std must be > 0, got {list(self.std)}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise DataError(f"transform size must be HxW with H, W >= 1, got {self.size}")
+
+    @classmethod
+    def parse(cls, text: str | None) -> ImageTransform:
+        """From ``key=value;...`` with keys size, mode, mean, std (all optional)."""
+        fields: dict = {}
+        for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            try:
+                if not sep or key not in ("size", "mode", "mean", "std"):
+                    raise ValueError
+                if key == "size":
+                    fields["size"] = tuple(int(v) for v in value.lower().split("x"))
+                elif key == "mode":
+                    fields["mode"] = value.strip()
+                else:
+                    fields[key] = tuple(float(v) for v in value.split(","))
+            except ValueError:
+                raise DataError(
+                    f"transform {part!r}: expected size=HxW, mode=RGB|L, mean=a[,b,c] or std=a[,b,c], separated by ';'"
+                ) from None
+        return cls(**fields)
+
+
+def load_image_folder(
+    path: str | os.PathLike, transform: ImageTransform = ImageTransform(), limit: int | None = None
+) -> torch.Tensor:
+    """The images under ``path`` (any depth, sorted by path; at most ``limit``) as a float tensor
+    ``[N, C, H, W]`` through ``transform``. Needs Pillow (a dependency of matplotlib)."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(f"{root}: reading image folders needs Pillow (pip install pillow)") from None
+    files = files[:limit] if limit else files
+    mean = torch.tensor(transform.mean).reshape(-1, 1, 1)
+    std = torch.tensor(transform.std).reshape(-1, 1, 1)
+    out, first = [], None
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                image = image.convert(transform.mode)
+                if transform.size is not None:
+                    image = image.resize((transform.size[1], transform.size[0]), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.float32) / 255.0
+        except (OSError, ValueError) as e:
+            raise DataError(f"{f}: cannot read as an image ({e})") from None
+        x = torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)
+        if first is None:
+            first = (f, tuple(x.shape))
+        elif tuple(x.shape) != first[1]:
+            raise DataError(
+                f"{f}: {list(x.shape[1:])} pixels, but {first[0].name} has {list(first[1][1:])}; "
+                "give the transform a size=HxW"
+            )
+        out.append((x - mean) / std)
+    return torch.stack(out)
