@@ -132,9 +132,9 @@ def fp8_accumulation(name: str, fp32, calib, test_x, batches, with_int8: bool) -
     for batch in batches:
         x = test_x[:batch].cuda()
         for label, prec, acc in (
-            ("int8", "int8", None),
             ("fp8 acc32", "fp8", "acc32"),
             ("fp8 reduced", "fp8", "reduced"),
+            ("int8", "int8", None),
         ):
             if prec not in quantized:
                 continue
