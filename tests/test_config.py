@@ -123,7 +123,7 @@ W8 = {"quant_types": ["weight"], "quant_bits": 8}
             r"config_list\[1\]\['op_names'\]: no module named 'fc9' in the model; did you mean 'fc",
         ),
         ([{**W8, "op_types": ["Conv3d"]}], r"config_list\[0\]\['op_types'\]: 'Conv3d' cannot be quantized"),
-        ([{**W8, "op_types": ["Conv1d"]}], r"config_list\[0\]\['op_types'\]: no module of type 'Conv1d'"),
+        ([{**W8, "op_types": ["Conv1d"]}], r"config_list\[0\]: matches no module .*module types present: \['Conv2d'"),
         ([{**W8, "op_types": "Conv2d"}], r"must be a list of strings, got the string 'Conv2d'"),
         (
             [{"quant_types": ["weight"], "quant_bits": 1, "op_types": ["Linear"]}],
@@ -220,3 +220,28 @@ def test_quant_convention_picks_nnis_integer_rules_per_type():
     assert (spec.weight.dtype.qmin, spec.weight.convention) == (-128, "mixq")
     assert QuantSpec.from_dict(spec.input.to_dict()) == spec.input
     assert "convention" not in spec.weight.to_dict()  # mixq's files keep their form
+
+
+def test_generic_config_reused_on_a_model_without_conv2d():
+    """One config for every model: a type the model lacks is not an error while the entry matches something."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    specs = resolve_config(model, [{**W8, "op_types": ["Conv2d", "Linear"]}])
+    assert list(specs) == ["0", "2"]
+
+
+def test_op_names_wildcards_select_quantizable_modules_only():
+    """``encoder.layers.*.self_attn.*`` reaches the attention projections (nn.MultiheadAttention is resolved as
+    mixq.prepare_ will see it: in_proj/out_proj as Linear layers) and skips containers and dropouts."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.Module()
+    model.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    specs = resolve_config(model, [{**W8, "op_names": ["encoder.layers.*.self_attn.*"]}])
+    assert list(specs) == [f"encoder.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("in_proj", "out_proj")]
+    linear_only = resolve_config(model, [{**W8, "op_types": ["Linear"], "op_names": ["encoder.layers.1.*"]}])
+    assert list(linear_only) == [
+        f"encoder.layers.1.{n}" for n in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    ]
+    with pytest.raises(
+        ConfigError, match=r"config_list\[0\]\['op_names'\]: the pattern 'decoder.\*' matches no module"
+    ):
+        resolve_config(model, [{**W8, "op_names": ["decoder.*"]}])

@@ -10,7 +10,7 @@ and everything under it, the most specific name listed wins; ``mixq`` is this fi
 1. ``_errors``
 2. ``_io``, ``_timing``, ``distributed``: files, timing loops, process groups
 3. ``spec``
-4. ``primitives``: pure quantization math
+4. ``primitives``, ``attention``: pure quantization math; explicit multi-head attention (Linear projections)
 5. ``observers``
 6. ``config``
 7. ``calibration``: the calibration file format

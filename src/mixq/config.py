@@ -15,12 +15,15 @@ One key is mixq's own: ``quant_convention`` (``'mixq'``, the default, or ``'nni'
 
 from __future__ import annotations
 
+import copy
 import difflib
+import fnmatch
 from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from ._errors import ConfigError
+from .attention import explicit_attention_, has_torch_attention
 from .observers import ENTROPY_FP8_ERROR, OBSERVERS
 from .spec import (
     CONVENTIONS,
@@ -82,6 +85,8 @@ KEYS = (
 def resolve_config(model: nn.Module, config_list: Sequence[Mapping]) -> dict[str, LayerSpec]:
     """Validate ``config_list`` against ``model`` and return ``{module_name: LayerSpec}`` in module order."""
     check_config_list(config_list)
+    if has_torch_attention(model):  # names as mixq.prepare_ will see them (in_proj/out_proj as Linear layers)
+        model = explicit_attention_(copy.deepcopy(model))
     modules = {name: m for name, m in model.named_modules() if name}
     entries = [_validate_entry(i, entry, modules) for i, entry in enumerate(config_list)]
 
@@ -159,17 +164,18 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
         expanded = []
         for t in op_types:
             expanded.extend(WEIGHTED_OP_TYPES if t == "default" else [t])
-        present = {type(m).__name__ for m in modules.values()}
         for t in op_types:
             if t != "default" and not exclude and t not in QUANTIZABLE_OP_TYPES:
                 raise _err(i, "op_types", f"{t!r} cannot be quantized; supported: {QUANTIZABLE_OP_TYPES}")
-            if t != "default" and t not in present:
-                raise _err(i, "op_types", f"no module of type {t!r} in the model (types present: {sorted(present)})")
+        # A type the model lacks is fine (one config reused across models); an entry matching nothing is not.
         entry["op_types"] = tuple(dict.fromkeys(expanded))
     if "op_names" in entry:
         names = _str_list(i, "op_names", entry["op_names"])
         for n in names:
-            if n not in modules:
+            if _is_pattern(n):
+                if not any(fnmatch.fnmatchcase(m, n) for m in modules):
+                    raise _err(i, "op_names", f"the pattern {n!r} matches no module name in the model")
+            elif n not in modules:
                 hint = difflib.get_close_matches(n, list(modules), n=1)
                 raise _err(
                     i,
@@ -179,7 +185,13 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
         entry["op_names"] = tuple(dict.fromkeys(names))
     matched = [n for n, m in modules.items() if _matches(entry, n, m)]
     if not matched:
-        raise _err(i, None, "matches no module (op_types and op_names must both match when both are given)")
+        present = sorted({type(m).__name__ for m in modules.values()})
+        raise _err(
+            i,
+            None,
+            "matches no module (op_types and op_names must both match when both are given; "
+            f"module types present: {present})",
+        )
 
     if exclude:
         extra = set(entry) - {"op_types", "op_names", "exclude"}
@@ -335,10 +347,19 @@ def _check_observer(i, key, v):
     return v
 
 
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
 def _matches(entry: dict, name: str, module: nn.Module) -> bool:
     if "op_types" in entry and type(module).__name__ not in entry["op_types"]:
         return False
-    return not ("op_names" in entry and name not in entry["op_names"])
+    if "op_names" not in entry or name in entry["op_names"]:
+        return True
+    # A wildcard (fnmatch: *, ?, [..]) sweeps containers too; it selects only the quantizable modules it meets.
+    return type(module).__name__ in QUANTIZABLE_OP_TYPES and any(
+        _is_pattern(p) and fnmatch.fnmatchcase(name, p) for p in entry["op_names"]
+    )
 
 
 def _layer_spec(i: int, entry: dict, name: str, module: nn.Module) -> LayerSpec:

@@ -5,13 +5,14 @@ stored as an int8 initializer (per channel where the config says so) feeding a D
 exported scales and zero points used verbatim. 16-bit layers are marked ``fp16`` (TensorRT runs them in
 half precision; ONNX Runtime's CPU provider has no fast fp16 kernels, so they stay float there and the
 placement report says so). Layers not in the config run at ``extra_layer_bits`` (32: float). The batch
-dimension is dynamic.
+dimension is dynamic. ``nn.MultiheadAttention`` is exported as :class:`mixq.attention.ExplicitMultiheadAttention`
+(Linear projections, MatMul/Softmax attention; LayerNorm, Softmax and GELU stay float).
 
 fp8 layers (e4m3, ``"dtype": "fp8"`` in their qspecs) take ONNX's float8 form, and the model opset 19 (13 when no
-layer is fp8): activations ``QuantizeLinear(x, scale, zp) -> DequantizeLinear`` with a float32 scalar scale and a
-``FLOAT8E4M3FN`` zero point 0; weights a ``FLOAT8E4M3FN`` initializer (quantized here by
-:func:`mixq.primitives.quantize`, so it holds what the fake-quant model computed) feeding a ``DequantizeLinear``
-(float32 scales, ``FLOAT8E4M3FN`` zero points, axis 0); their bias stays float.
+layer is fp8, 17 when the model has LayerNorm: :func:`graph_opset`): activations ``QuantizeLinear(x, scale, zp) ->
+DequantizeLinear`` with a float32 scalar scale and a ``FLOAT8E4M3FN`` zero point 0; weights a ``FLOAT8E4M3FN``
+initializer (quantized here by :func:`mixq.primitives.quantize`, so it holds what the fake-quant model computed)
+feeding a ``DequantizeLinear`` (float32 scales, ``FLOAT8E4M3FN`` zero points, axis 0); their bias stays float.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import copy
 import io
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from torch import nn
 
 from ._errors import CalibrationFileError, ConfigError, MixqError
 from ._io import atomic_write
+from .attention import explicit_attention_, has_torch_attention
 from .calibration import validate_calibration_config
 from .config import QUANTIZABLE_OP_TYPES, WEIGHTED_OP_TYPES
 from .primitives import FP8_TORCH_DTYPE, choose_qparams, fake_quantize, fake_quantize_fp8, fold_batchnorm, quantize
@@ -49,12 +52,15 @@ __all__ = [
     "OUTPUT_NAME",
     "OPSET",
     "FP8_OPSET",
+    "LAYER_NORM_OPSET",
+    "graph_opset",
 ]
 
 LAYERS_METADATA_KEY = "mixq.layers"
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 OPSET = 13
 FP8_OPSET = 19  # the first with float8 QuantizeLinear / DequantizeLinear
+LAYER_NORM_OPSET = 17  # the first with LayerNormalization
 QUANTIZED = ("int8", "fp8")  # the layer precisions that carry Q/DQ
 _FP8_DOMAIN, _FP8_MARKER = "mixq.fp8", "Fp8QDQ"  # the trace's stand-in for a float8 Q/DQ pair, lowered after export
 _ACT_DEFAULT = {"bits": 8, "dtype": "uint", "scheme": "per_tensor_affine", "axis": None}
@@ -248,6 +254,8 @@ def export_float_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Se
     path = Path(path)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model = model.to(device).eval()
+    if has_torch_attention(model):
+        model = explicit_attention_(copy.deepcopy(model))  # torch's fused attention has no ONNX form
     dummy = torch.randn(*input_shape, device=device)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -294,7 +302,7 @@ def export_qdq_onnx(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if calibration is None:
         raise ConfigError(f"{type(model).__name__}: export_qdq_onnx needs its calibration config")
-    float_model = copy.deepcopy(model).cpu().eval()
+    float_model = explicit_attention_(copy.deepcopy(model).cpu().eval())  # MatMul/Softmax, Linear projections
     validate_calibration_config(calibration)
     precisions = layer_precisions(calibration, extra_layer_bits)
     modules = dict(float_model.named_modules())
@@ -332,7 +340,7 @@ def export_qdq_onnx(
                 input_names=[input_name],
                 output_names=[output_name],
                 dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                opset_version=FP8_OPSET if fp8 else OPSET,
+                opset_version=graph_opset(float_model, fp8),
                 do_constant_folding=True,
                 dynamo=False,
                 **({"custom_opsets": {_FP8_DOMAIN: 1}} if fp8 else {}),
@@ -340,10 +348,7 @@ def export_qdq_onnx(
     except MixqError:
         raise
     except Exception as e:
-        raise MixqError(
-            f"ONNX export of {type(model).__name__} with input shape {tuple(input_shape)} failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        raise _export_failure(type(model).__name__, input_shape, e) from e
     proto = onnx.load_from_string(buffer.getvalue())
     _fold_weight_quantize(proto)
     for node_name in _quantize_gemm_bias(proto):
@@ -360,6 +365,33 @@ def export_qdq_onnx(
     if path is not None:
         result.save(path)
     return result
+
+
+def graph_opset(model: nn.Module, fp8: bool) -> int:
+    """The opset for ``model``'s graph: 19 with fp8 layers (float8 Q/DQ), 17 when it has LayerNorm (one ONNX
+    LayerNormalization node instead of its ReduceMean/Pow/Sqrt decomposition), else 13 (int8 CNN graphs stay
+    as they were)."""
+    if fp8:
+        return FP8_OPSET
+    if any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        return LAYER_NORM_OPSET
+    return OPSET
+
+
+def _export_failure(model_name: str, input_shape, e: Exception) -> MixqError:
+    """One line naming the operator the exporter could not write and what to do about it."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    match = re.search(r"operator '([^']+)'", text)
+    if match:
+        return MixqError(
+            f"ONNX export of {model_name} with input shape {tuple(input_shape)} failed: no ONNX form for "
+            f"{match.group(1)} (TorchScript exporter, opset chosen by mixq.export.graph_opset); rewrite that "
+            "part of the model with ONNX-exportable torch ops (as mixq.attention does for nn.MultiheadAttention), "
+            "or keep it out of the exported module"
+        )
+    return MixqError(
+        f"ONNX export of {model_name} with input shape {tuple(input_shape)} failed: {type(e).__name__}: {text}"
+    )
 
 
 def _names(names: list[str], limit: int) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._errors import ConfigError, ModelStructureError
+from ..attention import explicit_attention_
 from ..config import check_config_list, resolve_config
 from ..distributed import broadcast_, is_distributed
 from ..observers import HistogramObserver
@@ -80,10 +81,15 @@ def prepare_(
     """Replace each configured module of ``model`` (in place) by a :class:`QuantWrapper`.
 
     ``config`` is an NNI ``config_list`` or already-resolved specs. With ``example_input`` given, each
-    BatchNorm directly after a configured conv is folded into it. Returns the resolved specs.
+    BatchNorm directly after a configured conv is folded into it. Every ``nn.MultiheadAttention`` is first
+    replaced by :class:`mixq.attention.ExplicitMultiheadAttention` (same function and weights; projections
+    ``<attn>.in_proj`` and ``<attn>.out_proj`` as ``nn.Linear``). Returns the resolved specs.
     """
     if any(isinstance(m, QuantWrapper) for m in model.modules()):
         raise ModelStructureError(f"{type(model).__name__} is already prepared for quantization")
+    # nn.MultiheadAttention -> ExplicitMultiheadAttention (same function): its projections become Linear layers
+    # a wrapper can replace, and torch's fused fast path (which reads out_proj.weight) is no longer taken.
+    explicit_attention_(model)
     if isinstance(config, Mapping) and not all(isinstance(v, LayerSpec) for v in config.values()):
         check_config_list(config)  # a bare config_list entry or a calibration config: the error says which
     specs = dict(config) if isinstance(config, Mapping) else resolve_config(model, config)
@@ -126,6 +132,8 @@ def prepare_(
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantWrapper]:
+    """``{name: QuantWrapper}`` for every layer of ``model`` that ``prepare_`` wrapped (names as in
+    ``model.named_modules()``; empty for a model that was never prepared)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantWrapper)}
 
 
