@@ -93,6 +93,8 @@ class FloatType:
 
 
 FP8_E4M3 = FloatType()
+"""The one float type mixq quantizes to, OCP float8 e4m3fn (largest finite value 448); configs and calibration
+files call it ``"fp8"`` (``FP8_DTYPE``)."""
 FP8_DTYPE = "fp8"  # the quant_dtype / calibration-file name of FP8_E4M3
 DTYPES = ("int", "uint", FP8_DTYPE)
 
