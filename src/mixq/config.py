@@ -99,6 +99,12 @@ def resolve_config(model: nn.Module, config_list: Sequence[Mapping]) -> dict[str
     for name, i in chosen.items():
         if i is not None:
             specs[name] = _layer_spec(i, entries[i], name, modules[name])
+    if not specs and any(not e.get("exclude") for e in entries):
+        present = sorted({type(m).__name__ for m in modules.values()})
+        raise ConfigError(
+            f"config_list selects no module of {type(model).__name__} (module types present: {present}); "
+            f"quantizable types: {QUANTIZABLE_OP_TYPES}"
+        )
     return specs
 
 
@@ -184,7 +190,9 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
                 )
         entry["op_names"] = tuple(dict.fromkeys(names))
     matched = [n for n, m in modules.items() if _matches(entry, n, m)]
-    if not matched:
+    # An op_types-only entry may match nothing here (one config reused across models; resolve_config rejects a
+    # config that selects nothing at all); an entry naming modules is specific to this model and must match.
+    if not matched and "op_names" in entry:
         present = sorted({type(m).__name__ for m in modules.values()})
         raise _err(
             i,

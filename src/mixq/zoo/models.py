@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import ConfigError
+from .coverage import COVERAGE_FAMILIES
 
 __all__ = ["register_model", "create_model", "list_models", "TorchModel", "resnet18_cifar"]
 
@@ -152,3 +153,6 @@ class TinyConv1d(nn.Module):
 @register_model
 def tiny_conv1d() -> nn.Module:
     return TinyConv1d()
+
+
+_REGISTRY.update({name: cls for name, (cls, _) in COVERAGE_FAMILIES.items()})  # tiny_vit, tiny_bert, ...
