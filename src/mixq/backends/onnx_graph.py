@@ -15,6 +15,7 @@ from .errors import EngineError
 __all__ = [
     "GraphIndex",
     "attr",
+    "attributes",
     "fp8_dtype",
     "is_fp8",
     "fp8_array",
@@ -30,13 +31,18 @@ __all__ = [
 ]
 
 
-def attr(node, name: str, default=None):
-    """The value of attribute ``name`` of an ONNX ``node`` (int, float, string, tensor or their lists, as
-    ``onnx.helper.get_attribute_value`` gives it), or ``default`` when the node has none."""
+def attributes(node) -> dict:
+    """Every attribute of an ONNX ``node`` by name, each value as ``onnx.helper.get_attribute_value`` gives it
+    (int, float, string, tensor or their lists)."""
     from onnx import helper
 
-    found = next((a for a in node.attribute if a.name == name), None)
-    return default if found is None else helper.get_attribute_value(found)
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def attr(node, name: str, default=None):
+    """The value of attribute ``name`` of an ONNX ``node`` (as in :func:`attributes`), or ``default`` when the
+    node has none."""
+    return attributes(node).get(name, default)
 
 
 class GraphIndex:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..base import EngineError, constant_values, is_fp8, layer_of_node
+from ..onnx_graph import attributes
 
 __all__ = [
     "Grid",
@@ -268,12 +269,6 @@ class ConstV:
     raw: tuple | None = None  # DequantizeLinear of an initializer: (ints, scale, zero point, axis)
 
 
-def _attrs(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def has_border(g: dict) -> bool:
     """Whether some kernel tap of a conv falls outside the image for some output pixel (padding, ragged edge)."""
     last_h = (g["oh"] - 1) * g["sh"] - g["ph"] + (g["kh"] - 1) * g["dh"]
@@ -487,7 +482,7 @@ class _Lowering:
             ints = v.value
             scale = np.asarray(self.const(node.input[1]), np.float64)
             zp = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), ints.dtype)
-            axis = _attrs(node).get("axis", 1)
+            axis = attributes(node).get("axis", 1)
             shape = [1] * ints.ndim
             if scale.size > 1:
                 shape[axis] = -1
@@ -520,7 +515,7 @@ class _Lowering:
         return "int8", centred.astype(np.int8), scale
 
     def on_Conv(self, node):
-        a = _attrs(node)
+        a = attributes(node)
         x, w = self.value(node.input[0]), self.value(node.input[1])
         b = self.value(node.input[2]) if len(node.input) > 2 else None
         if not isinstance(w, ConstV) or (b is not None and not isinstance(b, ConstV)):
@@ -557,7 +552,7 @@ class _Lowering:
         return PendingV(op, out_shape, node.output[0]) if op is not None else self.on_float(node)
 
     def on_Gemm(self, node):
-        a = _attrs(node)
+        a = attributes(node)
         x, w = self.value(node.input[0]), self.value(node.input[1])
         b = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         plain = a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0 and not a.get("transA", 0)
@@ -719,7 +714,7 @@ class _Lowering:
         v = self.value(node.input[0])
         if not isinstance(v, DQV) or len(v.q.shape) != 3:
             return self.on_float(node)
-        a = _attrs(node)
+        a = attributes(node)
         c, h, w = v.q.shape
         if global_pool:
             kh, kw, sh, sw, pads, ceil = h, w, 1, 1, [0, 0, 0, 0], False
@@ -746,7 +741,7 @@ class _Lowering:
 
     def on_Flatten(self, node):
         v = self.value(node.input[0])
-        if _attrs(node).get("axis", 1) != 1:
+        if attributes(node).get("axis", 1) != 1:
             return self.on_float(node)
         return self._flatten(v, node)
 
@@ -815,9 +810,9 @@ class _Lowering:
             else:
                 inputs.append(self.as_float(v, node.name))
                 shapes.append(self._shape(v))
-        out_shape = _float_shape(node.op_type, _attrs(node), inputs, shapes, self.tensors)
+        out_shape = _float_shape(node.op_type, attributes(node), inputs, shapes, self.tensors)
         out = self.new_tensor(out_shape, dtype)
-        self.emit(TorchOp(node.name, node.op_type, inputs, _attrs(node), out, dtype))
+        self.emit(TorchOp(node.name, node.op_type, inputs, attributes(node), out, dtype))
         return FloatV(out, out_shape)
 
 
