@@ -29,9 +29,14 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from ...primitives import quantize
+from ...spec import IntType
 from ..base import EngineError, constant_values, is_fp8, layer_of_node
-from ..onnx_graph import attributes
+from ..onnx_graph import attributes, dequantize_constant
+
+INT8_GRID = IntType(8, True)  # the stored form of every 8-bit grid (see Grid)
 
 __all__ = [
     "Grid",
@@ -79,11 +84,12 @@ class Grid:
 
     def quantize(self, v: np.ndarray) -> np.ndarray:
         """Stored integers of float values (round half to even, saturate), as ONNX QuantizeLinear."""
-        scale = np.float32(self.scale)
-        return np.clip(np.rint(np.asarray(v, np.float32) / scale) + self.zp, -128, 127).astype(np.int64)
+        x = torch.from_numpy(np.ascontiguousarray(v, np.float32))
+        q = quantize(x, torch.tensor(np.float32(self.scale)), torch.tensor(int(self.zp)), INT8_GRID)
+        return q.numpy().astype(np.int64)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
-        return ((np.asarray(q, np.float32) - np.float32(self.zp)) * np.float32(self.scale)).astype(np.float32)
+        return dequantize_constant(q, np.float32(self.scale), np.int64(self.zp))
 
     def requant_table(self, to: Grid) -> np.ndarray:
         """Stored value on ``to`` of every stored value on this grid (Q(DQ(q)), as the Q/DQ graph computes)."""
