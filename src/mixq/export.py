@@ -39,7 +39,7 @@ from .attention import explicit_attention_, has_torch_attention
 from .calibration import validate_calibration_config
 from .config import QUANTIZABLE_OP_TYPES, WEIGHTED_OP_TYPES
 from .primitives import FP8_TORCH_DTYPE, choose_qparams, fake_quantize, fake_quantize_fp8, fold_batchnorm, quantize
-from .spec import FP8_DTYPE, FP8_E4M3, QUANT_TYPES, QuantSpec
+from .spec import FP8_DTYPE, FP8_E4M3, QUANT_TYPES, IntType, QuantSpec
 
 __all__ = [
     "QDQExport",
@@ -350,6 +350,7 @@ def export_qdq_onnx(
     except Exception as e:
         raise _export_failure(type(model).__name__, input_shape, e) from e
     proto = onnx.load_from_string(buffer.getvalue())
+    _inline_constant_identities(proto)
     _fold_weight_quantize(proto)
     for node_name in _quantize_gemm_bias(proto):
         scope = node_name.split("/")
@@ -593,8 +594,31 @@ def constant_resolver(model, required: bool = False):
     return value
 
 
+def _inline_constant_identities(model) -> None:
+    """Point the readers of ``Identity(initializer)`` at the initializer itself and drop the Identity. The
+    exporter writes one initializer for equal tensors and an Identity for each other use (layers deep-copied
+    from one template, as ``nn.TransformerEncoder`` builds them, start with equal weights): a weight's
+    QuantizeLinear must read the initializer to be folded, and backends see a weight as a constant."""
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias = {
+        n.output[0]: n.input[0]
+        for n in model.graph.node
+        if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs
+    }
+    if not alias:
+        return
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 def _fold_weight_quantize(model) -> None:
-    """Replace QuantizeLinear(initializer) by the quantized initializer, computed as ONNX would."""
+    """Replace QuantizeLinear(initializer) by the quantized initializer, computed as ONNX would (round half
+    to even, saturate to the zero point's type) by :func:`mixq.primitives.quantize`."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -604,16 +628,12 @@ def _fold_weight_quantize(model) -> None:
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] in inits:
             x, scale, zp = value(node.input[0]), value(node.input[1]), value(node.input[2])
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            if scale.ndim == 1 and scale.size > 1:
-                shape = [1] * x.ndim
-                shape[axis] = -1
-                scale, zp = scale.reshape(shape), zp.reshape(shape)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.size > 1 else None
             info = np.iinfo(zp.dtype)
-            q = np.clip(np.rint(x.astype(np.float32) / scale) + zp.astype(np.int32), info.min, info.max).astype(
-                zp.dtype
-            )
-            model.graph.initializer.append(numpy_helper.from_array(q, name=node.output[0]))
+            grid = IntType(info.bits, info.min < 0)
+            x, scale, zp = (torch.from_numpy(np.array(v)) for v in (x.astype(np.float32), scale, zp))
+            q = quantize(x, scale, zp, grid, axis)
+            model.graph.initializer.append(numpy_helper.from_array(q.numpy().astype(info.dtype), name=node.output[0]))
             continue
         keep.append(node)
     del model.graph.node[:]

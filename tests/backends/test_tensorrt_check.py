@@ -16,6 +16,7 @@ from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE
 from mixq.backends.tensorrt.check import RULES, check
 from mixq.backends.tensorrt.legalize import legalize
 from mixq.export import export_qdq_onnx
+from mixq.zoo.coverage import COVERAGE_MODELS
 from mixq.zoo.models import create_model, list_models
 from test_model_structures import SharedReLU
 
@@ -25,6 +26,7 @@ SHAPES = {
     "tiny_resnet": (3, 32, 32),
     "tiny_mlp": (16,),
     "tiny_conv1d": (3, 20),
+    **{name: shape[1:] for name, shape in COVERAGE_MODELS.items()},  # tiny_vit, tiny_bert, convnext_block, ...
 }
 WEIGHTED = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["default"]}]
 CONFIGS = {

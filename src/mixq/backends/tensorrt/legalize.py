@@ -278,6 +278,7 @@ def _fix_weighted_inputs(model, notes: _Notes, samples) -> None:
     wanted: dict[str, list] = {}  # float data input -> (node, index) pairs to rewire
     fp8_inputs: set[str] = set()  # those read by fp8 layers: quantized to fp8
     dequantize_weights = []
+    quantized_weights: set[str] = set()
     for node in g.nodes:
         if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or g.is_constant(node.input[0]):
             continue
@@ -294,12 +295,14 @@ def _fix_weighted_inputs(model, notes: _Notes, samples) -> None:
         elif data is not None and weight is None and g.is_constant(node.input[1]):
             w = g.value(node.input[1]).astype(np.float32)
             axis = weight_axis(node, 1, w.ndim)
-            q, s, z = _quantize_weight(model, w, axis, node.input[1], fp8)
             dq_out = f"{node.input[1]}_{'fp8' if fp8 else 'int8'}_dq"
-            model.graph.node.insert(
-                list(model.graph.node).index(node),
-                _make_dq([q, s, z], dq_out, f"{_scope(node.name)}/DequantizeLinear_trt_weight", axis),
-            )
+            if dq_out not in quantized_weights:  # a weight the exporter shares between layers is quantized once
+                q, s, z = _quantize_weight(model, w, axis, node.input[1], fp8)
+                model.graph.node.insert(
+                    list(model.graph.node).index(node),
+                    _make_dq([q, s, z], dq_out, f"{_scope(node.name)}/DequantizeLinear_trt_weight", axis),
+                )
+                quantized_weights.add(dq_out)
             node.input[1] = dq_out
             notes.add(node.name, "weights quantized per channel at build time (the config left them float)")
     ranges = _calibrate(model, list(wanted), samples) if wanted and samples else {}
