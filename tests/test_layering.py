@@ -32,11 +32,15 @@ MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
 
 
 def _imports(name: str, path: Path) -> set[str]:
-    """The mixq modules ``name`` imports anywhere in its file (``from X import a``: X.a where that is a module,
-    else X)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return _imports_in(name, path.name == "__init__.py", path.read_text(), str(path))
+
+
+def _imports_in(name: str, is_package: bool, source: str, filename: str = "<source>") -> set[str]:
+    """The mixq modules the module ``name`` imports anywhere in ``source`` (``from X import a``: X.a where that is a
+    module, else X; ``importlib.import_module("mixq...")`` and ``__import__("mixq...")`` with a literal name)."""
+    package = name if is_package else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -48,7 +52,17 @@ def _imports(name: str, path: Path) -> set[str]:
             for alias in node.names:
                 sub = f"{module}.{alias.name}"
                 out.add(sub if sub in MODULES else module)
+        elif isinstance(node, ast.Call) and _dynamic_import(node.func) and node.args:
+            target = node.args[0]
+            if isinstance(target, ast.Constant) and isinstance(target.value, str):
+                out.add(target.value)
     return {m for m in out if m in MODULES and m != name}
+
+
+def _dynamic_import(func: ast.expr) -> bool:
+    if isinstance(func, ast.Attribute):
+        return func.attr == "import_module"
+    return isinstance(func, ast.Name) and func.id in ("import_module", "__import__")
 
 
 GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
@@ -148,6 +162,33 @@ def test_no_import_goes_up_a_layer_or_sideways():
     assert not found, "\n".join(f"{a} -> {b}: {why}" for (a, b), why in found.items())
 
 
+# Pairs the layer order allows but the house forbids (DEVELOPERS.md): backends build from the Q/DQ ONNX and
+# the calibration file alone, never from the fake-quant modules or the config that made them.
+FORBIDDEN = [
+    ("mixq.backends", "mixq.quantization"),
+    ("mixq.backends", "mixq.observers"),
+    ("mixq.backends", "mixq.config"),
+]
+
+
+def _forbidden(graph) -> list[str]:
+    def under(module, name):
+        return module == name or module.startswith(name + ".")
+
+    return sorted(
+        f"{a} -> {b}"
+        for a, bs in graph.items()
+        for b in bs
+        for low, high in FORBIDDEN
+        if under(a, low) and under(b, high)
+    )
+
+
+def test_backends_never_import_the_quantization_layer():
+    found = _forbidden(GRAPH)
+    assert not found, f"backends import the quantization layer: {found}"
+
+
 def test_known_violations_still_exist():
     """An entry fixed elsewhere must leave the list, so that it cannot hide a new violation."""
     gone = [f"{a} -> {b}" for a, b in KNOWN_VIOLATIONS if b not in GRAPH.get(a, set())]
@@ -165,5 +206,35 @@ def test_the_checks_catch_what_they_are_for():
         assert v["mixq.spec", "mixq.config"].startswith("up:")
         assert v["mixq.export", "mixq.quantization"].startswith("sideways:")
         assert ["mixq.config", "mixq.spec"] in _cycles()
+        assert _forbidden({"mixq.backends.openvino.engine": {"mixq.quantization.model"}}) == [
+            "mixq.backends.openvino.engine -> mixq.quantization.model"
+        ]
     finally:
         GRAPH = saved
+
+
+def test_the_import_reader_sees_every_form():
+    """Absolute, relative (package and module), function-level and importlib imports of mixq modules."""
+    source = """
+import mixq.spec
+from ... import config
+from ...quantization import model
+from ..base import register_backend
+
+def later():
+    import importlib
+    from mixq import export
+    importlib.import_module("mixq.report")
+    __import__("mixq.auto")
+    importlib.import_module(computed_name)
+"""
+    found = _imports_in("mixq.backends.onnxruntime.engine", False, source)
+    assert found == {
+        "mixq.spec",
+        "mixq.config",
+        "mixq.quantization.model",
+        "mixq.backends.base",
+        "mixq.export",
+        "mixq.report",
+        "mixq.auto",
+    }

@@ -35,6 +35,7 @@ from .spec import (
     MIN_BITS,
     QUANT_TYPES,
     SCHEMES,
+    WEIGHTED_OP_TYPES,
     LayerSpec,
     QuantSpec,
 )
@@ -51,7 +52,6 @@ __all__ = [
     "config_list_from_bits",
 ]
 
-WEIGHTED_OP_TYPES = ("Conv1d", "Conv2d", "Linear")
 ACTIVATION_OP_TYPES = ("ReLU", "ReLU6", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d")
 QUANTIZABLE_OP_TYPES = WEIGHTED_OP_TYPES + ACTIVATION_OP_TYPES
 

@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 QUANT_TYPES = ("input", "weight", "output")
+# The torch module types whose weight is quantized (layer records name them by op_type; backends read it).
+WEIGHTED_OP_TYPES = ("Conv1d", "Conv2d", "Linear")
 MIN_BITS, MAX_BITS = 2, 16
 # How integers, zero points and symmetric scales are chosen: mixq's (full signed range, 2**(bits-1) for an
 # unsigned symmetric zero point) or NNI 2.x's (see QuantSpec).

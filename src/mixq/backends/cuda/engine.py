@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..base import (
+    FLOAT_BIAS_NOTE,
     Backend,
     BuildOptions,
     Engine,
@@ -401,7 +402,7 @@ def _note(info: dict, runs_as: str, why_not_fp8: str | None = None, fp8_acc32: b
     requested = info["precision"]
     if requested == "int8" and runs_as == "fp32":
         if info.get("float_bias"):
-            return "asked int8, runs float: its bias does not fit int32 steps (an output channel with all-zero weights)"
+            return FLOAT_BIAS_NOTE
         return (
             "asked int8, runs float: the config does not quantize both its input and weight (or the op/pattern "
             "has no int8 kernel here)"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ...config import WEIGHTED_OP_TYPES
+from ...spec import WEIGHTED_OP_TYPES
 from ..base import (
     FLOAT_BIAS_NOTE,
     FUSED_INTO_NEIGHBOUR,
