@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 
 import mixq
+import mixq._io
+import mixq.backends
 import mixq.speedup
+from mixq.nni import QAT_Quantizer
 from mixq.zoo.models import TorchModel
 from mixq.zoo.tutorial import MnistTask, trainer
 
@@ -245,6 +248,7 @@ def _one_line(excinfo) -> str:
         ("INT8", mixq.PTQ, None, "method must be an instance, e.g. mixq.PTQ(), not the class"),
         ("INT8", "ptq", None, "method must be mixq.PTQ(), QAT(), LSQ() or DoReFa(), got str"),
         ("INT8", None, [torch.zeros(1)], "forward_loop must be a function of the model"),
+        ([], None, None, "config is empty: a config_list needs at least one entry"),
     ],
 )
 def test_bad_quantize_arguments(float_model, config, method, loop, expected):
@@ -253,6 +257,34 @@ def test_bad_quantize_arguments(float_model, config, method, loop, expected):
         mixq.quantize(model, config, loop, method)
     assert expected in _one_line(e)
     assert not mixq.quantized_layers(model)
+
+
+def test_an_empty_config_list_is_refused_by_every_verb_that_resolves_one(float_model):
+    """The check lives in the config resolver, so the native verb, the lower-level prepare_ and the NNI face agree."""
+    for verb in (mixq.prepare_, mixq.resolve_config, lambda m, c: QAT_Quantizer(m, c, None), mixq.quantize):
+        model = copy.deepcopy(float_model)
+        with pytest.raises(mixq.ConfigError) as e:
+            verb(model, ())
+        assert _one_line(e).startswith("config is empty: ")
+        assert not mixq.quantized_layers(model)
+
+
+def test_quantize_takes_a_numpy_example_input_as_compile_does():
+    """example_input folds each BatchNorm after a configured conv: a numpy array does it as a tensor does."""
+
+    def conv_bn():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+
+    example = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
+    from_numpy = mixq.quantize(conv_bn(), mixq.INT8, example_input=example)
+    from_tensor = mixq.quantize(conv_bn(), mixq.INT8, example_input=torch.from_numpy(example))
+    for model in (from_numpy, from_tensor):
+        assert isinstance(model[1], torch.nn.Identity)  # the BatchNorm was folded into the conv
+    assert from_numpy.state_dict().keys() == from_tensor.state_dict().keys()
+    with pytest.raises(mixq.MixqError) as e:
+        mixq.quantize(conv_bn(), mixq.INT8, example_input=[1.0, 2.0])
+    assert "example_input must be a torch.Tensor or numpy array, got list" in _one_line(e)
 
 
 def test_quantize_twice_is_an_error(int8_model):
@@ -276,6 +308,29 @@ def test_bad_compile_arguments(int8_model, example, backend, expected):
         mixq.compile(int8_model, example, backend=backend)
     message = _one_line(e)
     assert expected in message and "dummy_input" not in message
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"threads": 0}, "threads must be a positive int or None, got 0"),
+        ({"threads": -2}, "threads must be a positive int or None, got -2"),
+        ({"threads": True}, "threads must be a positive int or None, got True"),
+        ({"threads": 2.0}, "threads must be a positive int or None, got 2.0"),
+        ({"threads": "4"}, "threads must be a positive int or None, got '4'"),
+        ({"max_batch": 0}, "max_batch must be a positive int or None, got 0"),
+        ({"max_batch": 3}, "max_batch=3 is smaller than example_input's batch 4: "),
+    ],
+)
+def test_bad_threads_and_max_batch_are_one_line_before_any_build(int8_model, monkeypatch, options, expected):
+    def no_build(*args, **kwargs):
+        raise AssertionError("build work started before the arguments were checked")
+
+    monkeypatch.setattr(mixq.speedup, "ModelSpeedup", no_build)
+    monkeypatch.setattr(mixq.speedup, "export_qdq_onnx", no_build)
+    with pytest.raises(mixq.ConfigError) as e:
+        mixq.compile(int8_model, torch.randn(4, 1, 28, 28), backend="onnxruntime", **options)
+    assert expected in _one_line(e)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -325,3 +380,28 @@ def test_bad_engine_input_and_files(int8_model, task, tmp_path):
     with pytest.raises(mixq.MixqError) as e:
         loaded.report(compare_float=True)
     assert "needs the model" in _one_line(e)
+
+
+def test_save_to_an_unwritable_path_is_one_engine_error_and_keeps_the_previous_file(int8_model, task, tmp_path):
+    engine = mixq.compile(int8_model, task.test_set.tensors[0][:4], backend="onnxruntime")
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder.mixq").mkdir()
+    for path, cause in (
+        (tmp_path / "a-file" / "e.mixq", f"{tmp_path / 'a-file'} is a file, so nothing can be created under it"),
+        (tmp_path / "a-folder.mixq", "is a folder, not a file"),
+    ):
+        with pytest.raises(mixq.backends.EngineError) as e:
+            engine.save(path)
+        assert _one_line(e) == f"{path}: cannot write the engine file ({cause})"
+    previous = engine.save(tmp_path / "e.mixq").read_bytes()
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mixq._io.os, "replace", disk_full)  # the last step of the atomic write fails
+        with pytest.raises(mixq.backends.EngineError) as e:
+            engine.save(tmp_path / "e.mixq")
+    assert _one_line(e) == f"{tmp_path / 'e.mixq'}: cannot write the engine file (No space left on device)"
+    assert (tmp_path / "e.mixq").read_bytes() == previous  # the write stayed atomic: the old engine is intact
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -75,7 +75,6 @@ def test_tutorial_config_resolves_like_nni():
             ],
             {"fc1": {"input": "int16", "weight": "uint4"}},
         ),
-        ([], {}),
     ],
 )
 def test_resolution_table(config_list, expected):
@@ -195,6 +194,12 @@ def test_a_bare_dict_says_to_wrap_it_in_a_list():
         "config_list must be a list of dicts (NNI's config_list), got a dict with keys "
         "['quant_types', 'quant_bits', 'op_types', 'observer', ...]; wrap it in a list: [{...}]"
     )
+
+
+def test_an_empty_config_list_is_refused_not_resolved_to_nothing():
+    for empty in ([], ()):
+        with pytest.raises(ConfigError, match=r"^config is empty: a config_list needs at least one entry, e\.g\. "):
+            resolve_config(TorchModel(), empty)
 
 
 def test_a_calibration_config_is_named_as_such():

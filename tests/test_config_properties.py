@@ -1,8 +1,10 @@
 """Property-based tests of config_list validation: every input either resolves deterministically or raises
-a ConfigError that names the entry index (and the key, where one key is at fault)."""
+a ConfigError that names the entry index (and the key, where one key is at fault); an empty list is refused
+as a whole."""
 
 import re
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,6 +50,10 @@ def entry(draw):
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(entry(), junk), max_size=4))
 def test_every_config_list_resolves_or_names_entry_and_key(config_list):
+    if not config_list:  # nothing to name an entry of: refused as a whole
+        with pytest.raises(ConfigError, match=r"^config is empty: "):
+            resolve_config(MODEL, config_list)
+        return
     try:
         first = resolve_config(MODEL, config_list)
     except ConfigError as e:

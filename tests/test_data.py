@@ -54,8 +54,36 @@ def test_missing_data_names_where_it_looked_and_the_command(no_default_data, tmp
     assert str(no_default_data) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(DataError, match="does not exist"):
         load_mnist_arrays(train=False, root=tmp_path / "nope")
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match=r"holds no complete mnist data set .*run `mixq download mnist --data-dir"):
         load_mnist_arrays(train=False, root=tmp_path)
+
+
+def test_a_given_folder_without_the_data_names_what_is_missing_and_the_command(data_dir, tmp_path, monkeypatch):
+    """An existing but empty or half-filled --data-dir / MIXQ_DATA is refused at lookup, in the same one line as
+    the other not-found paths (folder, what is missing, the download command), not later as a bare missing file."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError) as e:
+        data.data_dir(empty, "mnist")
+    assert str(e.value) == (
+        f"data directory {empty} holds no complete mnist data set (missing mnist/train-images-idx3-ubyte.gz and 3 "
+        f"more): run `mixq download mnist --data-dir {empty}`, or pass a folder holding mnist/"
+    )
+    partial = tmp_path / "partial"
+    (partial / "mnist").mkdir(parents=True)
+    for f in (data_dir / "mnist").iterdir():
+        if f.name != "t10k-labels-idx1-ubyte.gz":
+            shutil.copy(f, partial / "mnist" / f.name)
+    assert data.missing_files(partial, "mnist") == ["mnist/t10k-labels-idx1-ubyte.gz"]
+    with pytest.raises(DataError, match=r"missing mnist/t10k-labels-idx1-ubyte.gz\):") as e:
+        load_mnist_arrays(train=True, root=partial)  # the training files are there: still refused, before reading
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("MIXQ_DATA", str(empty))
+    with pytest.raises(DataError) as e:
+        data.data_dir(None, "cifar10")
+    assert str(e.value).startswith(f"data directory MIXQ_DATA={empty} holds no complete cifar10 data set (missing ")
+    assert f"run `mixq download cifar10 --data-dir {empty}`, or set MIXQ_DATA to a folder" in str(e.value)
+    assert data.data_dir(data_dir, "cifar10") == data_dir  # the real folder (xz batches) is still taken
 
 
 def test_default_order_env_then_shared_data_then_cache(data_dir, no_default_data, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ._errors import ConfigError
+from ._io import unwritable_reason
 from .quantization import LSQ, PTQ, QAT, DoReFa, calibrate_, deploy_model, export_calibration, prepare_
 from .quantization import quantized_layers as _quantized_layers
 
@@ -116,7 +117,7 @@ def quantize(
     forward_loop: Callable[[nn.Module], object] | None = None,
     method=None,
     *,
-    example_input: torch.Tensor | None = None,
+    example_input: torch.Tensor | np.ndarray | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
@@ -126,7 +127,8 @@ def quantize(
     calibration (observers collect ranges, then the ranges are frozen and the model computes quantized);
     with QAT it sets the starting ranges, and you train afterwards with your own loop. Without a loop the
     model is returned prepared: calibrate later with :func:`mixq.calibrate_`, or train (QAT, LSQ).
-    ``example_input``: with it, each BatchNorm directly after a configured conv is folded into that conv.
+    ``example_input`` (a torch tensor or numpy array): with it, each BatchNorm directly after a configured conv
+    is folded into that conv.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -140,19 +142,26 @@ def quantize(
             f"forward_loop must be a function of the model, e.g. lambda m: [m(x) for x, _ in loader], "
             f"got {type(forward_loop).__name__}"
         )
-    if example_input is not None and not isinstance(example_input, torch.Tensor):
-        raise ConfigError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    if example_input is not None:
+        example_input = _to_tensor(example_input, "example_input")
     prepare_(model, _layer_config(model, config), method, example_input=example_input)
     if forward_loop is not None:
         calibrate_(model, forward_loop)
     return model
 
 
-def _as_tensor(x, what: str) -> torch.Tensor:
+def _to_tensor(x, what: str) -> torch.Tensor:
+    """``x`` as a torch tensor: every verb takes a numpy array where it takes a tensor."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
         raise ConfigError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x
+
+
+def _as_batch(x, what: str) -> torch.Tensor:
+    """``x`` as a float tensor batch an engine can be built for or calibrated on (one line for anything else)."""
+    x = _to_tensor(x, what)
     if not x.is_floating_point():
         raise ConfigError(f"{what} must be floating point (a batch as the model takes it), got {x.dtype}")
     if x.dim() < 2 or any(d < 1 for d in x.shape):
@@ -160,6 +169,12 @@ def _as_tensor(x, what: str) -> torch.Tensor:
     if not bool(torch.isfinite(x).all()):
         raise ConfigError(f"{what} contains NaN or infinite values")
     return x
+
+
+def _check_positive_int_or_none(name: str, value) -> None:
+    # bool is an int subclass: threads=True is a mistake, not one thread
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be a positive int or None, got {value!r}")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -187,7 +202,7 @@ def _calibration_batches(data, example: torch.Tensor) -> list[torch.Tensor] | No
     batches = [data] if isinstance(data, torch.Tensor | np.ndarray) else list(data)
     out = []
     for i, b in enumerate(batches):
-        b = _as_tensor(b[0] if isinstance(b, list | tuple) else b, f"calibration_data batch {i}")
+        b = _as_batch(b[0] if isinstance(b, list | tuple) else b, f"calibration_data batch {i}")
         if b.shape[1:] != example.shape[1:]:
             raise ConfigError(
                 f"calibration_data batch {i}: expected shape {('batch', *example.shape[1:])} (as example_input), "
@@ -207,8 +222,8 @@ def compile(  # mixq.compile, as torch.compile: shadows the builtin here only
     calibration_data: Iterable | torch.Tensor | None = None,
 ) -> CompiledModel:
     """Build an engine of ``model`` (quantized with :func:`quantize`, or float) for inputs shaped like
-    ``example_input`` (any batch up to ``max_batch``, default the example's batch, where the backend has a
-    limit) and return it as a :class:`CompiledModel`: ``engine(x)`` runs it.
+    ``example_input`` (any batch up to ``max_batch``, at least the example's batch and by default equal to it,
+    where the backend has a limit) and return it as a :class:`CompiledModel`: ``engine(x)`` runs it.
 
     ``backend``: ``"auto"`` builds every backend this machine can run, times them at the example's batch and
     keeps the fastest, never a quantized engine slower than the fastest float one (``.selection``, and
@@ -216,21 +231,27 @@ def compile(  # mixq.compile, as torch.compile: shadows the builtin here only
     ``calibration_data``: input batches (a tensor, or an iterable of tensors or (input, label) pairs) that a
     backend may run at build time for tensors the config leaves float but its kernels need quantized (ONNX
     Runtime, TensorRT: e.g. conv outputs feeding residual adds); without it those stay float.
-    ``threads``: intra-op threads (ONNX Runtime; default all cores).
+    ``threads``: intra-op threads, a positive int (ONNX Runtime; default all cores).
 
-    The model is checked before any export or build: an example it cannot take, an uncalibrated quantized
-    model and an unknown backend are each one :class:`mixq.MixqError` line.
+    The arguments and the model are checked before any export or build: an example it cannot take, an
+    uncalibrated quantized model, an unknown backend, and a ``max_batch`` or ``threads`` that is not a positive
+    int (or a ``max_batch`` below the example's batch) are each one :class:`mixq.MixqError` line.
     """
     from .backends import list_backends
     from .speedup import ModelSpeedup
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    x = _as_tensor(example_input, "example_input")
+    x = _as_batch(example_input, "example_input")
     if not isinstance(backend, str) or (backend != "auto" and backend not in list_backends()):
         raise ConfigError(f"unknown backend {backend!r}; available: {['auto', *list_backends()]}")
-    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-        raise ConfigError(f"max_batch must be a positive int, got {max_batch!r}")
+    _check_positive_int_or_none("max_batch", max_batch)
+    _check_positive_int_or_none("threads", threads)
+    if max_batch is not None and max_batch < x.shape[0]:
+        raise ConfigError(
+            f"max_batch={max_batch} is smaller than example_input's batch {x.shape[0]}: the engine is built and timed "
+            f"at the example's batch, so pass max_batch >= {x.shape[0]} (or leave it None)"
+        )
     if _quantized_layers(model):
         export_calibration(model)  # an uncalibrated model: the error names the first layer never observed
     batches = _calibration_batches(calibration_data, x)
@@ -299,8 +320,17 @@ class CompiledModel:
         return PlacementReport(self.engine.backend, self.engine.placement(), glue_qdq=glue() if glue else None)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the engine file (atomically: a failed save leaves any previous file as it was)."""
-        return self.engine.save(path)
+        """Write the engine file (atomically: a failed save leaves any previous file as it was). A path that
+        cannot be written is one :class:`mixq.backends.EngineError` line naming it and why."""
+        from .backends import EngineError
+
+        try:
+            return self.engine.save(path)
+        except OSError as e:
+            # unwritable_reason explains the common cases better than errno does (a parent that is a file
+            # reads "File exists"); a full disk or a failed rename has no such cause, so errno says it then.
+            reason = unwritable_reason(path, folder=False) or (e.strerror or str(e))
+            raise EngineError(f"{path}: cannot write the engine file ({reason})") from e
 
     def __repr__(self) -> str:
         shape = ("batch", *self.input_shape[1:])

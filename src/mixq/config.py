@@ -122,7 +122,8 @@ def is_calibration_config(value) -> bool:
 
 
 def check_config_list(config_list) -> None:
-    """An error naming what was passed when ``config_list`` is not a list (a bare dict, a calibration config)."""
+    """An error naming what was passed when ``config_list`` is not a list (a bare dict, a calibration config) or is
+    empty."""
     if is_calibration_config(config_list):
         raise ConfigError(
             "config_list: this is a calibration config (as export_model returns), not a config_list; pass it to "
@@ -137,6 +138,11 @@ def check_config_list(config_list) -> None:
         )
     if not isinstance(config_list, Sequence) or isinstance(config_list, str | bytes):
         raise ConfigError(f"config_list must be a list of dicts (NNI's config_list), got {type(config_list).__name__}")
+    if not config_list:  # would quantize nothing: almost always a config built or loaded wrong, not a choice
+        raise ConfigError(
+            "config is empty: a config_list needs at least one entry, e.g. [{'quant_types': ['input', 'weight'], "
+            "'quant_bits': 8, 'op_types': ['Conv2d', 'Linear']}] (or use a preset: mixq.INT8)"
+        )
 
 
 def _err(i: int, key: str | None, msg: str) -> ConfigError:

@@ -76,8 +76,9 @@ def test_fake_quant_output_follows_nnis_quantize_formula():
 
 def test_settings_apply_per_type_and_other_types_keep_mixq_defaults():
     set_quant_scheme_dtype("input", "per_tensor_symmetric", "int")
-    specs = mixq.resolve_config(make("lenet"), [])  # resolver untouched by NNI's global settings
-    assert specs == {}
+    entry = {"quant_types": ["input"], "quant_bits": 8, "op_names": ["fc1"]}
+    specs = mixq.resolve_config(make("lenet"), [entry])  # resolver untouched by NNI's global settings
+    assert specs["fc1"].input.scheme == "per_tensor_affine"  # mixq's default, not the setting above
     model = make("lenet")
     QAT_Quantizer(model, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_names": ["fc1"]}], None)
     spec = mixq.quantized_layers(model)["fc1"].layer_spec

@@ -16,6 +16,7 @@ import io
 import lzma
 import os
 import pickle
+import shlex
 import struct
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "default_data_dirs",
     "user_cache_dir",
     "holds",
+    "missing_files",
     "load_tensor_file",
     "load_labelled_file",
     "load_image_folder",
@@ -94,28 +96,55 @@ def default_data_dirs() -> list[Path]:
 
 def data_dir(path: str | os.PathLike | None = None, dataset: str | None = None) -> Path:
     """``path``, else ``$MIXQ_DATA``, else the first of :func:`default_data_dirs` holding ``dataset`` (``mnist`` or
-    ``cifar10``; any of the two when None). The error says where it looked and the command that fetches the data."""
+    ``cifar10``; any of the two when None). A given folder must hold the data set too (an empty folder or one a
+    failed download left is not the data). The error says where it looked, what is missing and the command that
+    fetches the data."""
+    wanted = [dataset] if dataset else list(DATASETS)
     if path is not None or os.environ.get("MIXQ_DATA"):
         p = Path(path if path is not None else os.environ["MIXQ_DATA"])
+        origin = "" if path is not None else "MIXQ_DATA="
         if not p.is_dir():
-            origin = "" if path is not None else "MIXQ_DATA="
             raise DataError(f"data directory {origin}{p} does not exist")
+        if not any(holds(p, name) for name in wanted):
+            raise DataError(_incomplete_data_message(p, origin, wanted))
         return p
-    wanted = [dataset] if dataset else list(DATASETS)
     for candidate in default_data_dirs():
         if any(holds(candidate, name) for name in wanted):
             return candidate
     raise DataError(missing_data_message(dataset))
 
 
-def holds(root: str | os.PathLike, dataset: str) -> bool:
-    """Whether ``root`` has every file of ``dataset`` (by name; checksums are checked when they are read), so that
-    a folder a failed download left behind is not taken for the data."""
+def missing_files(root: str | os.PathLike, dataset: str) -> list[str]:
+    """The files of ``dataset`` that ``root`` lacks, relative to ``root`` (by name; checksums are checked when they
+    are read). A CIFAR-10 batch counts as present plain or xz-compressed."""
     d = Path(root) / DATASETS[dataset]
     if dataset == "mnist":
-        return all((d / name).is_file() for name in MNIST_FILES)
+        return [f"{DATASETS[dataset]}/{name}" for name in MNIST_FILES if not (d / name).is_file()]
     d = d / "cifar-10-batches-py"
-    return all((d / name).is_file() or (d / f"{name}.xz").is_file() for name in CIFAR10_FILES)
+    return [
+        f"{DATASETS[dataset]}/cifar-10-batches-py/{name}"
+        for name in CIFAR10_FILES
+        if not ((d / name).is_file() or (d / f"{name}.xz").is_file())
+    ]
+
+
+def holds(root: str | os.PathLike, dataset: str) -> bool:
+    """Whether ``root`` has every file of ``dataset`` (:func:`missing_files` is empty), so that a folder a failed
+    download left behind is not taken for the data."""
+    return not missing_files(root, dataset)
+
+
+def _incomplete_data_message(root: Path, origin: str, names: list[str]) -> str:
+    """One line for a given data directory lacking the data set: the folder, the first missing file (and how many
+    more), and the command that downloads into that folder."""
+    missing = [f for name in names for f in missing_files(root, name)]
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    command = f"mixq download {' '.join(names)} --data-dir {shlex.quote(str(root))}"
+    return (
+        f"data directory {origin}{root} holds no complete {' or '.join(names)} data set (missing {missing[0]}{more}): "
+        f"run `{command}`, or {'set MIXQ_DATA to' if origin else 'pass'} a folder holding "
+        f"{' and '.join(f'{DATASETS[n]}/' for n in names)}"
+    )
 
 
 def missing_data_message(dataset: str | None) -> str:
