@@ -262,11 +262,12 @@ def test_bad_quantize_arguments(float_model, config, method, loop, expected):
 def test_an_empty_config_list_is_refused_by_every_verb_that_resolves_one(float_model):
     """The check lives in the config resolver, so the native verb, the lower-level prepare_ and the NNI face agree."""
     for verb in (mixq.prepare_, mixq.resolve_config, lambda m, c: QAT_Quantizer(m, c, None), mixq.quantize):
-        model = copy.deepcopy(float_model)
-        with pytest.raises(mixq.ConfigError) as e:
-            verb(model, ())
-        assert _one_line(e).startswith("config is empty: ")
-        assert not mixq.quantized_layers(model)
+        for empty in ((), [], {}):  # {}: prepare_ takes resolved specs as a mapping; an empty one is no config either
+            model = copy.deepcopy(float_model)
+            with pytest.raises(mixq.ConfigError) as e:
+                verb(model, empty)
+            assert _one_line(e).startswith("config is empty: ")
+            assert not mixq.quantized_layers(model)
 
 
 def test_quantize_takes_a_numpy_example_input_as_compile_does():
@@ -405,3 +406,5 @@ def test_save_to_an_unwritable_path_is_one_engine_error_and_keeps_the_previous_f
     assert _one_line(e) == f"{tmp_path / 'e.mixq'}: cannot write the engine file (No space left on device)"
     assert (tmp_path / "e.mixq").read_bytes() == previous  # the write stayed atomic: the old engine is intact
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(mixq.backends.EngineError, match="cannot write the engine file"):  # the engine's own save
+        engine.engine.save(tmp_path / "a-file" / "e.mixq")

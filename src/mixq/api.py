@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ._errors import ConfigError
-from ._io import unwritable_reason
 from .quantization import LSQ, PTQ, QAT, DoReFa, calibrate_, deploy_model, export_calibration, prepare_
 from .quantization import quantized_layers as _quantized_layers
 
@@ -322,15 +321,7 @@ class CompiledModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the engine file (atomically: a failed save leaves any previous file as it was). A path that
         cannot be written is one :class:`mixq.backends.EngineError` line naming it and why."""
-        from .backends import EngineError
-
-        try:
-            return self.engine.save(path)
-        except OSError as e:
-            # unwritable_reason explains the common cases better than errno does (a parent that is a file
-            # reads "File exists"); a full disk or a failed rename has no such cause, so errno says it then.
-            reason = unwritable_reason(path, folder=False) or (e.strerror or str(e))
-            raise EngineError(f"{path}: cannot write the engine file ({reason})") from e
+        return self.engine.save(path)  # Engine.save words an OSError as that EngineError line
 
     def __repr__(self) -> str:
         shape = ("batch", *self.input_shape[1:])

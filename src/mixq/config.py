@@ -129,14 +129,14 @@ def check_config_list(config_list) -> None:
             "config_list: this is a calibration config (as export_model returns), not a config_list; pass it to "
             "ModelSpeedup(config=...) / mixq build --calibration"
         )
-    if isinstance(config_list, Mapping):
+    if isinstance(config_list, Mapping) and config_list:
         keys = list(config_list)
         shown = ", ".join(repr(str(k)) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
         raise ConfigError(
             f"config_list must be a list of dicts (NNI's config_list), got a dict with keys [{shown}]; "
             "wrap it in a list: [{...}]"
         )
-    if not isinstance(config_list, Sequence) or isinstance(config_list, str | bytes):
+    if not isinstance(config_list, Sequence | Mapping) or isinstance(config_list, str | bytes):
         raise ConfigError(f"config_list must be a list of dicts (NNI's config_list), got {type(config_list).__name__}")
     if not config_list:  # would quantize nothing: almost always a config built or loaded wrong, not a choice
         raise ConfigError(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, unwritable_reason
 from .errors import EngineError
 from .onnx_graph import (  # re-exported: the graph helpers lived here before backends/onnx_graph.py
     constant_tensors,
@@ -197,10 +197,16 @@ class Engine(ABC):
             "layers": self.layers,
             "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in members.items()},
         }
-        with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-            z.writestr("manifest.json", json.dumps(manifest, indent=1))
-            for name, data in members.items():
-                z.writestr(name, data)
+        try:
+            with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+                z.writestr("manifest.json", json.dumps(manifest, indent=1))
+                for name, data in members.items():
+                    z.writestr(name, data)
+        except OSError as e:
+            # unwritable_reason explains the common cases better than errno does (a parent that is a file
+            # reads "File exists"); a full disk or a failed rename has no such cause, so errno says it then.
+            reason = unwritable_reason(path, folder=False) or (e.strerror or str(e))
+            raise EngineError(f"{path}: cannot write the engine file ({reason})") from e
         return Path(path)
 
 

@@ -90,7 +90,7 @@ def prepare_(
     # nn.MultiheadAttention -> ExplicitMultiheadAttention (same function): its projections become Linear layers
     # a wrapper can replace, and torch's fused fast path (which reads out_proj.weight) is no longer taken.
     explicit_attention_(model)
-    if isinstance(config, Mapping) and not all(isinstance(v, LayerSpec) for v in config.values()):
+    if isinstance(config, Mapping) and (not config or not all(isinstance(v, LayerSpec) for v in config.values())):
         check_config_list(config)  # a bare config_list entry or a calibration config: the error says which
     specs = dict(config) if isinstance(config, Mapping) else resolve_config(model, config)
     modules = dict(model.named_modules())
