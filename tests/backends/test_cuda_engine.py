@@ -166,7 +166,7 @@ def test_engine_file_round_trip_keeps_kernels_and_outputs(build, tmp_path):
     assert manifest["backend"] == "cuda" and set(members) == {"model.onnx", "kernels.json"}
     from mixq.backends.cuda.engine import CudaBackend
 
-    loaded = CudaBackend().load(path, device=DEVICE)
+    loaded = CudaBackend(DEVICE).load(path)
     x = torch.randn(4, 1, 28, 28)
     np.testing.assert_array_equal(engine.run(x).numpy(), loaded.run(x).numpy())
     assert [r.kernels for r in loaded.placement()] == [r.kernels for r in engine.placement()]

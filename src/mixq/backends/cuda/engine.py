@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import statistics
 import threading
 import time
@@ -39,9 +38,9 @@ from ..base import (
     EngineError,
     LayerPlacement,
     LayerTime,
+    Legalized,
     check_fp8_support,
     layer_of_node,
-    read_engine_file,
     register_backend,
 )
 from .runners import (
@@ -458,9 +457,7 @@ def _no_tf32():
 def build_engine(qdq, input_shape, options: BuildOptions, device="cuda") -> CudaEngine:
     """Build a CUDA engine (``device="cpu"`` runs the same kernels through Triton's interpreter; set
     ``TRITON_INTERPRET=1`` before Triton is imported: for tests only)."""
-    batch = max(1, options.opt_batch)  # no max batch here: every batch size gets its own CUDA graph
-    return CudaEngine(qdq.model.SerializeToString(), tuple(input_shape), qdq.layers, None, device, batch,
-                      options.calibration_data)  # fmt: skip
+    return CudaBackend(device).build(qdq, input_shape, options)
 
 
 class CudaBackend(Backend):
@@ -477,8 +474,15 @@ class CudaBackend(Backend):
             return "backend 'cuda' needs Triton and a CUDA GPU (pip install 'mixq[cuda]')"
         return "backend 'cuda' needs a CUDA GPU (torch.cuda.is_available() is False here)"
 
-    def build(self, qdq, input_shape, options: BuildOptions) -> CudaEngine:
-        return build_engine(qdq, input_shape, options, "cuda")
+    def __init__(self, torch_device: str = "cuda"):
+        # Where engines built or loaded by this backend run; "cpu" runs the same kernels through Triton's
+        # interpreter (tests, with TRITON_INTERPRET=1 set before Triton is imported).
+        self.torch_device = torch_device
+
+    def build_legal(self, legal: Legalized, input_shape, options: BuildOptions) -> CudaEngine:
+        batch = max(1, options.opt_batch)  # no max batch here: every batch size gets its own CUDA graph
+        return CudaEngine(legal.model.SerializeToString(), tuple(input_shape), legal.layers, None, self.torch_device,
+                          batch, options.calibration_data)  # fmt: skip
 
     def strongest_float(self, model, input_shape, layers: dict, options: BuildOptions) -> Engine:
         """``auto``'s float reference on this GPU: the torch model in fp16 channels-last, compiled and
@@ -492,14 +496,9 @@ class CudaBackend(Backend):
         except Exception as e:
             raise EngineError(f"torch fp16 float engine: {type(e).__name__}: {e}") from e
 
-    def load(self, path: str | os.PathLike, device="cuda") -> CudaEngine:
-        manifest, members = read_engine_file(path, self.name)
-        try:
-            kernels = json.loads(members[KERNELS_MEMBER])
-            return CudaEngine(members["model.onnx"], tuple(manifest["input_shape"]), manifest["layers"], kernels,
-                              device, 1)  # fmt: skip
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise EngineError(f"{path}: engine manifest or members are incomplete ({type(e).__name__}: {e})") from e
+    def engine_from_file(self, manifest, members, input_shape, layers) -> CudaEngine:
+        kernels = json.loads(members[KERNELS_MEMBER])  # the tuned kernel choice: no re-tuning on load
+        return CudaEngine(members["model.onnx"], input_shape, layers, kernels, self.torch_device, 1)
 
 
 register_backend("cuda", CudaBackend)
