@@ -21,6 +21,8 @@ import sys
 import pytest
 import torch
 
+from engine_cases import stable_seed
+
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed: fused fake-quant kernels not tested here", allow_module_level=True)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,7 +140,7 @@ def gate_value(kind: str):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_activation_matches_reference_over_steps(spec_name, dtype, fused_calls, monkeypatch):
     spec = SPECS[spec_name]
-    gen = torch.Generator().manual_seed(hash((spec_name, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(spec_name, str(dtype)))
     ref = ActivationQuant(spec, EMAMinMaxObserver(spec, decay=0.9), observe_in_training=True).to(DEVICE).train()
     fus = copy.deepcopy(ref)
     for step in range(4):
@@ -216,7 +218,7 @@ def test_activation_distributed_path_hands_the_range_to_fold_range(fused_calls, 
 @pytest.mark.parametrize("layout", ["conv", "conv-channels-last", "linear"])
 def test_weight_matches_reference(spec_name, granularity, layout, fused_calls, monkeypatch):
     spec = SPECS[spec_name] if granularity == "per-tensor" else per_channel(SPECS[spec_name])
-    gen = torch.Generator().manual_seed(hash((spec_name, granularity, layout)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(spec_name, granularity, layout))
     w = rand_weight(gen, (33, 7) if layout == "linear" else (17, 5, 3, 3))
     if layout == "conv-channels-last":
         w = w.contiguous(memory_format=torch.channels_last)
@@ -318,7 +320,7 @@ def lsq_scale_grad_bound(x, scale, zp, spec, axis, grad_scale, upstream):
 def test_lsq_activation_matches_reference(spec_name, gate_kind, fused_calls, monkeypatch):
     monkeypatch.setattr(fused, "BLOCK", 128)  # several programs: partial sums of the scale gradient
     spec = SPECS[spec_name]
-    gen = torch.Generator().manual_seed(hash((spec_name, gate_kind)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(spec_name, gate_kind))
     ref = LSQActivationQuant(spec).to(DEVICE)
     fus = copy.deepcopy(ref)
     gate = gate_value(gate_kind)
@@ -346,7 +348,7 @@ def test_lsq_activation_matches_reference(spec_name, gate_kind, fused_calls, mon
 def test_lsq_weight_matches_reference(spec_name, granularity, layout, fused_calls, monkeypatch):
     monkeypatch.setattr(fused, "BLOCK", 16)  # several blocks per channel
     spec = SPECS[spec_name] if granularity == "per-tensor" else per_channel(SPECS[spec_name])
-    gen = torch.Generator().manual_seed(hash((spec_name, granularity, layout)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(spec_name, granularity, layout))
     w = rand_weight(gen, (13, 21) if layout == "linear" else (11, 3, 3, 3))
     if layout == "conv-channels-last":
         w = w.contiguous(memory_format=torch.channels_last)

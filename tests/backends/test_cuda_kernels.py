@@ -23,6 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine_cases import stable_seed
+
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install 'mixq[cuda]'): cuda backend kernels not tested here",
                 allow_module_level=True)  # fmt: skip
@@ -179,7 +181,7 @@ def test_int8_accumulation_is_exact(shape, math):
     """Scale 1, bias 0, float output: the kernel returns sum((x - zx) * w) itself, which must be exact
     (int32 accumulation; fp32 sums of exact products, exact while below 2**24, which the test checks)."""
     math, bk = math
-    gen = torch.Generator().manual_seed(hash((shape, math, bk)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(shape, math, bk))
     op, geo, g, xq, wq, _, _, env = _conv_case(shape, gen, out_grid=None, out=OUT)
     op.w_scale = np.full(geo["cout"], 1.0 / g.scale)
     op.bias = np.zeros(geo["cout"])
@@ -207,7 +209,7 @@ EPILOGUE_CASES = [
 @pytest.mark.parametrize(("shape", "math"), EPILOGUE_CASES)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_int8_conv_epilogues_within_one_step(shape, math, epilogue):
-    gen = torch.Generator().manual_seed(hash((shape, epilogue, math)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(shape, epilogue, math))
     op, geo, g, xq, wq, w_scale, bias, env = _conv_case(shape, gen)
     n, cout, oh, ow = shape[0], geo["cout"], geo["oh"], geo["ow"]
     g1, g2, g0, gr = (rand_grid(gen) for _ in range(4))
@@ -256,7 +258,10 @@ def test_int8_conv_epilogues_within_one_step(shape, math, epilogue):
             continue
         diff = (got - expected[tid]).abs()
         assert float(diff.max()) <= 1, float(diff.max())
-        assert float((diff == 0).double().mean()) >= 0.99
+        # Off by one step only where fp32 (kernel) and fp64 (reference) round a value near a tie apart: rare, but
+        # a fraction alone fails small outputs on one such element (seen: 1 of 64 with a PYTHONHASHSEED seed).
+        off = int((diff != 0).sum())
+        assert off <= diff.numel() // 100 + 2, f"{off} of {diff.numel()} elements one step off"
 
 
 def test_shortcut_gemm_adds_a_second_int8_conv():
@@ -368,7 +373,7 @@ def _pool_out(size, k, s, p, ceil):
 @pytest.mark.parametrize("kind", ["max", "max_requant", "avg_int8", "avg_float"])
 def test_pools_on_int8(shape, kind):
     n, c, h, w, k, s, p, ceil, count_pad = shape
-    gen = torch.Generator().manual_seed(hash((shape, kind)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(shape, kind))
     g, g_out = rand_grid(gen), rand_grid(gen)
     xq = torch.randint(-128, 128, (n, c, h, w), generator=gen)
     oh, ow = _pool_out(h, k, s, p, ceil), _pool_out(w, k, s, p, ceil)
@@ -608,7 +613,7 @@ def test_fp8_accumulation_is_exact_for_small_integers(shape):
     """e4m3 integers in [-4, 4] with every |partial sum| <= sum |x w| < 2**13: exact under the model above
     (and in fp32); scale 1, bias 0, float output: the kernel returns the accumulator itself."""
     n, cin, h, w, cout, k, s, p = shape
-    gen = torch.Generator().manual_seed(hash(("f8int", shape)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed("f8int", shape))
     geo = geometry(cin, h, w, cout, k, s, p)
     x8 = torch.randint(-4, 5, (n, cin, h, w), generator=gen).double()
     w8 = torch.randint(-4, 5, (cout, cin, k, k), generator=gen).double()
@@ -635,7 +640,7 @@ FP8_SHAPES = [SHAPES[0], SHAPES[2], pytest.param(*SHAPES[1].values, id=SHAPES[1]
 def test_fp8_conv_epilogues(shape, epilogue):
     """y = acc * s_x * s_w[c] + bias [fake-quant] [+ residual] [ReLU/clip] -> e4m3 (or int8, or float), the
     output grid chosen so a few values saturate at +-448; bounds as described above."""
-    gen = torch.Generator().manual_seed(hash(("f8", shape, epilogue)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed("f8", shape, epilogue))
     op, geo, gx, acc, s_abs, env = _fp8_conv_case(shape, gen)
     n, cout, oh, ow = shape[0], geo["cout"], geo["oh"], geo["ow"]
     scale = torch.as_tensor(op.w_scale * gx.scale).reshape(1, -1, 1, 1)
@@ -791,7 +796,7 @@ def _f32_quant(v32: torch.Tensor, g) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["max", "max_requant_fp8", "max_to_int8", "avg_fp8", "avg_float"])
 def test_pools_on_fp8(shape, kind):
     n, c, h, w, k, s, p, ceil, count_pad = shape
-    gen = torch.Generator().manual_seed(hash(("f8pool", shape, kind)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed("f8pool", shape, kind))
     g = rand_f8_grid(gen)
     x8 = rand_e4m3((n, c, h, w), gen)
     oh, ow = _pool_out(h, k, s, p, ceil), _pool_out(w, k, s, p, ceil)
