@@ -466,6 +466,11 @@ class CudaBackend(Backend):
     device = "cuda"
     precisions = frozenset({"fp32", "fp16", "int8", "fp8"})
 
+    def __init__(self, torch_device: str = "cuda"):
+        # Where engines built or loaded by this backend run; "cpu" runs the same kernels through Triton's
+        # interpreter (tests, with TRITON_INTERPRET=1 set before Triton is imported).
+        self.torch_device = torch_device
+
     def is_available(self) -> bool:
         return super().is_available() and torch.cuda.is_available()
 
@@ -473,11 +478,6 @@ class CudaBackend(Backend):
         if not super().is_available():
             return "backend 'cuda' needs Triton and a CUDA GPU (pip install 'mixq[cuda]')"
         return "backend 'cuda' needs a CUDA GPU (torch.cuda.is_available() is False here)"
-
-    def __init__(self, torch_device: str = "cuda"):
-        # Where engines built or loaded by this backend run; "cpu" runs the same kernels through Triton's
-        # interpreter (tests, with TRITON_INTERPRET=1 set before Triton is imported).
-        self.torch_device = torch_device
 
     def build_legal(self, legal: Legalized, input_shape, options: BuildOptions) -> CudaEngine:
         batch = max(1, options.opt_batch)  # no max batch here: every batch size gets its own CUDA graph
