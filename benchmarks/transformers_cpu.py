@@ -37,54 +37,19 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 from engines import cpu_info, openvino_session, openvino_version, publish, run_lines
-from torch import nn
 
 import mixq
 from mixq._timing import median_latency
 from mixq.export import export_float_onnx
 from mixq.search.measure import sqnr_db
 from mixq.speedup import ModelSpeedup
-from mixq.zoo.coverage import TinyViT
+from mixq.zoo.coverage import benchmark_transformer as make_model
 
 LINEAR_INT8 = [
     {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]},
     {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d"]},  # the ViT's patch embedding
 ]
 THREADS = 2
-
-
-class BertBaseEncoder(nn.Module):
-    """BERT-base's encoder stack on embeddings (no tokenizer, no embedding table): 12 post-norm layers,
-    d_model 768, 12 heads, FFN 3072 with GELU; a 2-class head on the first token."""
-
-    def __init__(self, layers: int = 12, d_model: int = 768, heads: int = 12, ffn: int = 3072):
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(d_model, heads, ffn, dropout=0.0, activation="gelu", batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.classifier = nn.Linear(d_model, 2)
-
-    def forward(self, x):
-        return self.classifier(self.encoder(x)[:, 0])
-
-
-def make_model(name: str, layers: int | None):
-    """(model, one sample's shape, description)."""
-    torch.manual_seed(0)
-    if name == "bert_base_encoder":
-        return BertBaseEncoder(layers or 12).eval(), (128, 768), "BERT-base-sized encoder"
-    try:
-        import torchvision
-
-        model, what = torchvision.models.vit_b_16(weights=None), "torchvision.models.vit_b_16"
-        if layers:
-            model.encoder.layers = model.encoder.layers[:layers]
-    except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision wheel built for another torch
-        model = TinyViT(image=224, patch=16, dim=768, depth=layers or 12, heads=12, mlp=3072, classes=1000)
-        what = (
-            f"ViT-B/16's architecture as mixq.zoo.coverage.TinyViT(image=224, patch=16, dim=768, depth=12, "
-            f"heads=12, mlp=3072, classes=1000) (torchvision unusable here: {type(e).__name__})"
-        )
-    return model.eval(), (3, 224, 224), what
 
 
 def ort_session(path: Path):

@@ -1,7 +1,14 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU every Triton kernel of the suite runs in Triton's interpreter. Set before any module
+    # imports triton: a kernel module first imported in compiled mode (torch.compile imports triton too) cannot
+    # be interpreted later in the same process, which made the cuda engine tests depend on the test order.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

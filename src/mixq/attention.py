@@ -90,14 +90,15 @@ class ExplicitMultiheadAttention(nn.Module):
     ):
         batched = query.dim() == 3
         if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
+        elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        # (L, N, E) from here on, as in torch's reference implementation
-        length, batch, embed = query.shape
-        source = key.shape[0]
+        # (N, L, E) from here on: the batch stays the leading dimension of every tensor, so an engine with a
+        # dynamic batch (the cuda backend lowers per-sample shapes) sees it there in the exported graph
+        batch, length, embed = query.shape
+        source = key.shape[1]
         if query is key and key is value:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:  # cross attention: the one Linear (and its quantizers) applied to each input, its slice kept
@@ -105,42 +106,40 @@ class ExplicitMultiheadAttention(nn.Module):
             k = self.in_proj(key)[..., embed : 2 * embed]
             v = self.in_proj(value)[..., 2 * embed :]
         heads, dim = self.num_heads, self.head_dim
-        q = q.reshape(length, batch * heads, dim).transpose(0, 1)
-        k = k.reshape(source, batch * heads, dim).transpose(0, 1)
-        v = v.reshape(source, batch * heads, dim).transpose(0, 1)
-        scores = torch.matmul(q * (1.0 / math.sqrt(dim)), k.transpose(1, 2))  # (N*H, L, S)
+        q = q.reshape(batch, length, heads, dim).transpose(1, 2)  # (N, H, L, D)
+        k = k.reshape(batch, source, heads, dim).transpose(1, 2)
+        v = v.reshape(batch, source, heads, dim).transpose(1, 2)
+        scores = torch.matmul(q * (1.0 / math.sqrt(dim)), k.transpose(2, 3))  # (N, H, L, S)
         mask = _additive_mask(attn_mask, key_padding_mask, is_causal, length, source, batch, heads, scores.dtype)
         if mask is not None:
             scores = scores + mask
         weights = torch.softmax(scores, dim=-1)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, p=self.dropout)
-        out = torch.matmul(weights, v).transpose(0, 1).reshape(length, batch, embed)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, embed)
         out = self.out_proj(out)
-        if self.batch_first and batched:
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
             out = out.transpose(0, 1)
-        elif not batched:
-            out = out.squeeze(1)
         if not need_weights:
             return out, None
-        weights = weights.reshape(batch, heads, length, source)
         if average_attn_weights:
             weights = weights.mean(1)
         return out, weights if batched else weights.squeeze(0)
 
 
 def _additive_mask(attn_mask, key_padding_mask, is_causal, length, source, batch, heads, dtype):
-    """One float mask added to the (N*H, L, S) scores: -inf where attention is forbidden."""
+    """One float mask added to the (N, H, L, S) scores: -inf where attention is forbidden."""
     mask = None
     if attn_mask is None and is_causal:
         attn_mask = torch.ones(length, source, dtype=torch.bool).triu(1)
     if attn_mask is not None:
         mask = _as_float(attn_mask, dtype)
         if mask.dim() == 3:
-            mask = mask.reshape(batch * heads, length, source)
+            mask = mask.reshape(batch, heads, length, source)
     if key_padding_mask is not None:
-        pad = _as_float(key_padding_mask, dtype).reshape(batch, 1, 1, source).expand(batch, heads, 1, source)
-        pad = pad.reshape(batch * heads, 1, source)
+        pad = _as_float(key_padding_mask, dtype).reshape(batch, 1, 1, source)
         mask = pad if mask is None else mask + pad
     return mask
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["COVERAGE_FAMILIES", "COVERAGE_MODELS", "TinyViT", "TinyBert"]
+__all__ = ["COVERAGE_FAMILIES", "COVERAGE_MODELS", "TinyViT", "TinyBert", "BertBaseEncoder", "benchmark_transformer"]
 
 
 class TinyViT(nn.Module):
@@ -142,6 +142,42 @@ class UpsampleNet(nn.Module):
         skip = F.relu(self.enc(x))
         y = F.interpolate(F.relu(self.down(skip)), scale_factor=2, mode="nearest")
         return self.out(torch.cat([F.relu(self.up(y)), skip], dim=1))
+
+
+class BertBaseEncoder(nn.Module):
+    """BERT-base's encoder stack on embeddings (no tokenizer, no embedding table): 12 post-norm layers,
+    d_model 768, 12 heads, FFN 3072 with GELU; a 2-class head on the first token."""
+
+    def __init__(self, layers: int = 12, d_model: int = 768, heads: int = 12, ffn: int = 3072):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, heads, ffn, dropout=0.0, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.classifier = nn.Linear(d_model, 2)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x)[:, 0])
+
+
+def benchmark_transformer(name: str, layers: int | None = None):
+    """The transformer benchmarks' models with random weights (seed 0): ``"vit_b_16"`` (torchvision's where it
+    imports, else the same architecture as :class:`TinyViT`) or ``"bert_base_encoder"``; ``layers`` keeps only that
+    many encoder layers (smoke runs). Returns (model in eval mode, one sample's shape, description)."""
+    torch.manual_seed(0)
+    if name == "bert_base_encoder":
+        return BertBaseEncoder(layers or 12).eval(), (128, 768), "BERT-base-sized encoder"
+    try:
+        import torchvision
+
+        model, what = torchvision.models.vit_b_16(weights=None), "torchvision.models.vit_b_16"
+        if layers:
+            model.encoder.layers = model.encoder.layers[:layers]
+    except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision wheel built for another torch
+        model = TinyViT(image=224, patch=16, dim=768, depth=layers or 12, heads=12, mlp=3072, classes=1000)
+        what = (
+            f"ViT-B/16's architecture as mixq.zoo.coverage.TinyViT(image=224, patch=16, dim=768, depth=12, "
+            f"heads=12, mlp=3072, classes=1000) (torchvision unusable here: {type(e).__name__})"
+        )
+    return model.eval(), (3, 224, 224), what
 
 
 # name -> (model class, built with its defaults; input shape, batch first). mixq.zoo.models registers each name.

@@ -13,6 +13,13 @@ symbolically in graph order; what a value *is* decides what runs:
   to itself, else a second output of the producing kernel or a requant op.
 - A QuantizeLinear of a float tensor feeding one int8 conv is done by that conv as it loads its input.
 - Everything else runs as a float op (:class:`TorchOp`) on dequantized values, in the layer's precision.
+- Transformers: a MatMul of a ``(T, K)`` token tensor by a constant ``[K, N]`` weight (a Linear on tokens) is a
+  1x1 conv over a ``1 x T`` image, its bias Add fused into the epilogue. Its 8-bit tensors are stored
+  ``[N, T, C]`` as they are, which is the Conv1d layout of the transposed ``(C, T)`` tensor: the plan holds them
+  in that transposed form (``QuantV.tokens``) and the float ops around them see the model's ``(T, C)`` through a
+  Transpose view. Shape arithmetic (``Shape`` -> ``Gather`` -> ``Concat`` -> ``Reshape``/``Expand`` targets) is
+  evaluated here at two batch sizes (:class:`ShapeV`): a result that depends on the batch only through the
+  leading dimension becomes a per-sample target; one that mixes the batch into other dimensions is an error.
 
 A conv or linear runs int8 when its input and weight come through int8 DequantizeLinear (int8 weights, weight
 zero point subtracted when the difference still fits int8); fp8 when both come through FLOAT8E4M3FN
@@ -245,9 +252,10 @@ class Plan:
 class QuantV:
     tid: int | None  # None: not materialized yet (a quantize of ``lazy`` that a conv may do on load)
     grid: Grid | F8Grid
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the model's shape (a token tensor: (T, C))
     name: str  # the ONNX tensor holding the QuantizeLinear output
     lazy: int | None = None  # float tensor to quantize
+    tokens: bool = False  # the plan tensor holds the transposed (C, T) of this (T, C) value (see the module doc)
 
 
 @dataclass
@@ -273,6 +281,46 @@ class FloatV:
 class ConstV:
     value: np.ndarray  # float value
     raw: tuple | None = None  # DequantizeLinear of an initializer: (ints, scale, zero point, axis)
+
+
+@dataclass
+class ShapeV:
+    """An integer tensor computed from activation shapes: its value at each of ``SHAPE_BATCHES``."""
+
+    at: tuple[np.ndarray, ...]
+
+
+SHAPE_BATCHES = (2, 3)  # the batch sizes shape arithmetic is evaluated at (two, to tell the batch apart)
+
+
+def plan_shape(shape: tuple[int, ...], tokens: bool) -> tuple[int, ...]:
+    """The plan's shape of a value of the model's ``shape``: a token tensor's is transposed."""
+    return (shape[1], shape[0]) if tokens else tuple(shape)
+
+
+def _at(v, i: int) -> np.ndarray:
+    return v.at[i] if isinstance(v, ShapeV) else v.value
+
+
+def _onnx_reshape(shape: tuple[int, ...], target) -> tuple[int, ...]:
+    """ONNX Reshape's output shape (``0`` copies the input's dimension, ``-1`` is inferred)."""
+    out = [shape[i] if int(t) == 0 else int(t) for i, t in enumerate(target)]
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1]))
+        out[out.index(-1)] = int(np.prod(shape)) // max(known, 1)
+    if int(np.prod(out)) != int(np.prod(shape)):
+        raise EngineError(f"Reshape of {shape} to {list(target)}: the element counts differ")
+    return tuple(out)
+
+
+def _per_sample(shapes: list[tuple[int, ...]], node) -> tuple[int, ...]:
+    """The per-sample shape of an op output whose full shape at each of ``SHAPE_BATCHES`` is ``shapes``."""
+    if all(s[0] == b for s, b in zip(shapes, SHAPE_BATCHES, strict=True)) and len({s[1:] for s in shapes}) == 1:
+        return shapes[0][1:]
+    raise EngineError(
+        f"node {node.name!r} ({node.op_type}): its output shape {shapes[0]} at batch {SHAPE_BATCHES[0]} does not keep "
+        "the batch as the leading dimension; the cuda backend runs a dynamic batch and needs it there"
+    )
 
 
 def has_border(g: dict) -> bool:
@@ -324,6 +372,13 @@ class _Lowering:
             raise EngineError(f"tensor {name!r} has no producer the cuda backend understands")
         return ConstV(np.asarray(v))
 
+    def constant(self, name: str):
+        """The value of a constant input (an initializer, a Constant, or shape arithmetic folded here), or None."""
+        v = self.values.get(name)
+        if isinstance(v, ConstV):
+            return v.value
+        return None if v is not None else self.const(name)
+
     def single(self, name: str) -> bool:
         return self.count.get(name, 0) == 1
 
@@ -339,12 +394,22 @@ class _Lowering:
         return op
 
     # ------------------------------------------------------------------ materialization
-    def q_tensor(self, q: QuantV, node: str) -> int:
-        """The 8-bit tensor of ``q``, quantizing its float source now if no conv did it on load."""
+    def q_tensor(self, q: QuantV, node: str, tokens: bool = False) -> int:
+        """The 8-bit tensor of ``q``, quantizing its float source now if no conv did it on load (in the token
+        layout when ``tokens``: the caller checks ``q.tokens``, a tensor already stored the other way stays so)."""
         if q.tid is None:
-            q.tid = self.new_tensor(q.shape, q.grid.dtype)
-            self.emit(Quantize(node, q.lazy, q.tid, q.grid))
+            src = self.transposed(q.lazy) if tokens else q.lazy
+            q.tid = self.new_tensor(plan_shape(q.shape, tokens), q.grid.dtype)
+            q.tokens = tokens
+            self.emit(Quantize(node, src, q.tid, q.grid))
         return q.tid
+
+    def transposed(self, tid: int, node: str = "tokens") -> int:
+        """A float (T, C) tensor as the (C, T) view the token layout reads, or back (a Transpose view, no copy)."""
+        info = self.tensors[tid]
+        out = self.new_tensor(plan_shape(info.shape, True), info.dtype)
+        self.emit(TorchOp(node, "Transpose", [tid], {"perm": [0, 2, 1]}, out, info.dtype))
+        return out
 
     def as_float(self, v, node: str, dtype: str | None = None) -> int:
         if isinstance(v, FloatV):
@@ -358,25 +423,31 @@ class _Lowering:
                 info = self.tensors[tid]
                 out = self.new_tensor(info.shape, "fp32")
                 self.emit(TorchOp(node, "Dequantize", [tid], {}, out, grid=v.q.grid))
-                self.dequantized[tid] = out
+                self.dequantized[tid] = self.transposed(out, node) if v.q.tokens else out
             return self.dequantized[tid]
         if isinstance(v, PendingV):
-            return self.seal_float(v.op, v.shape)
+            tid = self.seal_float(v.op, v.shape)
+            self.values[v.name] = FloatV(tid, v.shape)  # its other readers take the same float tensor
+            return tid
         if isinstance(v, QuantV):
             raise EngineError(f"node {node!r}: a quantized tensor is used without DequantizeLinear")
         raise EngineError(f"node {node!r}: a constant is used as an activation (not supported by the cuda backend)")
 
     def seal_float(self, op, shape) -> int:
+        """Close ``op``'s epilogue with a float output: the tensor of the model's ``shape``."""
         op.out_grid = None
-        op.out = self.new_tensor(shape, op.out_dtype if isinstance(op, QConv) else "fp32")
+        tokens = _is_tokens(op)
+        op.out = self.new_tensor(plan_shape(shape, tokens), op.out_dtype if isinstance(op, QConv) else "fp32")
         self.emit(op)
-        return op.out
+        return self.transposed(op.out, op.node) if tokens else op.out
 
-    def seal_q(self, op, shape, grid: Grid | F8Grid) -> int:
+    def seal_q(self, op, shape, grid: Grid | F8Grid) -> QuantV:
+        """Close ``op``'s epilogue with an 8-bit output of ``grid`` (the model's ``shape``)."""
         op.out_grid = grid
-        op.out = self.new_tensor(shape, grid.dtype)
+        tokens = _is_tokens(op)
+        op.out = self.new_tensor(plan_shape(shape, tokens), grid.dtype)
         self.emit(op)
-        return op.out
+        return QuantV(op.out, grid, shape, "", tokens=tokens)
 
     def open_conv(self, v, need=lambda op: True) -> QConv | None:
         """The QConv whose open epilogue takes the next op on ``v`` (if ``need(op)``): a single-use pending
@@ -418,9 +489,15 @@ class _Lowering:
         self.input_shape = shape
         self.values[graph_input.name] = FloatV(self.new_tensor(shape, "fp32"), shape)
         for node in self.graph.node:
+            folded = self.fold(node)
+            if folded is not None:
+                self.values.update(zip(node.output, folded, strict=True))
+                continue
             handler = getattr(self, f"on_{node.op_type}", None)
             out = handler(node) if handler else self.on_float(node)
-            if out is not None:
+            if isinstance(out, list):  # one value per output (Split)
+                self.values.update(zip(node.output, out, strict=True))
+            elif out is not None:
                 self.values[node.output[0]] = out
         if len(self.graph.output) != 1:
             raise EngineError(f"the model has {len(self.graph.output)} outputs; mixq engines return one tensor")
@@ -436,6 +513,84 @@ class _Lowering:
     def on_Constant(self, node):
         return None  # read through the constant resolver
 
+    def on_Transpose(self, node):
+        v = self.value(node.input[0])
+        if not isinstance(v, ConstV):
+            return self.on_float(node)
+        perm = list(attributes(node).get("perm", reversed(range(v.value.ndim))))
+        raw = v.raw
+        if raw is not None:  # a weight through DequantizeLinear (a MatMul's [K, N] of a Linear's [N, K])
+            ints, scale, zp, axis = raw
+            raw = (ints.transpose(perm), scale, zp, perm.index(axis % ints.ndim) if scale.size > 1 else axis)
+        return ConstV(v.value.transpose(perm), raw)
+
+    # ---------------------------------------------------------------- shape arithmetic
+    def on_Shape(self, node):
+        v = self.value(node.input[0])
+        a = attributes(node)
+        start, end = a.get("start", 0), a.get("end", None)
+        if isinstance(v, ConstV | ShapeV):
+            value = v.value if isinstance(v, ConstV) else v.at[0]  # shape arithmetic keeps its rank at any batch
+            return ConstV(np.array(value.shape, np.int64)[start:end])
+        shape = self._shape(v)
+        return ShapeV(tuple(np.array([b, *shape], np.int64)[start:end] for b in SHAPE_BATCHES))
+
+    def fold(self, node) -> list | None:
+        """The outputs of ``node`` when every input is a constant (not a quantized weight) or shape arithmetic
+        (evaluated by onnx's reference implementation at each batch size), else None. A result equal at every
+        batch size is a constant."""
+        if node.op_type in ("Constant", "Identity", "QuantizeLinear", "DequantizeLinear", "Shape") or not node.input:
+            return None
+        values = [self.value(name) if name else None for name in node.input]
+        if not all(v is None or isinstance(v, ShapeV) or (isinstance(v, ConstV) and v.raw is None) for v in values):
+            return None
+        from onnx.reference import ReferenceEvaluator
+
+        run = ReferenceEvaluator(node)
+        names = [name for name in node.input if name]
+        results = []
+        for i in range(len(SHAPE_BATCHES)):
+            feeds = dict(zip(node.input, values, strict=True))
+            results.append(run.run(None, {n: _at(feeds[n], i) for n in names}))
+        out = []
+        for per_batch in zip(*results, strict=True):
+            same = all(np.array_equal(per_batch[0], r) and per_batch[0].shape == r.shape for r in per_batch)
+            if not same and not np.issubdtype(np.asarray(per_batch[0]).dtype, np.integer):
+                return None  # data of the batch's size (an Expand of a constant): the op's own handler runs it
+            out.append(ConstV(np.asarray(per_batch[0])) if same else ShapeV(tuple(np.asarray(r) for r in per_batch)))
+        return out
+
+    def target_shape(self, node, name: str, shape: tuple[int, ...], how) -> tuple[int, ...] | None:
+        """The per-sample output shape of a Reshape/Expand of an activation of per-sample ``shape`` to the target
+        tensor ``name`` (``how(full input shape, target)``: the full output shape), or None if not constant."""
+        target = self.value(name)
+        if isinstance(target, ShapeV):
+            targets = target.at
+        elif isinstance(target, ConstV):
+            targets = (target.value,) * len(SHAPE_BATCHES)
+        else:
+            return None
+        outs = [
+            how((b, *shape), [int(t) for t in np.asarray(v).reshape(-1)])
+            for b, v in zip(SHAPE_BATCHES, targets, strict=True)
+        ]
+        return _per_sample([tuple(int(d) for d in o) for o in outs], node)
+
+    def on_Expand(self, node):
+        x = self.value(node.input[0])
+        if isinstance(x, ConstV):  # e.g. a ViT's class token expanded to the batch
+            out = self.target_shape(node, node.input[1], tuple(x.value.shape[1:]) if x.value.ndim else (),
+                                    lambda s, t: np.broadcast_shapes(s, tuple(t)))  # fmt: skip
+            if x.value.ndim == 0 or x.value.shape[0] != 1:
+                raise EngineError(f"node {node.name!r}: Expand of a constant whose first dimension is not 1")
+            value = np.ascontiguousarray(np.broadcast_to(x.value, (1, *out)))
+            tid = self.new_tensor(out, "fp32")
+            self.emit(TorchOp(node.name, "ExpandBatch", [value, INPUT], {}, tid))
+            return FloatV(tid, out)
+        shape = self._shape(x)
+        out = self.target_shape(node, node.input[1], shape, lambda s, t: np.broadcast_shapes(s, tuple(t)))
+        return self.float_op(node, [x, ConstV(np.array([1, *out], np.int64))])
+
     def on_Identity(self, node):
         v = self.value(node.input[0])
         if isinstance(v, ConstV):
@@ -447,7 +602,9 @@ class _Lowering:
         grid = Grid.from_onnx(self.const(node.input[1]), self.const(node.input[2]))
         name = node.output[0]
         if isinstance(v, PendingV) and self.single(v.name):
-            return QuantV(self.seal_q(v.op, v.shape, grid), grid, v.shape, name)
+            q = self.seal_q(v.op, v.shape, grid)
+            q.name = name
+            return q
         if isinstance(v, DQV):
             return self.requantize(v, grid, node, name)
         if isinstance(v, FloatV):
@@ -463,22 +620,23 @@ class _Lowering:
             self.q_tensor(src, node.name)
             q = src
         if q.grid.same_values(grid):
-            return QuantV(q.tid, grid, q.shape, name)
+            return QuantV(q.tid, grid, q.shape, name, tokens=q.tokens)
         op = self.producer(q.tid)
         alone = self.single(v.name) and self.single(q.name)
+        stored = plan_shape(q.shape, q.tokens)
         if isinstance(op, QConv) and op.out == q.tid and op.out2 is None and op.out_grid is not None:
-            op.out2 = self.new_tensor(q.shape, grid.dtype, self.tensors[q.tid].perm)
+            op.out2 = self.new_tensor(stored, grid.dtype, self.tensors[q.tid].perm)
             op.out2_grid = grid
             op.store1 = not alone
             op.absorbed.append(node.name)
-            return QuantV(op.out2, grid, q.shape, name)
+            return QuantV(op.out2, grid, q.shape, name, tokens=q.tokens)
         if isinstance(op, QPool) and op.is_max and alone:
             op.out_grid = grid  # max commutes with the monotonic requantization
             op.absorbed.append(node.name)
             return QuantV(q.tid, grid, q.shape, name)
-        out = self.new_tensor(q.shape, grid.dtype, self.tensors[q.tid].perm)
+        out = self.new_tensor(stored, grid.dtype, self.tensors[q.tid].perm)
         self.emit(Requant(node.name, q.tid, q.grid, out, grid))
-        return QuantV(out, grid, q.shape, name)
+        return QuantV(out, grid, q.shape, name, tokens=q.tokens)
 
     def on_DequantizeLinear(self, node):
         v = self.value(node.input[0])
@@ -573,6 +731,11 @@ class _Lowering:
                 raw = (raw[0].T, raw[1], raw[2].T if raw[2].ndim else raw[2], 1 - raw[3] if raw[1].size > 1 else 0)
         if b is not None and b.value.size not in (1, weight.shape[0]):
             return self.on_float(node)
+        return self._linear(node, x, ConstV(weight, raw), b)
+
+    def _linear(self, node, x, w: ConstV, b: ConstV | None):
+        """A linear layer on one vector per sample (weight [N, K])."""
+        weight, raw = w.value, w.raw
         perm = self._perm(x)
         if perm is not None:  # the input is stored NHWC-flattened: reorder the weight's columns to match
             weight = weight[:, perm]
@@ -597,23 +760,30 @@ class _Lowering:
         bias = np.zeros(cout) if b is None else np.broadcast_to(b.value.astype(np.float64).reshape(-1), (cout,))
         precision = self.precision(node.name)
         qw = self._q_weight(w)
+        tokens = geometry.get("tokens", False)
+        if isinstance(x, DQV) and x.q.tid is not None and x.q.tokens != tokens:
+            x = FloatV(self.as_float(x, node.name), x.q.shape)  # stored the other way round: through float
         if isinstance(x, DQV) and qw is not None and qw[0] == x.q.grid.dtype:  # int8 x int8 or e4m3 x e4m3
             q = x.q
             on_load = q.tid is None and self.single(x.name) and self.single(q.name)
-            tid = q.lazy if on_load else self.q_tensor(q, node.name)
+            if on_load:
+                tid = self.transposed(q.lazy, node.name) if tokens else q.lazy
+            else:
+                tid = self.q_tensor(q, node.name, tokens)
             return QConv(node.name, qw[0], tid, on_load, q.grid, qw[1], qw[2], bias.copy(), geometry)
         if precision == "fp8":
             self.note_fp8(node.name, self._why_not_fp8(x, qw))
         if precision != "fp16" and w.raw is None and isinstance(x, DQV):
             # A float layer after an int8 or fp8 one: fp32 operands (IEEE), its input dequantized as it is loaded
-            tid = self.q_tensor(x.q, node.name)
+            tid = self.q_tensor(x.q, node.name, tokens)
             return QConv(node.name, "fp32", tid, False, x.q.grid, w.value.astype(np.float32), np.ones(cout),
                          bias.copy(), geometry)  # fmt: skip
         if precision == "fp16" and w.raw is None:
             if isinstance(x, DQV):
-                tid, x_float, grid = self.q_tensor(x.q, node.name), False, x.q.grid
+                tid, x_float, grid = self.q_tensor(x.q, node.name, tokens), False, x.q.grid
             else:
                 tid, x_float, grid = self.as_float(x, node.name), True, None
+                tid = self.transposed(tid, node.name) if tokens else tid
             return QConv(node.name, "fp16", tid, x_float, grid, w.value.astype(np.float32), np.ones(cout),
                          bias.copy(), geometry, out_dtype="fp16")  # fmt: skip
         return None
@@ -643,15 +813,16 @@ class _Lowering:
             op.absorbed.append(node.name)
             return PendingV(op, self._shape(v), node.output[0])
         if isinstance(v, DQV) and v.q.tid is not None:
-            out = self.new_tensor(v.q.shape, v.q.grid.dtype, self.tensors[v.q.tid].perm)
-            self.emit(Requant(node.name, v.q.tid, v.q.grid, out, v.q.grid, lo=v.q.grid.zp))
-            return DQV(QuantV(out, v.q.grid, v.q.shape, node.output[0] + ".q"), node.output[0])
+            q = v.q
+            out = self.new_tensor(plan_shape(q.shape, q.tokens), q.grid.dtype, self.tensors[q.tid].perm)
+            self.emit(Requant(node.name, q.tid, q.grid, out, q.grid, lo=q.grid.zp))
+            return DQV(QuantV(out, q.grid, q.shape, node.output[0] + ".q", tokens=q.tokens), node.output[0])
         return self.on_float(node)
 
     def on_Clip(self, node):
         v = self.value(node.input[0])
-        lo = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-        hi = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        lo = self.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = self.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         lo = -math.inf if lo is None else float(lo)
         hi = math.inf if hi is None else float(hi)
         op = self.open_conv(v, lambda op: op.act is None)
@@ -664,6 +835,14 @@ class _Lowering:
     def on_Add(self, node):
         a, b = self.value(node.input[0]), self.value(node.input[1])
         for main, other in ((a, b), (b, a)):
+            if isinstance(other, ConstV) and other.raw is None and isinstance(main, PendingV):
+                shape = self._shape(main)
+                op = self.open_conv(main, lambda op: op.sc is None and op.res is None and op.act is None)
+                if op is not None and _is_channel_vector(other.value, op, shape):
+                    op.bias = op.bias + other.value.astype(np.float64).reshape(-1)  # a Linear's bias (MatMul + Add)
+                    op.absorbed.append(node.name)
+                    return PendingV(op, shape, node.output[0])
+        for main, other in ((a, b), (b, a)):
             if not isinstance(other, DQV | FloatV | PendingV) or not isinstance(main, DQV | FloatV | PendingV):
                 continue
             if self._shape(main) != self._shape(other):
@@ -671,12 +850,14 @@ class _Lowering:
             op = self.open_conv(main, lambda op: op.res is None and op.act is None and op.sc is None)
             if op is None:
                 continue
+            tokens = _is_tokens(op)
             if self._fuse_shortcut(op, other):
                 pass
-            elif isinstance(other, DQV):
-                op.res = (self.q_tensor(other.q, node.name), other.q.grid)
+            elif isinstance(other, DQV) and (other.q.tid is None or other.q.tokens == tokens):
+                op.res = (self.q_tensor(other.q, node.name, tokens), other.q.grid)
             else:
-                op.res = (self.as_float(other, node.name), None)
+                res = self.as_float(other, node.name)
+                op.res = (self.transposed(res, node.name) if tokens else res, None)
             op.absorbed.append(node.name)
             return PendingV(op, self._shape(main), node.output[0])
         return self.on_float(node)
@@ -696,6 +877,7 @@ class _Lowering:
             and sc.res is None
             and sc.act is None
             and sc.geometry["cout"] == op.geometry["cout"]
+            and _is_tokens(sc) == _is_tokens(op)
             and (sc.geometry["oh"], sc.geometry["ow"]) == (op.geometry["oh"], op.geometry["ow"])
             and (sc.geometry["dh"], sc.geometry["dw"]) == (1, 1)
             # int8: its input is read as 0 outside the image, not the zero point: no border allowed (fp8: 0 is exact)
@@ -741,8 +923,9 @@ class _Lowering:
         }  # fmt: skip
         op = QPool(node.name, self.q_tensor(v.q, node.name), v.q.grid, is_max, geometry)
         if is_max:
-            out = self.seal_q(op, (c, oh, ow), v.q.grid)
-            return DQV(QuantV(out, v.q.grid, (c, oh, ow), node.output[0] + ".q"), node.output[0])
+            q = self.seal_q(op, (c, oh, ow), v.q.grid)
+            q.name = node.output[0] + ".q"
+            return DQV(q, node.output[0])
         return PendingV(op, (c, oh, ow), node.output[0])
 
     def on_Flatten(self, node):
@@ -753,14 +936,61 @@ class _Lowering:
 
     def on_Reshape(self, node):
         v = self.value(node.input[0])
-        target = self.const(node.input[1])
-        shape = self._shape(v) if not isinstance(v, ConstV) else None
-        if target is None or shape is None:
+        if isinstance(v, ConstV | ShapeV):
             return self.on_float(node)
-        target = [int(t) for t in np.asarray(target).reshape(-1)]
-        if len(target) == 2 and target[0] in (0, -1) and target[1] in (-1, int(np.prod(shape))):
+        shape = self._shape(v)
+        out = self.target_shape(node, node.input[1], shape, _onnx_reshape)
+        if out is None:
+            return self.on_float(node)
+        if len(out) == 1:
             return self._flatten(v, node)
-        return self.on_float(node)
+        return self.float_op(node, [v, ConstV(np.array([-1, *out], np.int64))])
+
+    def on_Split(self, node):
+        """One Slice per output (a transformer's q, k, v out of the one in_proj output)."""
+        v = self.value(node.input[0])
+        shape = self._shape(v)
+        a = attributes(node)
+        axis = a.get("axis", 0) % (len(shape) + 1)
+        if axis == 0:
+            raise EngineError(f"node {node.name!r}: Split along the batch dimension")
+        sizes = self.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("split")
+        if sizes is None:
+            count = a.get("num_outputs", len(node.output))
+            size = -(-shape[axis - 1] // count)
+            sizes = [min(size, shape[axis - 1] - i * size) for i in range(count)]
+        tid = self.as_float(v, node.name)
+        outs, start = [], 0
+        for size in [int(s) for s in np.asarray(sizes).reshape(-1)]:
+            part = self.float_op(node, [FloatV(tid, shape), ConstV(np.array([start])), ConstV(np.array([start + size])),
+                                        ConstV(np.array([axis]))], op_type="Slice")  # fmt: skip
+            outs.append(part)
+            start += size
+        return outs
+
+    def on_MatMul(self, node):
+        """A MatMul by a constant [K, N] weight: a Linear (on one vector per sample, like Gemm, or on (T, K)
+        tokens: a 1x1 conv over a 1 x T image, see the module doc); anything else runs in float."""
+        x, w = self.value(node.input[0]), self.value(node.input[1])
+        if not isinstance(w, ConstV) or w.value.ndim != 2 or isinstance(x, ConstV | ShapeV):
+            return self.on_float(node)
+        shape = self._shape(x)
+        if len(shape) not in (1, 2) or shape[-1] != w.value.shape[0]:
+            return self.on_float(node)
+        weight, raw = w.value.T, w.raw  # [K, N] -> [N, K]; a per-column scale becomes per-row
+        if raw is not None:
+            raw = (raw[0].T, raw[1], raw[2].T if raw[2].ndim else raw[2], 1 - raw[3] if raw[1].size > 1 else 0)
+        if len(shape) == 1:
+            return self._linear(node, x, ConstV(weight, raw), None)
+        tokens, k = shape
+        cout = weight.shape[0]
+        geometry = {
+            "cin": k, "h": 1, "w": tokens, "kh": 1, "kw": 1, "sh": 1, "sw": 1, "ph": 0, "pw": 0, "dh": 1, "dw": 1,
+            "cout": cout, "oh": 1, "ow": tokens, "tokens": True,
+        }  # fmt: skip
+        w4 = ConstV(weight[:, :, None, None], None if raw is None else (raw[0][:, :, None, None], *raw[1:]))
+        op = self._conv_op(node, x, w4, None, geometry)
+        return PendingV(op, (tokens, cout), node.output[0]) if op is not None else self.on_float(node)
 
     def _flatten(self, v, node):
         shape = self._shape(v)
@@ -793,32 +1023,44 @@ class _Lowering:
         {
             "Conv", "Gemm", "MatMul", "Relu", "Clip", "Add", "Sub", "Mul", "Div", "MaxPool", "AveragePool",
             "GlobalAveragePool", "Flatten", "Reshape", "BatchNormalization", "LogSoftmax", "Softmax", "Sigmoid",
-            "Tanh", "Concat", "Transpose", "ReduceMean", "Squeeze", "Unsqueeze",
+            "Tanh", "Concat", "Transpose", "ReduceMean", "Squeeze", "Unsqueeze", "LayerNormalization", "Erf", "Gelu",
+            "Gather", "Slice", "Pow", "Sqrt", "Neg", "Expand", "Cast", "Softplus", "HardSigmoid", "HardSwish",
         }
     )  # fmt: skip
+    HANDLED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Constant", "Identity", "Shape", "Split"})
 
     def on_float(self, node):
-        if node.op_type not in self.FLOAT_OPS:
+        return self.float_op(node, [self.value(name) if name else None for name in node.input])
+
+    def float_op(self, node, values: list, op_type: str | None = None):
+        """``node`` (or ``op_type`` with ``node``'s attributes) run by torch on the float form of ``values``."""
+        op_type = op_type or node.op_type
+        if op_type not in self.FLOAT_OPS:
             raise EngineError(
-                f"node {node.name!r}: ONNX op {node.op_type} is not supported by the cuda backend "
-                f"(supported: {sorted(self.FLOAT_OPS | {'QuantizeLinear', 'DequantizeLinear'})})"
+                f"node {node.name!r}: ONNX op {op_type} is not supported by the cuda backend "
+                f"(supported: {sorted(self.FLOAT_OPS | self.HANDLED_OPS)})"
             )
         dtype = "fp16" if self.precision(node.name) == "fp16" else "fp32"
-        if node.op_type in ("Conv", "Gemm", "MatMul") and self.precision(node.name) == "fp8":
-            self.note_fp8(node.name, f"this {node.op_type} (its attributes or input shape) has no fp8 kernel here")
+        if op_type in ("Conv", "Gemm", "MatMul") and self.precision(node.name) == "fp8":
+            self.note_fp8(node.name, f"this {op_type} (its attributes or input shape) has no fp8 kernel here")
         inputs, shapes = [], []
-        for name in node.input:
-            v = self.value(name) if name else None
+        for v in values:
             if v is None:
                 inputs.append(None)
             elif isinstance(v, ConstV):
                 inputs.append(v.value)
+            elif isinstance(v, ShapeV):
+                raise EngineError(
+                    f"node {node.name!r} ({op_type}): an input computed from the batch size is used as data; "
+                    "the cuda backend folds shape arithmetic only into Reshape and Expand targets"
+                )
             else:
                 inputs.append(self.as_float(v, node.name))
                 shapes.append(self._shape(v))
-        out_shape = _float_shape(node.op_type, attributes(node), inputs, shapes, self.tensors)
+        attrs = attributes(node) if op_type == node.op_type else {}
+        out_shape = _float_shape(op_type, attrs, inputs, shapes, self.tensors)
         out = self.new_tensor(out_shape, dtype)
-        self.emit(TorchOp(node.name, node.op_type, inputs, attributes(node), out, dtype))
+        self.emit(TorchOp(node.name, op_type, inputs, attrs, out, dtype))
         return FloatV(out, out_shape)
 
 
@@ -836,6 +1078,22 @@ def _float_shape(op: str, attrs: dict, inputs: list, shapes: list, tensors) -> t
     with torch.no_grad():
         out = run_torch_op(op, [example(i) for i in inputs], attrs)
     return tuple(out.shape[1:])
+
+
+def _is_tokens(op) -> bool:
+    return isinstance(op, QConv) and op.geometry.get("tokens", False)
+
+
+def _is_channel_vector(value: np.ndarray, op, shape: tuple[int, ...]) -> bool:
+    """Whether adding the constant ``value`` to ``op``'s output (of the model's ``shape``) adds one number per
+    output channel (a bias): ``[..., N]`` for a linear, ``[1, C, 1, 1]``-like for a conv."""
+    cout = op.geometry["cout"]
+    if value.size != cout or value.ndim == 0 or value.ndim > len(shape) + 1:
+        return False
+    if _is_tokens(op) or len(shape) == 1:
+        return value.shape[-1] == cout
+    full = (1,) * (len(shape) + 1 - value.ndim) + tuple(value.shape)
+    return full[1] == cout and all(d == 1 for d in full[2:])
 
 
 def lower(model, layers: dict) -> Plan:

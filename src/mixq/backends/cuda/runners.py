@@ -528,7 +528,7 @@ class TorchRunner(_Runner):
         self.perm = None if perm is None else torch.as_tensor(perm, device=device)  # no copies inside a graph
         # Operand constants (weights, BatchNorm parameters) move to the device once; shape-like constants
         # (Reshape's shape, Clip's bounds) stay numpy, read on the host.
-        host = op.op in ("Reshape", "Squeeze", "Unsqueeze", "Clip")
+        host = op.op in ("Reshape", "Squeeze", "Unsqueeze", "Clip", "Slice", "Expand")
         self.consts = [self._const(i, device) if isinstance(i, np.ndarray) and not host else None for i in op.inputs]
 
     def _const(self, v: np.ndarray, device):

@@ -17,7 +17,7 @@ __all__ = ["run_torch_op", "dequantize_nhwc"]
 
 def _const(v, like: torch.Tensor | None = None):
     if isinstance(v, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(v))
+        t = torch.from_numpy(np.array(v))  # a copy: onnx constants are read-only
         if like is not None and t.is_floating_point():
             t = t.to(device=like.device, dtype=like.dtype)
         elif like is not None:
@@ -123,6 +123,41 @@ def run_torch_op(op: str, inputs: list, a: dict) -> torch.Tensor:
         return x
     if op == "Cast":
         return x.float().contiguous()
+    if op == "LayerNormalization":
+        axis = a.get("axis", -1) % x.dim()
+        bias = args[2] if len(args) > 2 else None
+        return F.layer_norm(x, x.shape[axis:], args[1], bias, a.get("epsilon", 1e-5))
+    if op == "Erf":
+        return torch.erf(x)
+    if op == "Gelu":
+        return F.gelu(x, approximate=a.get("approximate", "none"))
+    if op in ("Pow", "Sqrt", "Neg", "Softplus"):
+        return {"Pow": lambda: torch.pow(args[0], args[1]), "Sqrt": lambda: torch.sqrt(x), "Neg": lambda: -x,
+                "Softplus": lambda: F.softplus(x)}[op]()  # fmt: skip
+    if op == "HardSigmoid":
+        return torch.clamp(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0.0, 1.0)
+    if op == "HardSwish":
+        return F.hardswish(x)
+    if op == "Gather":
+        axis = a.get("axis", 0) % x.dim()
+        index = args[1].long() % x.shape[axis]
+        picked = torch.index_select(x, axis, index.reshape(-1))
+        return picked.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1 :])
+    if op == "Slice":
+        starts, ends = (np.asarray(inputs[i]).reshape(-1) for i in (1, 2))
+        axes = np.asarray(inputs[3]).reshape(-1) if len(inputs) > 3 and inputs[3] is not None else range(len(starts))
+        steps = np.asarray(inputs[4]).reshape(-1) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+        index = [slice(None)] * x.dim()
+        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+            if step < 1:
+                raise EngineError("Slice with a negative step is not supported by the cuda backend")
+            end = min(int(end), x.shape[int(axis)])  # ONNX writes "to the end" as INT64_MAX
+            index[int(axis) % x.dim()] = slice(int(start), end, int(step))
+        return x[tuple(index)]
+    if op == "Expand":
+        return x.expand(torch.broadcast_shapes(x.shape, tuple(int(d) for d in np.asarray(inputs[1]).reshape(-1))))
+    if op == "ExpandBatch":  # a constant [1, ...] repeated for each sample of the batch of inputs[1]
+        return args[0].expand(inputs[1].shape[0], *args[0].shape[1:])
     raise EngineError(f"ONNX op {op} is not supported by the cuda backend")
 
 
