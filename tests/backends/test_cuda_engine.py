@@ -479,7 +479,8 @@ def _transformer_export(name: str, config):
 
 def test_lowering_runs_every_transformer_linear_as_a_token_gemm():
     """ViT: the patch conv and every attention/MLP Linear on tokens are int8 kernels (their bias Adds fused),
-    the class token's Expand follows the batch, shape arithmetic is folded (no Shape op runs)."""
+    the class token's Expand follows the batch, shape arithmetic is folded (no Shape op runs), GELU and the
+    attention core are one op each."""
     _, qdq, _ = _transformer_export("tiny_vit", LINEAR_INT8)
     plan = lower(qdq.model, qdq.layers)
     convs = [op for op in plan.ops if isinstance(op, QConv)]
@@ -489,6 +490,9 @@ def test_lowering_runs_every_transformer_linear_as_a_token_gemm():
     assert all(any(n.endswith("/Add") for n in op.absorbed) for op in tokens)  # the Linear's bias Add
     torch_ops = [op.op for op in plan.ops if op.kind == "torch"]
     assert "ExpandBatch" in torch_ops and not {"Shape", "ConstantOfShape", "Equal", "Where"} & set(torch_ops)
+    # GELU and attention run as one torch call each (.patterns), per layer
+    assert torch_ops.count("Gelu") == torch_ops.count("ScaledDotProductAttention") == 2
+    assert not {"Erf", "Softmax", "MatMul"} & set(torch_ops)
 
 
 def test_reshape_that_folds_the_batch_into_another_dimension_names_the_node():
@@ -537,3 +541,40 @@ def test_transformer_engine_matches_the_fake_quant_model(build, name, precision)
     asked = set(mixq.quantized_layers(model))
     assert asked <= set(rows)
     assert {layer: rows[layer].runs_as for layer in asked} == dict.fromkeys(asked, precision)
+
+
+def test_float_patterns_fuse_only_private_chains():
+    """The attention chain fuses into one node; when its attention weights are also a graph output (read
+    elsewhere), the chain stays as it is, and so does an Erf GELU with another constant."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mixq.backends.cuda.patterns import ATTENTION_OP, fuse_float_patterns
+
+    def graph(weights_out: bool, sqrt2: float):
+        nodes = [
+            helper.make_node("Mul", ["q", "c"], ["qs"], name="/Mul"),
+            helper.make_node("MatMul", ["qs", "kt"], ["s"], name="/MatMul"),
+            helper.make_node("Softmax", ["s"], ["w"], name="/Softmax", axis=-1),
+            helper.make_node("MatMul", ["w", "v"], ["o"], name="/MatMul_1"),
+            helper.make_node("Div", ["o", "r2"], ["d"], name="/Div"),
+            helper.make_node("Erf", ["d"], ["e"], name="/Erf"),
+            helper.make_node("Add", ["e", "one"], ["e1"], name="/Add"),
+            helper.make_node("Mul", ["o", "e1"], ["g"], name="/Mul_1"),
+            helper.make_node("Mul", ["g", "half"], ["out"], name="/Mul_2"),
+        ]
+        inits = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in
+                 (("c", 0.25), ("r2", sqrt2), ("one", 1.0), ("half", 0.5))]  # fmt: skip
+        value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 2, 5, 4]) for n in ("q", "v")]
+        kt = helper.make_tensor_value_info("kt", TensorProto.FLOAT, ["b", 2, 4, 5])
+        outs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 2, 5, 4])]
+        if weights_out:
+            outs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, ["b", 2, 5, 5]))
+        g = helper.make_graph(nodes, "g", [*value, kt], outs, inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("mixq", 1)])
+
+    fused = [n.op_type for n in fuse_float_patterns(graph(False, 2**0.5)).graph.node]
+    assert fused == [ATTENTION_OP, "Gelu"]
+    kept = [n.op_type for n in fuse_float_patterns(graph(True, 1.5)).graph.node]
+    assert kept == [n.op_type for n in graph(True, 1.5).graph.node]
+    onnx.checker.check_model(graph(True, 1.5))

@@ -1025,6 +1025,7 @@ class _Lowering:
             "GlobalAveragePool", "Flatten", "Reshape", "BatchNormalization", "LogSoftmax", "Softmax", "Sigmoid",
             "Tanh", "Concat", "Transpose", "ReduceMean", "Squeeze", "Unsqueeze", "LayerNormalization", "Erf", "Gelu",
             "Gather", "Slice", "Pow", "Sqrt", "Neg", "Expand", "Cast", "Softplus", "HardSigmoid", "HardSwish",
+            "ScaledDotProductAttention",
         }
     )  # fmt: skip
     HANDLED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Constant", "Identity", "Shape", "Split"})
@@ -1097,5 +1098,8 @@ def _is_channel_vector(value: np.ndarray, op, shape: tuple[int, ...]) -> bool:
 
 
 def lower(model, layers: dict) -> Plan:
-    """The fused op plan of a Q/DQ ONNX model (see the module doc); errors name the node."""
-    return _Lowering(model, layers).run()
+    """The fused op plan of a Q/DQ ONNX model (see the module doc; GELU and attention first become one node each,
+    :mod:`.patterns`); errors name the node."""
+    from .patterns import fuse_float_patterns
+
+    return _Lowering(fuse_float_patterns(model), layers).run()

@@ -127,6 +127,8 @@ def run_torch_op(op: str, inputs: list, a: dict) -> torch.Tensor:
         axis = a.get("axis", -1) % x.dim()
         bias = args[2] if len(args) > 2 else None
         return F.layer_norm(x, x.shape[axis:], args[1], bias, a.get("epsilon", 1e-5))
+    if op == "ScaledDotProductAttention":  # .patterns: softmax(q kT * scale) v, kT as the graph has it
+        return F.scaled_dot_product_attention(x, args[1].transpose(-1, -2), args[2], scale=a.get("scale", 1.0))
     if op == "Erf":
         return torch.erf(x)
     if op == "Gelu":
