@@ -13,6 +13,13 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    gpu_dir = REPO / "tests" / "gpu"
+    for item in items:
+        if gpu_dir in Path(item.path).parents:
+            item.add_marker(pytest.mark.gpu)
+
+
 def _data_dir() -> Path | None:
     """The library's own default (MIXQ_DATA, shared/data beside the checkout, ~/.cache/mixq/data); no download."""
     from mixq import DataError
