@@ -169,6 +169,9 @@ def benchmark_transformer(name: str, layers: int | None = None):
         import torchvision
 
         model, what = torchvision.models.vit_b_16(weights=None), "torchvision.models.vit_b_16"
+        # torchvision zero-initialises the head, which would make every output 0 and every SQNR meaningless.
+        model.heads.head.reset_parameters()
+        what += " (head re-initialised: torchvision's is zeros)"
         if layers:
             model.encoder.layers = model.encoder.layers[:layers]
     except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision wheel built for another torch
