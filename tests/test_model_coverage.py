@@ -25,9 +25,9 @@ SQNR_FLOOR_DB = 30.0  # the issue's int8 floor, engine vs fake-quant
 # Layers OpenVINO 2026.4's CPU plugin keeps in float although their Q/DQ is in place (seen on an EPYC with
 # avx512_vnni; the placement note says "OpenVINO kept this layer in float"): the patchify stem conv of the
 # ConvNeXt block (4x4 stride 4 on the 3-channel image, output to a residual add) and the ViT's attention out_proj
-# (its input is the attention's Transpose/Reshape). The out_proj runs u8 when the model is compiled with a
-# dynamic batch; mixq compiles one static batch per shape, where the CPU plugin's snippets tokenization takes
-# the input's FakeQuantize first. Open gaps, allowed to run float here, not required to.
+# (its input is the attention's Transpose/Reshape; it depends on the static batch, and turning snippets off
+# does not change it: cause not found, docs/transformers.md). Open gaps, allowed to run float here, not
+# required to.
 MAY_RUN_FLOAT = {
     ("convnext_block", "openvino"): {"stem"},
     ("tiny_vit", "openvino"): {f"encoder.layers.{i}.self_attn.out_proj" for i in (0, 1)},
