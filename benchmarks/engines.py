@@ -65,11 +65,17 @@ def has_vnni() -> bool:
 
 
 def run_lines(script: str, argv: list[str], t0: float) -> list[str]:
-    """Date, commit, command and wall time lines of a benchmark report (the working tree may differ from the
-    commit: said so)."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    """Date, commit, command and wall time lines of a benchmark report; the commit line says whether tracked
+    files differed from it when the report was written."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    tree = f"{len(changed)} tracked files modified" if changed else "clean tree"
     return [
-        f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit} (+ working tree)",
+        f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit} ({tree})",
         f"command: `MIXQ_DATA=../shared/data python benchmarks/{script} {' '.join(argv)}`",
         f"wall time: {time.time() - t0:.0f} s",
     ]
