@@ -152,16 +152,16 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     results = {"machine": machine(), "models": {}}
+    command = "python benchmarks/transformers_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for name in args.models:
         results["models"][name] = measure(name, args)
-    command = "python benchmarks/transformers_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(results, command)
+        text = report(results, command)
+        if args.out:  # after every model, so a run stopped by a time limit keeps what it finished
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            write(out / "transformers-gpu.md", text)
+            write(out / "transformers-gpu.json", json.dumps(results, indent=1, default=str))
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write(out / "transformers-gpu.md", text)
-        write(out / "transformers-gpu.json", json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":
