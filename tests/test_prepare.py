@@ -324,3 +324,32 @@ def test_resolved_specs_for_another_model_name_the_missing_layers():
         "the layer specs name 'relu', 'layer1.0.conv1', 'layer1.0.relu1', 'layer1.0.conv2' and 7 more, "
         "which TorchModel lacks"
     )
+
+
+class _ShapeChecked(nn.Module):
+    """Control flow on the input's shape, as torchvision's ViT has (``torch._assert``): torch.fx cannot trace it."""
+
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4) if norm else nn.Identity()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError("expected 8x8 images")
+        return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+
+def test_example_input_on_an_untraceable_model_without_batchnorm_needs_no_trace():
+    model = _ShapeChecked(norm=False).eval()
+    x = torch.randn(2, 3, 8, 8)
+    specs = mixq.prepare_(model, [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"]}], PTQ(), x)
+    assert list(specs) == ["fc"]
+
+
+def test_example_input_on_an_untraceable_model_with_batchnorm_is_one_error_naming_the_way_out():
+    model = _ShapeChecked(norm=True).eval()
+    with pytest.raises(ModelStructureError, match=r"cannot trace _ShapeChecked.*example_input=None"):
+        mixq.prepare_(model, [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d"]}], PTQ(),
+                      torch.randn(2, 3, 8, 8))  # fmt: skip

@@ -48,6 +48,8 @@ DEFAULT_METHOD = QAT()
 
 def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     """``{conv_name: bn_name}`` for each BatchNorm whose only input is a conv used nowhere else (torch.fx)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return {}  # nothing to fold; models fx cannot trace (torchvision's ViT: torch._assert on shapes) need not be
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as e:  # fx raises many types for untraceable code
