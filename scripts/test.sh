@@ -24,6 +24,6 @@ if ! DATA=$(find_data 2>/dev/null); then
 fi
 export MIXQ_DATA=$DATA
 echo "test.sh: data from $MIXQ_DATA" >&2
-.venv/bin/ruff check src tests benchmarks examples
-.venv/bin/ruff format --check src tests benchmarks examples
+.venv/bin/ruff check src tests benchmarks examples scripts
+.venv/bin/ruff format --check src tests benchmarks examples scripts
 exec .venv/bin/python -m pytest tests --ignore=tests/gpu "$@"
