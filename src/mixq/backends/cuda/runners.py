@@ -519,7 +519,7 @@ class QuantizeRunner(_Runner):
 
 class TorchRunner(_Runner):
     def __init__(self, op, plan, device):
-        from .torch_ops import dequantize_nhwc, run_torch_op
+        from .torch_ops import HOST_CONSTANT_OPS, dequantize_nhwc, run_torch_op
 
         self.op, self.plan = op, plan
         self.run_op, self.dequantize = run_torch_op, dequantize_nhwc
@@ -528,7 +528,7 @@ class TorchRunner(_Runner):
         self.perm = None if perm is None else torch.as_tensor(perm, device=device)  # no copies inside a graph
         # Operand constants (weights, BatchNorm parameters) move to the device once; shape-like constants
         # (Reshape's shape, Clip's bounds) stay numpy, read on the host.
-        host = op.op in ("Reshape", "Squeeze", "Unsqueeze", "Clip", "Slice", "Expand")
+        host = op.op in HOST_CONSTANT_OPS
         self.consts = [self._const(i, device) if isinstance(i, np.ndarray) and not host else None for i in op.inputs]
 
     def _const(self, v: np.ndarray, device):

@@ -12,7 +12,11 @@ import torch.nn.functional as F
 
 from ..base import EngineError
 
-__all__ = ["run_torch_op", "dequantize_nhwc"]
+__all__ = ["run_torch_op", "dequantize_nhwc", "HOST_CONSTANT_OPS"]
+
+# Ops whose constant inputs (a shape, bounds, slice limits) are read on the host: they stay numpy, never copied
+# to the device (a copy inside CUDA-graph capture is an error).
+HOST_CONSTANT_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Clip", "Slice", "Expand"})
 
 
 def _const(v, like: torch.Tensor | None = None):
@@ -55,7 +59,7 @@ def run_torch_op(op: str, inputs: list, a: dict) -> torch.Tensor:
     """One ONNX op on torch tensors (``inputs``: tensors, numpy constants or None), as ONNX defines it."""
     x = inputs[0] if inputs else None
     like = next((i for i in inputs if isinstance(i, torch.Tensor)), None)
-    args = [_const(i, like) for i in inputs]
+    args = inputs if op in HOST_CONSTANT_OPS else [_const(i, like) for i in inputs]
     if op == "Conv":
         nd = args[1].dim() - 2
         explicit, sym = _pads(a.get("pads", [0] * (2 * nd)), nd)
