@@ -29,7 +29,7 @@ from .._timing import median_latency
 from ..backends.profiling import LayerSamples
 from .space import CHOICES, FLOAT, Unit, config_list_for, offered_on
 
-__all__ = ["Measurer", "EngineMeasurer", "sqnr_db"]
+__all__ = ["Measurer", "EngineMeasurer", "rounding_floor_db", "sqnr_db"]
 
 ENGINE_CACHE_SIZE = 12  # built engines kept in memory (a ResNet-18 engine holds ~45 MB of weights)
 PROFILE_ROUNDS = 3  # interleaved profiling rounds per backend
@@ -81,6 +81,17 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.double(), out.double()
     noise = float((ref - out).pow(2).sum())
     return math.inf if noise == 0 else 10 * math.log10(max(float(ref.pow(2).sum()), 1e-300) / noise)
+
+
+def rounding_floor_db(fake_quant: nn.Module, inputs: Sequence[torch.Tensor]) -> float:
+    """SQNR of the fake-quant model in float32 against the same model in float64 on ``inputs``: how far float
+    rounding alone moves it (each rounding difference that lands on a quantizer's bin edge flips the bin, and
+    deep nets carry the flip on). An engine that sums in another order is not expected above this floor."""
+    wide = copy.deepcopy(fake_quant).double()
+    with torch.no_grad():
+        ref = torch.cat([wide(x.double()).float() for x in inputs])
+        out = torch.cat([fake_quant(x) for x in inputs])
+    return sqnr_db(ref, out)
 
 
 def _digest(*parts) -> str:
