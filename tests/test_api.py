@@ -321,6 +321,7 @@ def test_bad_compile_arguments(int8_model, example, backend, expected):
         ({"threads": "4"}, "threads must be a positive int or None, got '4'"),
         ({"max_batch": 0}, "max_batch must be a positive int or None, got 0"),
         ({"max_batch": 3}, "max_batch=3 is smaller than example_input's batch 4: "),
+        ({"float_glue": "bf16"}, "float_glue must be 'fp32' or 'fp16' (the cuda backend's float ops), got 'bf16'"),
     ],
 )
 def test_bad_threads_and_max_batch_are_one_line_before_any_build(int8_model, monkeypatch, options, expected):

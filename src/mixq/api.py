@@ -219,6 +219,7 @@ def compile(  # mixq.compile, as torch.compile: shadows the builtin here only
     max_batch: int | None = None,
     threads: int | None = None,
     calibration_data: Iterable | torch.Tensor | None = None,
+    float_glue: str = "fp32",
 ) -> CompiledModel:
     """Build an engine of ``model`` (quantized with :func:`quantize`, or float) for inputs shaped like
     ``example_input`` (any batch up to ``max_batch``, at least the example's batch and by default equal to it,
@@ -231,13 +232,15 @@ def compile(  # mixq.compile, as torch.compile: shadows the builtin here only
     backend may run at build time for tensors the config leaves float but its kernels need quantized (ONNX
     Runtime, TensorRT: e.g. conv outputs feeding residual adds); without it those stay float.
     ``threads``: intra-op threads, a positive int (ONNX Runtime; default all cores).
+    ``float_glue``: ``"fp32"`` or ``"fp16"``, the precision of the ``cuda`` backend's float ops that no layer
+    covers (LayerNorm, GELU, attention, residual adds; :class:`mixq.backends.BuildOptions`).
 
     The arguments and the model are checked before any export or build: an example it cannot take, an
     uncalibrated quantized model, an unknown backend, and a ``max_batch`` or ``threads`` that is not a positive
     int (or a ``max_batch`` below the example's batch) are each one :class:`mixq.MixqError` line.
     """
     from .backends import list_backends
-    from .speedup import ModelSpeedup
+    from .speedup import ModelSpeedup, check_float_glue
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -246,6 +249,7 @@ def compile(  # mixq.compile, as torch.compile: shadows the builtin here only
         raise ConfigError(f"unknown backend {backend!r}; available: {['auto', *list_backends()]}")
     _check_positive_int_or_none("max_batch", max_batch)
     _check_positive_int_or_none("threads", threads)
+    check_float_glue(float_glue)
     if max_batch is not None and max_batch < x.shape[0]:
         raise ConfigError(
             f"max_batch={max_batch} is smaller than example_input's batch {x.shape[0]}: the engine is built and timed "
@@ -263,6 +267,7 @@ def compile(  # mixq.compile, as torch.compile: shadows the builtin here only
         backend=backend,
         threads=threads,
         calib_data_loader=batches,
+        float_glue=float_glue,
     )
     return CompiledModel(speedup.compress().engine, speedup)
 

@@ -74,6 +74,12 @@ def _check_calibration_type(config) -> None:
         )
 
 
+def check_float_glue(value) -> None:
+    """``float_glue`` is ``"fp32"`` or ``"fp16"`` (:class:`mixq.backends.BuildOptions`), else one ConfigError line."""
+    if value not in ("fp32", "fp16"):
+        raise ConfigError(f"float_glue must be 'fp32' or 'fp16' (the cuda backend's float ops), got {value!r}")
+
+
 class ModelSpeedup:
     """Build a real engine from a model and its calibration config.
 
@@ -97,6 +103,8 @@ class ModelSpeedup:
     ``openvino``, ``tensorrt``). ``batchsize`` is the optimization batch; TensorRT engines accept batches
     up to ``max(batchsize, input_shape[0])`` (or ``max_batch``), and :meth:`inference` runs a larger batch in
     chunks of ``batchsize`` (as NNI's ``inference`` does).
+    ``float_glue``: ``"fp32"`` (default) or ``"fp16"``, the precision of the ``cuda`` backend's float ops that
+    no layer covers (LayerNorm, GELU, attention, residual adds; :class:`mixq.backends.BuildOptions`).
 
     ``calibration_cache``: reused only when it was made for the same model weights, layer config, input shape
     and ``calibrate_type`` (a digest is stored with it); otherwise calibration runs again and replaces it.
@@ -120,6 +128,7 @@ class ModelSpeedup:
         threads: int | None = None,
         max_batch: int | None = None,
         keep_pools_float: bool = True,
+        float_glue: str = "fp32",
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -127,6 +136,7 @@ class ModelSpeedup:
             raise ConfigError(f"input_shape must be (batch, ...) with positive sizes, got {tuple(input_shape)}")
         if isinstance(batchsize, bool) or not isinstance(batchsize, int) or batchsize < 1:
             raise ConfigError(f"batchsize must be a positive int, got {batchsize!r}")
+        check_float_glue(float_glue)
         if extra_layer_bits not in (8, 16, 32):
             raise ConfigError(f"extra_layer_bits must be 8, 16 or 32, got {extra_layer_bits!r}")
         self.model = model
@@ -165,6 +175,7 @@ class ModelSpeedup:
             threads=threads,
             keep_pools_float=keep_pools_float,
             strict_precision=strict_datatype,
+            float_glue=float_glue,
         )
         self.engine: Engine | None = None
         self.selection: Selection | None = None  # what backend="auto" tried

@@ -95,8 +95,8 @@ def build():
         os.environ["TRITON_INTERPRET"] = "1"
     from mixq.backends.cuda.engine import build_engine
 
-    def make(qdq, shape):
-        return build_engine(qdq, shape, BuildOptions(opt_batch=shape[0]), DEVICE)
+    def make(qdq, shape, **options):
+        return build_engine(qdq, shape, BuildOptions(opt_batch=shape[0], **options), DEVICE)
 
     if DEVICE != "cpu":
         yield make
@@ -541,6 +541,49 @@ def test_transformer_engine_matches_the_fake_quant_model(build, name, precision)
     asked = set(mixq.quantized_layers(model))
     assert asked <= set(rows)
     assert {layer: rows[layer].runs_as for layer in asked} == dict.fromkeys(asked, precision)
+
+
+def test_fp16_glue_lowers_only_the_ops_no_layer_covers_to_fp16():
+    """``glue="fp16"``: LayerNorm, GELU, attention and the residual adds run in fp16, the int8 token GEMMs write
+    fp16 floats, the layers stay int8, the network output is cast back to fp32; an unknown value is one line."""
+    _, qdq, _ = _transformer_export("tiny_vit", LINEAR_INT8)
+    fp32, fp16 = lower(qdq.model, qdq.layers), lower(qdq.model, qdq.layers, glue="fp16")
+    glue = {"LayerNormalization", "Gelu", "ScaledDotProductAttention", "Add"}
+    for plan, dtype in ((fp32, "fp32"), (fp16, "fp16")):
+        ops = [op for op in plan.ops if op.kind == "torch" and op.op in glue]
+        assert {op.op for op in ops} == glue and {op.dtype for op in ops} == {dtype}
+        convs = [op for op in plan.ops if isinstance(op, QConv)]
+        assert {op.mode for op in convs} == {"int8"}
+        assert {op.out_dtype for op in convs if op.out_grid is None} == {dtype}
+        assert plan.tensors[plan.output].dtype == "fp32"
+    with pytest.raises(EngineError, match=r"float glue precision 'bf16': expected one of fp32, fp16"):
+        lower(qdq.model, qdq.layers, glue="bf16")
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_bert"])
+def test_fp16_glue_engine_matches_the_fake_quant_model(build, name, tmp_path):
+    """The fp16 glue only rounds what the fp32 glue computes: within the same 30 dB of the fake-quant model,
+    every Linear still int8, and an engine file keeps the choice."""
+    model, qdq, shape = _transformer_export(name, LINEAR_INT8)
+    engine = build(qdq, shape, float_glue="fp16")
+    described = {r.describe() for r in engine.runners if r.op.kind == "torch"}
+    assert "torch LayerNormalization fp16" in described and "torch LayerNormalization fp32" not in described
+    torch.manual_seed(1)
+    x = torch.randn(3, *shape[1:]) * 1.5
+    out = engine.run(x)
+    with torch.no_grad():
+        ref = model(x)
+    assert out.dtype == torch.float32 and sqnr_db(ref, out) >= 30.0, sqnr_db(ref, out)
+    rows = {r.layer: r for r in engine.placement()}
+    assert {layer: rows[layer].runs_as for layer in mixq.quantized_layers(model)} == dict.fromkeys(
+        mixq.quantized_layers(model), "int8"
+    )
+    from mixq.backends.cuda.engine import CudaBackend
+
+    loaded = CudaBackend(DEVICE).load(engine.save(tmp_path / f"{name}.mixq"))
+    assert loaded.float_glue == "fp16"
+    np.testing.assert_array_equal(engine.run(x).numpy(), loaded.run(x).numpy())
 
 
 def test_float_patterns_fuse_only_private_chains():

@@ -77,7 +77,11 @@ class BuildOptions:
     float on CPU; see docs/engines.md). ``uint8_weights``: store int8 weights as uint8 (zero point + 128, the
     same grid) for ONNX Runtime; None decides from the CPU. ``calibration_data``: sample input batches
     (float32 arrays) a backend may run at build time to calibrate tensors its legalization must quantize
-    (ONNX Runtime: conv outputs feeding residual adds); not stored in engine files."""
+    (ONNX Runtime: conv outputs feeding residual adds); not stored in engine files. ``float_glue``
+    (``cuda`` backend): the precision of the float ops that no layer covers (LayerNorm, GELU, attention, residual
+    adds, layout changes) and of the int8/fp8 kernels' float outputs: ``"fp32"`` computes them as the fake-quant
+    model does, ``"fp16"`` halves their memory traffic and runs attention as fp16 flash attention (fp16 rounding;
+    docs/transformers.md measures both)."""
 
     max_batch: int = 256
     opt_batch: int = 128
@@ -86,6 +90,7 @@ class BuildOptions:
     workspace_bytes: int = 1 << 30
     uint8_weights: bool | None = None  # None = decide from the CPU (see cpu_features)
     strict_precision: bool = True  # NNI's strict_datatype; TensorRT 10.12+/11 builds strongly typed: always obeyed
+    float_glue: str = "fp32"  # cuda backend: "fp32" | "fp16"
     calibration_data: tuple = field(default=(), compare=False, repr=False)
 
 

@@ -100,9 +100,10 @@ class CudaEngine(Engine):
     backend = "cuda"
 
     def __init__(self, qdq_bytes: bytes, input_shape, layers: dict, kernels: dict | None, device, opt_batch: int,
-                 calibration_data=()):  # fmt: skip
-        """``kernels``: stored tile configs ``{"configs": {node: config}}`` from an engine file, or None to
-        tune them here (on a GPU; the CPU interpreter takes the default configs)."""
+                 calibration_data=(), float_glue: str = "fp32"):  # fmt: skip
+        """``kernels``: stored tile configs ``{"configs": {node: config}}`` from an engine file (with the float
+        glue precision it was built with), or None to tune them here (on a GPU; the CPU interpreter takes the
+        default configs). ``float_glue``: see :func:`.lower.lower`."""
         import onnx
 
         from .lower import lower
@@ -113,7 +114,8 @@ class CudaEngine(Engine):
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.qdq_bytes = qdq_bytes
         try:
-            self.plan = lower(onnx.load_from_string(qdq_bytes), layers)
+            self.float_glue = (kernels or {}).get("float_glue", float_glue)
+            self.plan = lower(onnx.load_from_string(qdq_bytes), layers, self.float_glue)
         except EngineError:
             raise
         except Exception as e:
@@ -367,7 +369,7 @@ class CudaEngine(Engine):
 
     def members(self) -> dict[str, bytes]:
         configs = {r.op.node: r.config.to_dict() for r in self.runners if isinstance(r, ConvRunner)}
-        kernels = {"configs": configs, "build": self.build_info, "tuning": self.tuning}
+        kernels = {"configs": configs, "build": self.build_info, "tuning": self.tuning, "float_glue": self.float_glue}
         return {"model.onnx": self.qdq_bytes, KERNELS_MEMBER: json.dumps(kernels, indent=1).encode()}
 
 
@@ -482,7 +484,7 @@ class CudaBackend(Backend):
     def build_legal(self, legal: Legalized, input_shape, options: BuildOptions) -> CudaEngine:
         batch = max(1, options.opt_batch)  # no max batch here: every batch size gets its own CUDA graph
         return CudaEngine(legal.model.SerializeToString(), tuple(input_shape), legal.layers, None, self.torch_device,
-                          batch, options.calibration_data)  # fmt: skip
+                          batch, options.calibration_data, options.float_glue)  # fmt: skip
 
     def strongest_float(self, model, input_shape, layers: dict, options: BuildOptions) -> Engine:
         """``auto``'s float reference on this GPU: the torch model in fp16 channels-last, compiled and

@@ -12,7 +12,8 @@ symbolically in graph order; what a value *is* decides what runs:
 - A QuantizeLinear of a DQV is a requantization between grids: nothing when the grids map every integer
   to itself, else a second output of the producing kernel or a requant op.
 - A QuantizeLinear of a float tensor feeding one int8 conv is done by that conv as it loads its input.
-- Everything else runs as a float op (:class:`TorchOp`) on dequantized values, in the layer's precision.
+- Everything else runs as a float op (:class:`TorchOp`) on dequantized values, in the layer's precision; ops
+  of no layer (the glue) in fp32, or in fp16 where the build asks for it (``lower(..., glue="fp16")``).
 - Transformers: a MatMul of a ``(T, K)`` token tensor by a constant ``[K, N]`` weight (a Linear on tokens) is a
   1x1 conv over a ``1 x T`` image, its bias Add fused into the epilogue. Its 8-bit tensors are stored
   ``[N, T, C]`` as they are, which is the Conv1d layout of the transposed ``(C, T)`` tensor: the plan holds them
@@ -56,6 +57,7 @@ __all__ = [
     "TorchOp",
     "Plan",
     "lower",
+    "GLUE_PRECISIONS",
     "has_border",
 ]
 
@@ -339,9 +341,10 @@ def _pool_out(size: int, k: int, s: int, p0: int, p1: int, d: int, ceil: bool) -
 
 
 class _Lowering:
-    def __init__(self, model, layers: dict):
+    def __init__(self, model, layers: dict, glue: str = "fp32"):
         self.graph = model.graph
         self.layers = layers
+        self.glue = glue
         self.const = constant_values(model)  # fp8 initializers as float8e4m3fn arrays (base.fp8_array)
         self.count: dict[str, int] = {}
         for node in self.graph.node:
@@ -437,6 +440,8 @@ class _Lowering:
         """Close ``op``'s epilogue with a float output: the tensor of the model's ``shape``."""
         op.out_grid = None
         tokens = _is_tokens(op)
+        if self.glue == "fp16" and isinstance(op, QConv) and op.mode in ("int8", "fp8"):
+            op.out_dtype = "fp16"  # read by the glue (or a float layer, which casts it back)
         op.out = self.new_tensor(plan_shape(shape, tokens), op.out_dtype if isinstance(op, QConv) else "fp32")
         self.emit(op)
         return self.transposed(op.out, op.node) if tokens else op.out
@@ -1041,7 +1046,8 @@ class _Lowering:
                 f"node {node.name!r}: ONNX op {op_type} is not supported by the cuda backend "
                 f"(supported: {sorted(self.FLOAT_OPS | self.HANDLED_OPS)})"
             )
-        dtype = "fp16" if self.precision(node.name) == "fp16" else "fp32"
+        glue = self.layer(node.name) is None  # no config entry covers it: LayerNorm, GELU, attention, residual adds
+        dtype = "fp16" if self.precision(node.name) == "fp16" or (glue and self.glue == "fp16") else "fp32"
         if op_type in ("Conv", "Gemm", "MatMul") and self.precision(node.name) == "fp8":
             self.note_fp8(node.name, f"this {op_type} (its attributes or input shape) has no fp8 kernel here")
         inputs, shapes = [], []
@@ -1097,9 +1103,17 @@ def _is_channel_vector(value: np.ndarray, op, shape: tuple[int, ...]) -> bool:
     return full[1] == cout and all(d == 1 for d in full[2:])
 
 
-def lower(model, layers: dict) -> Plan:
+GLUE_PRECISIONS = ("fp32", "fp16")
+
+
+def lower(model, layers: dict, glue: str = "fp32") -> Plan:
     """The fused op plan of a Q/DQ ONNX model (see the module doc; GELU and attention first become one node each,
-    :mod:`.patterns`); errors name the node."""
+    :mod:`.patterns`); errors name the node. ``glue``: the precision of the float ops no layer of ``layers``
+    covers (LayerNorm, GELU, softmax/attention, residual adds, layout changes) and of the float outputs of the
+    int8/fp8 kernels: ``fp32`` computes them as the fake-quant model does; ``fp16`` halves their memory traffic
+    and runs attention on the fp16 tensor cores (flash attention), at fp16 rounding."""
     from .patterns import fuse_float_patterns
 
-    return _Lowering(fuse_float_patterns(model), layers).run()
+    if glue not in GLUE_PRECISIONS:
+        raise EngineError(f"float glue precision {glue!r}: expected one of {', '.join(GLUE_PRECISIONS)}")
+    return _Lowering(fuse_float_patterns(model), layers, glue).run()
