@@ -586,6 +586,45 @@ def test_fp16_glue_engine_matches_the_fake_quant_model(build, name, tmp_path):
     np.testing.assert_array_equal(engine.run(x).numpy(), loaded.run(x).numpy())
 
 
+@needs_triton
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_bert"])
+def test_library_fp8_gemm_computes_what_the_triton_kernel_does(build, name, tmp_path):
+    """The cuBLASLt candidate (torch._scaled_mm) of the fp8 token GEMMs, on each layer's real input: the Triton
+    kernel's result up to bf16 rounding of its output (relative error <= 2**-9 per element, so >= 54.2 dB); the
+    placement names it, and an engine file keeps the choice (the tuner makes it on a GPU, and only for an
+    fp16-glue build; here every layer that fits is switched by hand)."""
+    from mixq.backends.cuda.engine import FP8_LIBRARY_NOTE, CudaBackend
+    from mixq.backends.cuda.library_gemm import LibraryGemm, library_gemm_fits
+
+    _, qdq, shape = _transformer_export(name, LINEAR_FP8)
+    engine = build(qdq, shape, float_glue="fp16")
+    fits = [i for i, r in enumerate(engine.runners) if r.op.kind == "conv" and library_gemm_fits(r.op)]
+    encoder = [i for i in fits if "layers." in engine.runners[i].op.node]
+    assert len(encoder) == 8  # 2 layers x (in_proj, out_proj, linear1, linear2)
+    assert all(engine.runners[i].op.geometry["cout"] % 16 == 0 for i in fits)  # not the 10-class heads
+    torch.manual_seed(1)
+    env = {0: torch.randn(3, *shape[1:]) * 1.5}
+    bf16_bound = 20 * np.log10(2.0**9)
+    for i, runner in enumerate(engine.runners):
+        if i in fits:
+            library = engine._gemm_runner(runner.op, LibraryGemm())
+            mine = dict(env)
+            library(mine)
+        engine._step(runner, env)
+        if i in fits:
+            ref, out = env[runner.op.out].float(), mine[runner.op.out].float()
+            assert out.shape == ref.shape and sqnr_db(ref, out) >= bf16_bound, (runner.op.node, sqnr_db(ref, out))
+            engine.runners[i] = library
+    switched = {engine._op_layer(engine.runners[i].op) for i in fits}
+    rows = {r.layer: r for r in engine.placement()}
+    assert all(rows[layer].runs_as == "fp8" and rows[layer].note == FP8_LIBRARY_NOTE for layer in switched)
+    assert all(any(k.startswith("cuBLASLt fp8 GEMM") for k in rows[layer].kernels) for layer in switched)
+    x = torch.randn(2, *shape[1:])
+    loaded = CudaBackend(DEVICE).load(engine.save(tmp_path / f"{name}.mixq"))
+    assert isinstance(loaded.runners[fits[0]], type(engine.runners[fits[0]]))
+    np.testing.assert_array_equal(engine.run(x).numpy(), loaded.run(x).numpy())
+
+
 def test_float_patterns_fuse_only_private_chains():
     """The attention chain fuses into one node; when its attention weights are also a graph output (read
     elsewhere), the chain stays as it is, and so does an Erf GELU with another constant."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import threading
 import time
@@ -43,6 +44,7 @@ from ..base import (
     layer_of_node,
     register_backend,
 )
+from .library_gemm import LibraryGemm, ScaledMMRunner, library_gemm_fits
 from .runners import (
     STORED,
     ConvRunner,
@@ -149,6 +151,8 @@ class CudaEngine(Engine):
             if any(v is None for v in strides.values()):
                 continue  # an input torch produces: its strides are known only when it runs
             if op.node in stored:
+                if "library" in stored[op.node]:
+                    continue  # a library GEMM: nothing of Triton's to compile
                 configs = [k.KernelConfig.from_dict(stored[op.node])]
             else:
                 configs = candidate_configs(op) if tune else [default_config(op)]
@@ -157,7 +161,6 @@ class CudaEngine(Engine):
             precompile(jobs, self.plan.tensors, batch)
 
     def _make_runners(self, stored: dict, tune: bool, opt_batch: int, samples) -> list:
-        k = _kernels()
         runners = []
         env = {}
         if self.device.type == "cuda":
@@ -168,12 +171,12 @@ class CudaEngine(Engine):
         for op in self.plan.ops:
             if op.kind == "conv":
                 if op.node in stored:
-                    config = k.KernelConfig.from_dict(stored[op.node])
+                    config = _stored_config(stored[op.node])
                 elif tune:
                     config = self._tune(op, env, cache)
                 else:
                     config = default_config(op)
-                runner = ConvRunner(op, self.plan, self.device, config)
+                runner = self._gemm_runner(op, config)
             else:
                 runner = {"pool": PoolRunner, "requant": RequantRunner, "quantize": QuantizeRunner,
                           "torch": TorchRunner}[op.kind](op, self.plan, self.device)  # fmt: skip
@@ -199,9 +202,12 @@ class CudaEngine(Engine):
         if key in cache:
             return cache[key]
         timings = {}
-        for config in candidate_configs(op):
+        candidates = candidate_configs(op)
+        if self.float_glue == "fp16" and library_gemm_fits(op) and os.environ.get("MIXQ_CUDA_LIBRARY_GEMM") != "0":
+            candidates.append(LibraryGemm())  # cuBLASLt, bf16 out: only where floats are 16-bit anyway (.library_gemm)
+        for config in candidates:
             try:
-                runner = ConvRunner(op, self.plan, self.device, config)
+                runner = self._gemm_runner(op, config)
                 scratch = dict(env)
                 with torch.no_grad():
                     runner(scratch)  # compile
@@ -214,10 +220,15 @@ class CudaEngine(Engine):
         if not ok:
             raise EngineError(f"layer {op.node!r}: no kernel config compiled on this GPU: {timings}")
         best = min(ok, key=ok.get)
-        config = next(c for c in candidate_configs(op) if str(c) == best)
+        config = next(c for c in candidates if str(c) == best)
         self.tuning[op.node] = {"us": timings, "chosen": best}
         cache[key] = config
         return config
+
+    def _gemm_runner(self, op, config):
+        if isinstance(config, LibraryGemm):
+            return ScaledMMRunner(op, self.plan, self.device, config)
+        return ConvRunner(op, self.plan, self.device, config)
 
     # ---------------------------------------------------------------- running
     def _step(self, runner, env: dict) -> None:
@@ -309,6 +320,7 @@ class CudaEngine(Engine):
         gemms: dict[str, str] = {}  # layer -> the precision its conv/linear kernel runs in
         fused_into: dict[str, str] = {}
         acc32: set[str] = set()  # layers whose fp8 GEMM accumulates in fp32
+        library: set[str] = set()  # layers run by a library GEMM (cuBLASLt)
         for runner in self.runners:
             op = runner.op
             owner = self._op_layer(op)
@@ -316,9 +328,12 @@ class CudaEngine(Engine):
                 continue
             if isinstance(runner, ConvRunner) and runner.dot == _kernels().DOT_FP8_ACC32:
                 acc32.add(owner)
+            if isinstance(runner, ScaledMMRunner):
+                library.add(owner)
             kernels.setdefault(owner, []).append(runner.describe())
             precisions.setdefault(owner, set()).add(_runs_as(runner))
-            if isinstance(runner, ConvRunner) or (isinstance(runner, TorchRunner) and op.op in _GEMM_OPS):
+            gemm = isinstance(runner, ConvRunner | ScaledMMRunner)
+            if gemm or (isinstance(runner, TorchRunner) and op.op in _GEMM_OPS):
                 gemms.setdefault(owner, _runs_as(runner))
             for node in op.absorbed:
                 other = layer_of_node(node, self.layers)
@@ -332,6 +347,8 @@ class CudaEngine(Engine):
             if ks:
                 runs_as = gemms.get(layer) or next((r for r in ("int8", "fp8", "fp16", "fp32") if r in p), "fp32")
                 note = _note(info, runs_as, self.plan.notes.get(layer), layer in acc32)
+                if layer in library and runs_as == "fp8":
+                    note = FP8_LIBRARY_NOTE
             elif layer in fused_into:
                 runs_as, note = "fused", f"no kernel of its own: fused into {fused_into[layer]}"
             else:
@@ -368,7 +385,7 @@ class CudaEngine(Engine):
         return time_in_graph(lambda: runner(scratch), runs)
 
     def members(self) -> dict[str, bytes]:
-        configs = {r.op.node: r.config.to_dict() for r in self.runners if isinstance(r, ConvRunner)}
+        configs = {r.op.node: r.config.to_dict() for r in self.runners if isinstance(r, ConvRunner | ScaledMMRunner)}
         kernels = {"configs": configs, "build": self.build_info, "tuning": self.tuning, "float_glue": self.float_glue}
         return {"model.onnx": self.qdq_bytes, KERNELS_MEMBER: json.dumps(kernels, indent=1).encode()}
 
@@ -376,8 +393,12 @@ class CudaEngine(Engine):
 _GEMM_OPS = ("Conv", "Gemm", "MatMul")
 
 
+def _stored_config(d: dict):
+    return LibraryGemm(d["library"]) if "library" in d else _kernels().KernelConfig.from_dict(d)
+
+
 def _runs_as(runner) -> str:
-    if isinstance(runner, ConvRunner):
+    if isinstance(runner, ConvRunner | ScaledMMRunner):
         return runner.op.mode
     if isinstance(runner, PoolRunner | RequantRunner | QuantizeRunner):
         grid = runner.op.out_grid or runner.op.grid
@@ -395,6 +416,12 @@ FP8_ACCUMULATION_NOTE = (
 FP8_ACC32_NOTE = (
     "fp8 tensor cores, each BK-long chunk's sum added to an fp32 accumulator (the tensor cores alone keep about "
     "11 bits over the whole reduction)"
+)
+
+
+FP8_LIBRARY_NOTE = (
+    "fp8 tensor cores through cuBLASLt (torch._scaled_mm), partial sums promoted to fp32; timed faster than the "
+    "Triton kernel for this layer"
 )
 
 

@@ -1,0 +1,133 @@
+"""fp8 GEMM-shaped layers through cuBLASLt (``torch._scaled_mm``): a tuning candidate beside the Triton kernel.
+
+A layer qualifies when it is one GEMM over rows of its NHWC (or token) storage: a Linear, or a 1x1 conv with
+stride 1 and no padding, both fp8 (e4m3 input and weight), K and N multiples of 16 (cuBLASLt's fp8 rule), and an
+epilogue of bias, a float residual, a clamp and an optional output quantization (no fused fake-quant, shortcut
+GEMM or second output). ``torch._scaled_mm`` runs it with row-wise scales (the activation scale per row, each
+output channel's weight scale per column) and the bias in its own epilogue, accumulating in fp32 (cuBLASLt's
+default for fp8: partial sums are promoted to fp32, not kept in the tensor cores' reduced precision); its bf16
+output then gets the residual, clamp and quantization in torch. Its output is rounded to bf16 (the row-wise
+kernel writes only bf16), so it is a candidate only in builds that asked for 16-bit floats between layers
+(``float_glue="fp16"``); there the engine times it against the Triton configs per layer and keeps the faster
+(``CudaEngine._tune``; ``MIXQ_CUDA_LIBRARY_GEMM=0`` leaves it out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...spec import FP8_E4M3
+from .runners import _float_strides, _kernels, _logical_float, _Runner, _storage_shape
+
+__all__ = ["LibraryGemm", "ScaledMMRunner", "library_gemm_fits"]
+
+FP8_MAX = float(FP8_E4M3.max)
+
+
+@dataclass(frozen=True)
+class LibraryGemm:
+    """The kernel choice "a library GEMM" (stored in engine files next to Triton's tile configs)."""
+
+    name: str = "torch._scaled_mm"
+
+    def to_dict(self) -> dict:
+        return {"library": self.name}
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def library_gemm_fits(op) -> bool:
+    """Whether ``op`` (a lowered :class:`.lower.QConv`) can run as one ``torch._scaled_mm``."""
+    g = op.geometry
+    one_by_one = g["kh"] == g["kw"] == 1 and g["sh"] == g["sw"] == 1 and g["ph"] == g["pw"] == 0
+    return (
+        op.mode == "fp8"
+        and one_by_one
+        and g["cin"] % 16 == 0
+        and g["cout"] % 16 == 0
+        and op.sc is None
+        and op.q0 is None
+        and op.out2 is None
+        and op.store1
+        and (op.res is None or op.res[1] is None)
+        and hasattr(torch, "_scaled_mm")
+    )
+
+
+class ScaledMMRunner(_Runner):
+    def __init__(self, op, plan, device: torch.device, config: LibraryGemm):
+        self.op, self.plan, self.device, self.config = op, plan, device, config
+        g = op.geometry
+        self.k, self.n = g["cin"], g["cout"]
+        w = torch.from_numpy(np.ascontiguousarray(op.weight.reshape(self.n, self.k), np.float32))
+        self.w_t = w.to(torch.float8_e4m3fn).to(device).t()  # [K, N] column-major, as cuBLASLt wants it
+        self.scale_b = torch.as_tensor(op.w_scale, dtype=torch.float32).reshape(1, self.n).to(device)
+        self.bias = torch.as_tensor(op.bias, dtype=torch.float32).to(torch.bfloat16).to(device)
+        self.scale_a: dict[int, torch.Tensor] = {}  # rows -> [rows, 1] of the input scale (made before capture)
+
+    def warmup(self, batch: int, float_strides: dict) -> None:  # nothing to compile ahead
+        return None
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A float tensor of logical shape [N, C, ...] as [rows, C] in the storage's (NHWC/token) row order."""
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+    def _input(self, env: dict) -> torch.Tensor:
+        op, x = self.op, env[self.op.x]
+        if not op.x_float:
+            return x.reshape(-1, self.k)
+        info = self.plan.tensors[op.x]
+        q = torch.empty((x.shape[0], *_storage_shape(info.shape)), device=x.device, dtype=torch.float8_e4m3fn)
+        n, c, h, w = _float_strides(x)
+        if x.dim() == 4 and h != w * x.shape[3] and x.shape[2] > 1:
+            x = x.contiguous()
+            n, c, h, w = _float_strides(x)
+        pixels = int(np.prod(x.shape[2:])) if x.dim() > 2 else 1
+        consts = {"C": x.shape[1], "XSN": n, "XSC": c, "XSP": w if x.dim() > 2 else 0, "P": pixels}
+        _kernels().launch_quantize(x, q, x.shape[0] * pixels, op.grid.scale, 0.0, consts)
+        return q.reshape(-1, self.k)
+
+    def __call__(self, env: dict) -> None:
+        op = self.op
+        a = self._input(env)
+        rows = a.shape[0]
+        if rows not in self.scale_a:
+            self.scale_a[rows] = torch.full((rows, 1), op.grid.scale, dtype=torch.float32, device=a.device)
+        y = torch._scaled_mm(a, self.w_t, scale_a=self.scale_a[rows], scale_b=self.scale_b, bias=self.bias,
+                             out_dtype=torch.bfloat16)  # fmt: skip
+        if op.res is not None or op.act is not None or op.out_grid is not None or op.out_dtype == "fp32":
+            y = y.float()
+        if op.res is not None:
+            y = y + self._rows(env[op.res[0]]).float()
+        if op.act is not None:
+            y = y.clamp(op.act[0], min(op.act[1], 3.0e38))
+        g = op.geometry
+        batch = env[op.x].shape[0]
+        if op.out_grid is None:
+            dtype = torch.float16 if op.out_dtype == "fp16" else torch.float32
+            out = y.to(dtype).reshape(batch, g["oh"], g["ow"], self.n)
+            env[op.out] = _logical_float(out, self.plan.tensors[op.out].shape)
+            return
+        grid = op.out_grid
+        inv = float(np.float32(1.0) / np.float32(grid.scale))  # as the Triton epilogue: times the fp32 inverse
+        if grid.dtype == "fp8":
+            q = (y * inv).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        else:
+            q = torch.round(y * inv + grid.zp).clamp(-128, 127).to(torch.int8)
+        env[op.out] = q.reshape(batch, *_storage_shape(self.plan.tensors[op.out].shape))
+
+    def describe(self) -> str:
+        op = self.op
+        extra = [
+            "+residual(float)" if op.res is not None else "",
+            "+clamp" if op.act is not None else "",
+            f"->{op.out_grid.dtype}" if op.out_grid is not None else f"->{op.out_dtype}",
+        ]
+        load = "quantize pass + " if op.x_float else ""
+        return (
+            f"cuBLASLt fp8 GEMM (torch._scaled_mm, row-wise scales, fp32 accumulation, bf16 out) "
+            f"[{load}1x1 {' '.join(e for e in extra if e)}]"
+        )
