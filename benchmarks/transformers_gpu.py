@@ -10,7 +10,11 @@ backend at the batch size. Latency: median of ``triton.testing.do_bench`` (CUDA 
 ``run_device`` call on a GPU batch. Quality: each engine against its own fake-quant model on ``--fresh`` new
 random inputs (SQNR, top-1 agreement); the fake-quant model against fp32. Placement: how many asked layers run in
 the asked format. Time split: the engine's ``profile`` (each op replayed alone in a CUDA graph), summed over the
-Linear/conv kernels and over the float ops between them.
+Linear/conv kernels and over the float ops between them. Each precision is built twice, with the float glue (the
+ops no layer covers: LayerNorm, GELU, attention, residual adds) in fp32 and in fp16 (``BuildOptions.float_glue``;
+fp16 builds also time cuBLASLt against Triton for fp8 GEMMs); beside the SQNR, the rounding floor (the fake-quant
+model in float32 vs float64, ``mixq.search.measure.rounding_floor_db``), and for each fp16-glue build the CUDA
+kernels that take the most time in one eager forward (torch.profiler).
 
     PYTHONPATH=src python benchmarks/transformers_gpu.py --out <dir>
 """
@@ -32,6 +36,7 @@ import mixq
 from mixq.backends import BuildOptions
 from mixq.backends.cuda.engine import build_engine
 from mixq.export import export_qdq_onnx
+from mixq.search.measure import rounding_floor_db
 from mixq.zoo.coverage import benchmark_transformer
 
 LINEAR_INT8 = [
@@ -61,6 +66,32 @@ def time_split(engine, x: torch.Tensor) -> dict:
     }
 
 
+def top_kernels(engine, x: torch.Tensor, count: int = 12) -> list:
+    """(kernel, total ms over 5 eager forwards / 5, calls per forward) of the ``count`` costliest CUDA kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        engine._forward(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine._forward(x)
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append((e.key[:90], us / 5 / 1e3, e.count // 5))
+    return sorted(rows, key=lambda r: -r[1])[:count]
+
+
+def safe_top_kernels(engine, x: torch.Tensor) -> list:
+    try:
+        return top_kernels(engine, x)
+    except Exception as e:  # the profiler is a diagnostic: its failure must not lose the timings
+        return [(f"torch.profiler failed: {type(e).__name__}: {e}"[:90], 0.0, 0)]
+
+
 def measure(name: str, args) -> dict:
     model, sample, what = benchmark_transformer(name, args.layers)
     log(f"== {name}: {what}")
@@ -77,24 +108,33 @@ def measure(name: str, args) -> dict:
         t0 = time.perf_counter()
         fq, qdq = ptq(model, calib, precision)
         export_s = time.perf_counter() - t0
-        engine = build_engine(qdq, (args.batch, *sample), BuildOptions(opt_batch=args.batch), "cuda")
-        build_s = time.perf_counter() - t0 - export_s
-        ms = bench(lambda engine=engine: engine.run_device(x))
-        fid = fidelity(engine, fq, fresh)
         with torch.no_grad():
             ref = torch.cat([fp32(b.cuda()) for b in fresh.split(16)])
             fq_out = torch.cat([fq(b.cuda()) for b in fresh.split(16)])
+        floor = rounding_floor_db(fq, [b.cuda() for b in fresh[:32].split(16)])
         asked = set(mixq.quantized_layers(fq))
-        rows = {r.layer: r for r in engine.placement()}
-        runs = sum(rows[layer].runs_as == precision for layer in asked if layer in rows)
-        result[precision] = {
-            "ms": ms, "ptq_export_s": export_s, "build_s": build_s, **fid,
-            "fake_quant_vs_fp32_db": sqnr_db(ref, fq_out),
-            "placement": f"{runs}/{len(asked)} asked layers run {precision}", "split": time_split(engine, x),
-        }  # fmt: skip
-        log(f"{precision}: {result[precision]}")
-        del engine
-        torch.cuda.empty_cache()
+        for glue in args.glue:
+            t1 = time.perf_counter()
+            options = BuildOptions(opt_batch=args.batch, float_glue=glue)
+            engine = build_engine(qdq, (args.batch, *sample), options, "cuda")
+            build_s = time.perf_counter() - t1
+            ms = bench(lambda engine=engine: engine.run_device(x))
+            fid = fidelity(engine, fq, fresh)
+            rows = {r.layer: r for r in engine.placement()}
+            runs = sum(rows[layer].runs_as == precision for layer in asked if layer in rows)
+            library = sum("cuBLASLt" in " ".join(rows[layer].kernels) for layer in asked if layer in rows)
+            key = f"{precision}/{glue}"
+            result[key] = {
+                "ms": ms, "ptq_export_s": export_s, "build_s": build_s, **fid,
+                "fake_quant_vs_fp32_db": sqnr_db(ref, fq_out), "rounding_floor_db": floor,
+                "placement": f"{runs}/{len(asked)} asked layers run {precision}"
+                + (f" ({library} through cuBLASLt)" if library else ""),
+                "split": time_split(engine, x),
+                "top_kernels": safe_top_kernels(engine, x) if glue == "fp16" else [],
+            }  # fmt: skip
+            log(f"{key}: {result[key]}")
+            del engine
+            torch.cuda.empty_cache()
     return result
 
 
@@ -123,20 +163,26 @@ def report(results: dict, command: str) -> str:
             if label in base:
                 note = f"compile {base['compile_seconds']:.0f} s" if label.startswith("torch.compile") else ""
                 lines.append(f"| {label} | {base[label]:.3f} ms | {base[label] / ref:.2f}x | - | - | {note} |")
-        for precision in ("int8", "fp8"):
-            if precision in r:
-                e = r[precision]
-                s = e["split"]
-                note = (
-                    f"{e['placement']}; fake-quant vs fp32 {e['fake_quant_vs_fp32_db']:.1f} dB; profile: Linear/conv "
-                    f"kernels {s['layer_kernels_us'] / 1e3:.2f} ms, float ops {s['float_ops_us'] / 1e3:.2f} ms; "
-                    f"build {e['build_s']:.0f} s"
-                )
-                lines.append(
-                    f"| mixq cuda {precision} | {e['ms']:.3f} ms | {e['ms'] / ref:.2f}x | {e['sqnr_db']:.1f} dB | "
-                    f"{e['agreement']:.1%} ({e['images']} inputs) | {note} |"
-                )
-        lines.append("")
+        kernels = []
+        for key in [k for k in r if "/" in k]:
+            precision, glue = key.split("/")
+            e = r[key]
+            s = e["split"]
+            note = (
+                f"{e['placement']}; fake-quant vs fp32 {e['fake_quant_vs_fp32_db']:.1f} dB, rounding floor "
+                f"{e['rounding_floor_db']:.1f} dB; profile: Linear/conv kernels {s['layer_kernels_us'] / 1e3:.2f} ms, "
+                f"float ops {s['float_ops_us'] / 1e3:.2f} ms; build {e['build_s']:.0f} s"
+            )
+            lines.append(
+                f"| mixq cuda {precision}, glue {glue} | {e['ms']:.3f} ms | {e['ms'] / ref:.2f}x | "
+                f"{e['sqnr_db']:.1f} dB | {e['agreement']:.1%} ({e['images']} inputs) | {note} |"
+            )
+            if e["top_kernels"]:
+                title = f"Costliest CUDA kernels of the {precision} glue-{glue} engine (one eager forward):"
+                kernels += ["", title, ""]
+                kernels += ["| kernel | ms per forward | calls |", "|---|---|---|"]
+                kernels += [f"| `{k}` | {ms:.3f} | {n} |" for k, ms, n in e["top_kernels"]]
+        lines += [*kernels, ""]
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +190,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vit_b_16"])
     p.add_argument("--precisions", nargs="+", default=["int8", "fp8"])
+    p.add_argument("--glue", nargs="+", default=["fp32", "fp16"], help="float glue precisions to build")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--layers", type=int, default=None, help="keep only this many encoder layers (smoke runs)")
     p.add_argument("--calib", type=int, default=32)
