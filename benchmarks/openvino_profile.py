@@ -1,0 +1,103 @@
+"""OpenVINO's own per-node profile of mixq's Q/DQ graph and of NNCF's int8 graph of the same transformer
+(issue 22: why mixq's OpenVINO engine is slower than NNCF's with every Linear u8).
+
+Both graphs come from the same float model (``mixq.zoo.coverage.benchmark_transformer``, random weights), the
+same 8 random calibration inputs and mixq's Linear-only int8 config; each is compiled for one static batch on
+the CPU with the settings of mixq's engine (LATENCY hint, f32 inference precision, 2 threads) and profiled with
+``PERF_COUNT`` over ``--runs`` inferences after 3 warm-up ones. The table sums OpenVINO's ``real_time`` per
+(node type, kernel precision) and counts the nodes.
+
+    python benchmarks/openvino_profile.py --model bert_base_encoder --out benchmarks/results/openvino-profile-amx.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import openvino as ov
+import torch
+from engines import cpu_info, openvino_version, publish, run_lines
+
+import mixq
+from mixq.export import export_float_onnx
+from mixq.speedup import ModelSpeedup
+from mixq.zoo.coverage import benchmark_transformer
+
+CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
+LINEAR_INT8 = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}]
+
+
+def profile(core, model, shape, runs: int) -> tuple[float, list]:
+    model.reshape([*shape])
+    request = core.compile_model(model, "CPU", {**CONFIG, "PERF_COUNT": True}).create_infer_request()
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for _ in range(3):
+        request.infer({0: x})
+    total, count = collections.Counter(), collections.Counter()
+    for _ in range(runs):
+        request.infer({0: x})
+        for p in request.profiling_info:
+            key = (p.node_type, p.exec_type.rsplit("_", 1)[-1] if p.exec_type else "")
+            total[key] += p.real_time.total_seconds() * 1e3 / runs
+            count[key] += 1
+    rows = [(k[0], k[1], ms, count[k] // runs) for k, ms in total.most_common() if ms > 0.005]
+    return sum(total.values()), rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bert_base_encoder")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import nncf
+
+    t0 = time.time()
+    torch.set_num_threads(2)
+    model, sample, what = benchmark_transformer(args.model)
+    torch.manual_seed(0)
+    calib = [torch.randn(1, *sample) for _ in range(8)]
+    q = copy.deepcopy(model)
+    mixq.prepare_(q, LINEAR_INT8, mixq.PTQ(), example_input=calib[0])
+    mixq.calibrate_(q, lambda m: [m(c) for c in calib])
+    core = ov.Core()
+    shape = (args.batch, *sample)
+    with tempfile.TemporaryDirectory() as tmp:
+        speedup = ModelSpeedup(q, shape, batchsize=args.batch, backend="onnxruntime", threads=2).compress()
+        onnx.save(speedup.qdq.model, str(Path(tmp) / "qdq.onnx"))
+        float_path = export_float_onnx(model, Path(tmp) / "float.onnx", (1, *sample))
+        graphs = {"mixq Q/DQ": core.read_model(str(Path(tmp) / "qdq.onnx"))}
+        data = nncf.Dataset([c.numpy() for c in calib])
+        graphs["NNCF int8"] = nncf.quantize(
+            core.read_model(str(float_path)), data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib)
+        )
+        results = {label: profile(core, g, shape, args.runs) for label, g in graphs.items()}
+    lines = [
+        "# OpenVINO per-node profile: mixq's Q/DQ graph vs NNCF's (benchmarks/openvino_profile.py)",
+        "",
+        f"machine: {cpu_info()}; OpenVINO {openvino_version()}, nncf {nncf.__version__}, torch {torch.__version__}",
+        f"model: {what} ({args.model}), batch {args.batch}, {args.runs} profiled inferences after 3 warm-up; "
+        f"settings {CONFIG}",
+        "",
+    ]
+    for label, (total, rows) in results.items():
+        lines += [f"## {label}: {total:.2f} ms per inference (sum of node times)", ""]
+        lines += ["| node type | kernel precision | ms per inference | nodes |", "|---|---|---|---|"]
+        lines += [f"| {t} | {prec} | {ms:.2f} | {n} |" for t, prec, ms, n in rows]
+        lines.append("")
+    argv_list = sys.argv[1:] if argv is None else argv
+    lines += run_lines(Path(__file__).name, argv_list, t0)
+    publish("\n".join(lines) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
