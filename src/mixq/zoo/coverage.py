@@ -160,11 +160,20 @@ class BertBaseEncoder(nn.Module):
 
 def benchmark_transformer(name: str, layers: int | None = None):
     """The transformer benchmarks' models with random weights (seed 0): ``"vit_b_16"`` (torchvision's where it
-    imports, else the same architecture as :class:`TinyViT`) or ``"bert_base_encoder"``; ``layers`` keeps only that
-    many encoder layers (smoke runs). Returns (model in eval mode, one sample's shape, description)."""
+    imports, else the same architecture as :class:`TinyViT`), ``"bert_base_encoder"``, or a Hugging Face classifier
+    run from embeddings, sequence 128 (``"hf_distilbert"``, ``"hf_bert_base"``: :mod:`.hf`, needs transformers);
+    ``layers`` keeps only that many encoder layers (smoke runs). Returns (model in eval mode, one sample's shape,
+    description)."""
     torch.manual_seed(0)
     if name == "bert_base_encoder":
         return BertBaseEncoder(layers or 12).eval(), (128, 768), "BERT-base-sized encoder"
+    if name.startswith("hf_"):
+        from .hf import hf_classifier
+
+        model = hf_classifier(name, layers)
+        kind = type(model.model).__name__
+        what = f"Hugging Face {kind} (transformers, random init, eager attention), from embeddings"
+        return model, (128, 768), what
     try:
         import torchvision
 
