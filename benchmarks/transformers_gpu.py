@@ -34,6 +34,7 @@ from gpu_user_path import fidelity, sqnr_db
 
 import mixq
 from mixq.backends import BuildOptions
+from mixq.backends.cuda.engine import _no_tf32 as no_tf32
 from mixq.backends.cuda.engine import build_engine
 from mixq.export import export_qdq_onnx
 from mixq.search.measure import rounding_floor_db
@@ -108,10 +109,10 @@ def measure(name: str, args) -> dict:
         t0 = time.perf_counter()
         fq, qdq = ptq(model, calib, precision)
         export_s = time.perf_counter() - t0
-        with torch.no_grad():
+        with torch.no_grad(), no_tf32():  # the references in true fp32 (cuDNN convs default to TF32)
             ref = torch.cat([fp32(b.cuda()) for b in fresh.split(16)])
             fq_out = torch.cat([fq(b.cuda()) for b in fresh.split(16)])
-        floor = rounding_floor_db(fq, [b.cuda() for b in fresh[:32].split(16)])
+            floor = rounding_floor_db(fq, [b.cuda() for b in fresh[:32].split(16)])
         asked = set(mixq.quantized_layers(fq))
         for glue in args.glue:
             t1 = time.perf_counter()

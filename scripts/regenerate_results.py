@@ -22,7 +22,6 @@ interpreter: run the script with the environment the result was made in (the tor
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import subprocess
@@ -36,14 +35,13 @@ import check_results  # the sibling script: the README's citations and their fre
 ROOT = check_results.ROOT
 COMMAND = re.compile(r"[Cc]ommand:?\s*`([^`]+)`")
 DEVICE_PATH = re.compile(r"gpu|h100|h200|ddp|/qat/")
-ENV_ASSIGN = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
 MACHINE = re.compile(r"^[Mm]achine:.*$", re.M)
 
 
 def cpu_class(text: str) -> str | None:
     """amx | avx512_vnni | avx2: the x86 class a CPU description names by its flags (None: it names none)."""
     for flag in ("amx", "avx512_vnni", "avx2"):
-        if flag in text:
+        if flag in text.lower():
             return flag
     return None
 
@@ -90,16 +88,12 @@ def plan(stale_only: bool) -> list[tuple[str, str, str | None]]:
     return rows
 
 
-def runnable(command: str) -> tuple[dict, list[str]]:
-    """The command's environment assignments (MIXQ_DATA left to this machine) and its argument list."""
-    env, words = dict(os.environ), shlex.split(command)
-    while words and ENV_ASSIGN.match(words[0]):
-        key, _, value = words.pop(0).partition("=")
-        if key != "MIXQ_DATA":
-            env[key] = value
-    if words and words[0] in ("python", "python3"):
-        words[0] = sys.executable
-    return env, words
+def runnable(command: str) -> list[str]:
+    """``bash -c`` of the command (it may chain with ``&&``), with ``MIXQ_DATA`` assignments left to this machine's
+    environment and ``python`` meaning this interpreter."""
+    command = re.sub(r"(^|\s)MIXQ_DATA=\S+\s+", r"\1", command)
+    command = re.sub(r"(^|&&\s*|\s)python3?\s", lambda m: f"{m.group(1)}{shlex.quote(sys.executable)} ", command)
+    return ["bash", "-c", command]
 
 
 def main(argv=None) -> int:
@@ -119,10 +113,10 @@ def main(argv=None) -> int:
     for path, where, command in rows:
         if where != "cpu":
             continue
-        env, words = runnable(command)
-        print(f"\n== {path}: {' '.join(words)}", flush=True)
+        words = runnable(command)
+        print(f"\n== {path}: {words[-1]}", flush=True)
         start = time.time()
-        done = subprocess.run(words, cwd=ROOT, env=env)
+        done = subprocess.run(words, cwd=ROOT)
         print(f"== {path}: exit {done.returncode} after {time.time() - start:.0f} s", flush=True)
         failed += done.returncode != 0
     return 1 if failed else 0

@@ -46,7 +46,7 @@ def test_hf_classifier_int8_engine_matches_the_fake_quant_model(name, backend):
     mixq.prepare_(q, LINEAR_INT8, mixq.PTQ(), example_input=calib[:1])
     mixq.calibrate_(q, lambda m: [m(calib[i : i + 2]) for i in range(0, 8, 2)])
     asked = set(mixq.quantized_layers(q))
-    assert len(asked) == 2 * 6 + 2 - (name == "bert") * 0  # q, k, v, out, 2 MLP per layer; pre-classifier/pooler, head
+    assert len(asked) == 2 * 6 + 2  # q, k, v, out, 2 MLP per layer; pre-classifier (DistilBERT) or pooler, head
     engine = mixq.compile(q, calib[:2], backend=backend)
     fresh = model.embed(torch.randint(0, vocab, (4, SEQ), generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
@@ -55,7 +55,9 @@ def test_hf_classifier_int8_engine_matches_the_fake_quant_model(name, backend):
     assert out.shape == ref.shape == (4, 3)
     assert sqnr_db(ref, out) >= 30.0, sqnr_db(ref, out)
     rows = {r.layer: r for r in engine.report().rows}
-    assert {layer: rows[layer].runs_as in ("int8", "fused") for layer in asked} == dict.fromkeys(asked, True)
+    head = {layer for layer in asked if layer.endswith(".classifier")}  # OpenVINO may fold it into the layer before
+    assert {layer: rows[layer].runs_as for layer in asked - head} == dict.fromkeys(asked - head, "int8")
+    assert all(rows[layer].runs_as in ("int8", "fused") for layer in head)
 
 
 def test_hf_classifier_names_what_it_needs():

@@ -4,13 +4,13 @@ mixq's engines take one float tensor, and a tokenizer's ``input_ids`` are intege
 the classifier from its token embeddings instead (``inputs_embeds``, which every ``*ForSequenceClassification``
 accepts), so the engine's input is ``(batch, seq, hidden)`` floats from :meth:`FromEmbeddings.embed` (the
 model's own embedding table, run in torch before the engine). Position embeddings, the embedding LayerNorm and
-everything after stay inside the engine. There is no attention mask: every token attends to every other, so
-batch sequences of one length (pad-free, or truncated) or run one sequence per call.
+everything after stay inside the engine. There is no attention mask: every token attends to every other, padding
+tokens included, so pad nothing: batch texts of one token length, or run one text per call.
 
     from transformers import AutoModelForSequenceClassification
     hf = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager")
     model = FromEmbeddings(hf).eval()
-    x = model.embed(tokenizer(texts, return_tensors="pt", padding="max_length", max_length=128).input_ids)
+    x = model.embed(tokenizer(text, return_tensors="pt").input_ids)  # one text: (1, its length, hidden)
 
 ``attn_implementation="eager"`` writes attention as MatMul -> Softmax -> MatMul in the ONNX graph, which every
 backend reads; its Linear layers (``...attention.self.query`` / ``q_lin`` ...) are plain ``nn.Linear``, so

@@ -1,15 +1,17 @@
 """fp8 GEMM-shaped layers through cuBLASLt (``torch._scaled_mm``): a tuning candidate beside the Triton kernel.
 
 A layer qualifies when it is one GEMM over rows of its NHWC (or token) storage: a Linear, or a 1x1 conv with
-stride 1 and no padding, both fp8 (e4m3 input and weight), K and N multiples of 16 (cuBLASLt's fp8 rule), and an
-epilogue of bias, a float residual, a clamp and an optional output quantization (no fused fake-quant, shortcut
-GEMM or second output). ``torch._scaled_mm`` runs it with row-wise scales (the activation scale per row, each
-output channel's weight scale per column) and the bias in its own epilogue, accumulating in fp32 (cuBLASLt's
-default for fp8: partial sums are promoted to fp32, not kept in the tensor cores' reduced precision); its bf16
-output then gets the residual, clamp and quantization in torch. Its output is rounded to bf16 (the row-wise
-kernel writes only bf16), so it is a candidate only in builds that asked for 16-bit floats between layers
-(``float_glue="fp16"``); there the engine times it against the Triton configs per layer and keeps the faster
-(``CudaEngine._tune``; ``MIXQ_CUDA_LIBRARY_GEMM=0`` leaves it out)."""
+stride 1 and no padding, both fp8 (e4m3 input and weight), K and N multiples of 16 (cuBLASLt's fp8 rule), a
+float input (quantized to e4m3 in a pass of its own) and a float output, with a bias and an optional float
+residual (the transformer's projections and MLP layers; no clamp, output quantization, fused fake-quant or
+shortcut GEMM: those stay with the Triton kernel). ``torch._scaled_mm`` runs it with row-wise scales (the
+activation scale per row, each output channel's weight scale per column) and the bias in its own epilogue,
+accumulating in fp32 (cuBLASLt's default for fp8: partial sums are promoted to fp32, not kept in the tensor
+cores' reduced precision); the residual is added in torch. Its output is bf16 (the row-wise kernel writes no
+other type: an 8-bit mantissa, coarser than the fp16 glue's 11 bits; the bias is rounded to bf16 too), so it is
+a candidate only in builds that already round the float glue to 16 bits (``float_glue="fp16"``); there the
+engine times it against the Triton configs per layer and keeps the faster (``CudaEngine._tune``;
+``MIXQ_CUDA_LIBRARY_GEMM=0`` leaves it out)."""
 
 from __future__ import annotations
 
@@ -18,12 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...spec import FP8_E4M3
 from .runners import _float_strides, _kernels, _logical_float, _Runner, _storage_shape
 
 __all__ = ["LibraryGemm", "ScaledMMRunner", "library_gemm_fits"]
-
-FP8_MAX = float(FP8_E4M3.max)
 
 
 @dataclass(frozen=True)
@@ -48,10 +47,11 @@ def library_gemm_fits(op) -> bool:
         and one_by_one
         and g["cin"] % 16 == 0
         and g["cout"] % 16 == 0
+        and op.x_float  # quantized as it is read (the layer's own fp8 quantize pass here)
+        and op.out_grid is None  # a float output: a quantized one would round bf16 values a second time
+        and op.act is None
         and op.sc is None
         and op.q0 is None
-        and op.out2 is None
-        and op.store1
         and (op.res is None or op.res[1] is None)
         and hasattr(torch, "_scaled_mm")
     )
@@ -77,8 +77,6 @@ class ScaledMMRunner(_Runner):
 
     def _input(self, env: dict) -> torch.Tensor:
         op, x = self.op, env[self.op.x]
-        if not op.x_float:
-            return x.reshape(-1, self.k)
         info = self.plan.tensors[op.x]
         q = torch.empty((x.shape[0], *_storage_shape(info.shape)), device=x.device, dtype=torch.float8_e4m3fn)
         n, c, h, w = _float_strides(x)
@@ -98,36 +96,17 @@ class ScaledMMRunner(_Runner):
             self.scale_a[rows] = torch.full((rows, 1), op.grid.scale, dtype=torch.float32, device=a.device)
         y = torch._scaled_mm(a, self.w_t, scale_a=self.scale_a[rows], scale_b=self.scale_b, bias=self.bias,
                              out_dtype=torch.bfloat16)  # fmt: skip
-        if op.res is not None or op.act is not None or op.out_grid is not None or op.out_dtype == "fp32":
-            y = y.float()
         if op.res is not None:
-            y = y + self._rows(env[op.res[0]]).float()
-        if op.act is not None:
-            y = y.clamp(op.act[0], min(op.act[1], 3.0e38))
+            y = y.float() + self._rows(env[op.res[0]]).float()
         g = op.geometry
-        batch = env[op.x].shape[0]
-        if op.out_grid is None:
-            dtype = torch.float16 if op.out_dtype == "fp16" else torch.float32
-            out = y.to(dtype).reshape(batch, g["oh"], g["ow"], self.n)
-            env[op.out] = _logical_float(out, self.plan.tensors[op.out].shape)
-            return
-        grid = op.out_grid
-        inv = float(np.float32(1.0) / np.float32(grid.scale))  # as the Triton epilogue: times the fp32 inverse
-        if grid.dtype == "fp8":
-            q = (y * inv).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        else:
-            q = torch.round(y * inv + grid.zp).clamp(-128, 127).to(torch.int8)
-        env[op.out] = q.reshape(batch, *_storage_shape(self.plan.tensors[op.out].shape))
+        out = y.to(torch.float16 if op.out_dtype == "fp16" else torch.float32)
+        out = out.reshape(env[op.x].shape[0], g["oh"], g["ow"], self.n)
+        env[op.out] = _logical_float(out, self.plan.tensors[op.out].shape)
 
     def describe(self) -> str:
         op = self.op
-        extra = [
-            "+residual(float)" if op.res is not None else "",
-            "+clamp" if op.act is not None else "",
-            f"->{op.out_grid.dtype}" if op.out_grid is not None else f"->{op.out_dtype}",
-        ]
-        load = "quantize pass + " if op.x_float else ""
+        extra = "+residual(float) " if op.res is not None else ""
         return (
-            f"cuBLASLt fp8 GEMM (torch._scaled_mm, row-wise scales, fp32 accumulation, bf16 out) "
-            f"[{load}1x1 {' '.join(e for e in extra if e)}]"
+            "cuBLASLt fp8 GEMM (torch._scaled_mm, row-wise scales, fp32 accumulation, bf16 out) "
+            f"[quantize pass + 1x1 {extra}->{op.out_dtype}]"
         )
