@@ -134,6 +134,7 @@ def measure(name: str, args) -> dict:
                 "top_kernels": safe_top_kernels(engine, x) if glue == "fp16" else [],
             }  # fmt: skip
             log(f"{key}: {result[key]}")
+            args.checkpoint(name, result)  # the report so far: a run stopped by a time limit keeps every engine
             del engine
             torch.cuda.empty_cache()
     return result
@@ -201,14 +202,20 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     results = {"machine": machine(), "models": {}}
     command = "python benchmarks/transformers_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    for name in args.models:
-        results["models"][name] = measure(name, args)
+
+    def checkpoint(name: str, result: dict) -> str:
+        results["models"][name] = result
         text = report(results, command)
-        if args.out:  # after every model, so a run stopped by a time limit keeps what it finished
+        if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             write(out / "transformers-gpu.md", text)
             write(out / "transformers-gpu.json", json.dumps(results, indent=1, default=str))
+        return text
+
+    args.checkpoint = checkpoint
+    for name in args.models:
+        text = checkpoint(name, measure(name, args))
     print(text)
 
 
