@@ -33,7 +33,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_results  # the sibling script: the README's citations and their freshness
 
 ROOT = check_results.ROOT
-COMMAND = re.compile(r"[Cc]ommand:?\s*`([^`]+)`")
+COMMAND = [  # how results files record their command, in order of preference
+    re.compile(r"[Cc]ommand:?\s*`([^`]+)`"),  # command: `...`
+    re.compile(r"^[Cc]ommand:\s*([^`\n]+?)(?:\s+\([^()]*\))?\s*$", re.M),  # command: ... (a trailing remark)
+    re.compile(r"^    ((?:[A-Z_]+=\S+ )*(?:python3?|bash) .+)$", re.M),  # an indented command block
+]
+
+
+def recorded_command(text: str) -> str | None:
+    for pattern in COMMAND:
+        found = pattern.search(text)
+        if found:
+            return found.group(1).strip()
+    return None
+
+
 DEVICE_PATH = re.compile(r"gpu|h100|h200|ddp|/qat/")
 MACHINE = re.compile(r"^[Mm]achine:.*$", re.M)
 
@@ -71,8 +85,7 @@ def plan(stale_only: bool) -> list[tuple[str, str, str | None]]:
         if stale_only and not (verdict.later_changes or verdict.problem):
             continue
         text = target.read_text(errors="replace")
-        found = COMMAND.search(text)
-        command = found.group(1).strip() if found else None
+        command = recorded_command(text)
         machine = MACHINE.search(text)
         made_on = cpu_class(machine.group(0)) if machine else None
         if command is None:
