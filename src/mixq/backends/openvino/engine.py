@@ -141,13 +141,8 @@ class OpenVINOEngine(Engine):
         self.onnx_bytes = onnx_bytes
         model_bytes = self._weight_layout(onnx_bytes)
         self.core = ov.Core()
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "model.onnx"
-            path.write_bytes(model_bytes)
-            try:
-                self.model = self.core.read_model(str(path))
-            except Exception as e:
-                raise EngineError(f"OpenVINO could not read the model: {type(e).__name__}: {e}") from e
+        self.model = self._read(model_bytes)
+        self.float_weight_convs: list[str] = []
         if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
             raise EngineError(
                 f"the model has {len(self.model.inputs)} inputs and {len(self.model.outputs)} outputs; mixq engines "
@@ -159,6 +154,59 @@ class OpenVINOEngine(Engine):
         self._checked: set[int] = set()  # batch sizes whose static compilation was checked (once per engine)
         self._lock = threading.RLock()  # one infer request per batch size: calls from several threads take turns
         self._request(self.input_shape[0])  # compile now, so a build error surfaces at build time
+        self.float_weight_convs = self._fold_float_conv_weights(model_bytes)
+
+    def _read(self, model_bytes: bytes):
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "model.onnx"
+            path.write_bytes(model_bytes)
+            try:
+                return self.core.read_model(str(path))
+            except Exception as e:
+                raise EngineError(f"OpenVINO could not read the model: {type(e).__name__}: {e}") from e
+
+    def _fold_float_conv_weights(self, model_bytes: bytes) -> list[str]:
+        """Where OpenVINO runs an int8 conv in f32 anyway (a ViT's 16x16 stride-16 patch conv, a ConvNeXt stem),
+        give it its weights as float32 (the same values: the DequantizeLinear folded) and keep that model if more
+        layers then run int8. Measured on torchvision's ViT-B/16 (OpenVINO 2026.4, AMX Xeon): with the patch conv's
+        int8 weight DequantizeLinear in the graph, OpenVINO also keeps every attention ``out_proj`` and the second
+        MLP Linear f32, dequantizing their int8 weights at run time; with float weights there, they run u8.
+        Returns the conv layers so changed (also in the placement notes)."""
+        import onnx
+
+        from ..onnx_graph import constant_values, dequantize_node
+
+        before = self.placement()
+        slow = {r.layer for r in before if r.requested == "int8" and r.runs_as == "fp32" and "Conv" in r.op_type}
+        if not slow:
+            return []
+        model = onnx.load_from_string(model_bytes)
+        by_output = {o: n for n in model.graph.node for o in n.output}
+        value = constant_values(model)
+        folded = []
+        for node in model.graph.node:
+            dq = by_output.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+            if dq is None or dq.op_type != "DequantizeLinear" or layer_of_node(node.name, self.layers) not in slow:
+                continue
+            try:
+                weight = dequantize_node(value, dq)
+            except (KeyError, TypeError, ValueError):  # not a constant weight: leave it
+                continue
+            name = f"{node.name}/float_weight"
+            model.graph.initializer.append(onnx.numpy_helper.from_array(weight.astype(np.float32), name))
+            node.input[1] = name
+            folded.append(layer_of_node(node.name, self.layers))
+        if not folded:
+            return []
+        kept = (self.model, dict(self._compiled), self._dynamic, dict(self.dynamic_batches), set(self._checked))
+        self.model = self._read(model.SerializeToString())
+        self._compiled, self._dynamic, self.dynamic_batches, self._checked = {}, None, {}, set()
+        self._request(self.input_shape[0])
+        int8 = sum(r.runs_as in ("int8", "fused") for r in self.placement() if r.requested == "int8")
+        if int8 > sum(r.runs_as in ("int8", "fused") for r in before if r.requested == "int8"):
+            return sorted(set(folded))
+        self.model, self._compiled, self._dynamic, self.dynamic_batches, self._checked = kept
+        return []
 
     def _weight_layout(self, onnx_bytes: bytes) -> bytes:
         """The model to compile, with the weight layout for this CPU (``options.uint8_weights``):
@@ -323,6 +371,11 @@ class OpenVINOEngine(Engine):
                 runs_as, note = "fused", f"no kernel of its own: fused into {fused_into[layer]}"
             else:
                 runs_as, note = "fused", "no kernel of its own: folded or removed by OpenVINO"
+            if layer in self.float_weight_convs:
+                note = (
+                    "OpenVINO runs this conv in float32: given its weights as float32 (the same values), which "
+                    "lets OpenVINO run other layers int8 (see OpenVINOEngine._fold_float_conv_weights)"
+                )
             if layer in self.split_layers:
                 note = (
                     f"int8 weights (|q| up to {self.split_layers[layer]}) split into two int8 halves with "
