@@ -20,6 +20,7 @@ from torch import nn
 from ._errors import ConfigError
 from .auto import Selection, candidate_backends, select_engine
 from .backends import BuildOptions, Engine, EngineError, get_backend, load_engine
+from .backends.base import GLUE_PRECISIONS
 from .calibration import (
     is_bits_config,
     load_calibration_cache,
@@ -76,7 +77,7 @@ def _check_calibration_type(config) -> None:
 
 def check_float_glue(value) -> None:
     """``float_glue`` is ``"fp32"`` or ``"fp16"`` (:class:`mixq.backends.BuildOptions`), else one ConfigError line."""
-    if value not in ("fp32", "fp16"):
+    if value not in GLUE_PRECISIONS:
         raise ConfigError(f"float_glue must be 'fp32' or 'fp16' (the cuda backend's float ops), got {value!r}")
 
 

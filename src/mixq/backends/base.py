@@ -49,6 +49,7 @@ __all__ = [
     "backends_on",
     "PRECISIONS",
     "ENGINE_FORMAT_VERSION",
+    "GLUE_PRECISIONS",
     "layer_of_node",
     "copy_layers",
     "fp8_emulated_note",
@@ -67,6 +68,9 @@ __all__ = [
 ]
 
 ENGINE_FORMAT_VERSION = 1
+
+
+GLUE_PRECISIONS = ("fp32", "fp16")  # BuildOptions.float_glue values
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .runners import _float_strides, _kernels, _logical_float, _Runner, _storage_shape
+from .runners import _logical_float, _Runner, _storage_shape, quantize_to_storage
 
 __all__ = ["LibraryGemm", "ScaledMMRunner", "library_gemm_fits"]
 
@@ -68,25 +68,15 @@ class ScaledMMRunner(_Runner):
         self.bias = torch.as_tensor(op.bias, dtype=torch.float32).to(torch.bfloat16).to(device)
         self.scale_a: dict[int, torch.Tensor] = {}  # rows -> [rows, 1] of the input scale (made before capture)
 
-    def warmup(self, batch: int, float_strides: dict) -> None:  # nothing to compile ahead
-        return None
-
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         """A float tensor of logical shape [N, C, ...] as [rows, C] in the storage's (NHWC/token) row order."""
         return t.movedim(1, -1).reshape(-1, t.shape[1])
 
     def _input(self, env: dict) -> torch.Tensor:
-        op, x = self.op, env[self.op.x]
-        info = self.plan.tensors[op.x]
-        q = torch.empty((x.shape[0], *_storage_shape(info.shape)), device=x.device, dtype=torch.float8_e4m3fn)
-        n, c, h, w = _float_strides(x)
-        if x.dim() == 4 and h != w * x.shape[3] and x.shape[2] > 1:
-            x = x.contiguous()
-            n, c, h, w = _float_strides(x)
-        pixels = int(np.prod(x.shape[2:])) if x.dim() > 2 else 1
-        consts = {"C": x.shape[1], "XSN": n, "XSC": c, "XSP": w if x.dim() > 2 else 0, "P": pixels}
-        _kernels().launch_quantize(x, q, x.shape[0] * pixels, op.grid.scale, 0.0, consts)
-        return q.reshape(-1, self.k)
+        x = env[self.op.x]
+        shape = (x.shape[0], *_storage_shape(self.plan.tensors[self.op.x].shape))
+        q = torch.empty(shape, device=x.device, dtype=torch.float8_e4m3fn)
+        return quantize_to_storage(x, q, self.op.grid).reshape(-1, self.k)
 
     def __call__(self, env: dict) -> None:
         op = self.op

@@ -41,7 +41,7 @@ import torch
 
 from ...primitives import quantize
 from ...spec import IntType
-from ..base import EngineError, constant_values, is_fp8, layer_of_node
+from ..base import GLUE_PRECISIONS, EngineError, constant_values, is_fp8, layer_of_node
 from ..onnx_graph import attributes, dequantize_constant
 
 INT8_GRID = IntType(8, True)  # the stored form of every 8-bit grid (see Grid)
@@ -1101,9 +1101,6 @@ def _is_channel_vector(value: np.ndarray, op, shape: tuple[int, ...]) -> bool:
         return value.shape[-1] == cout
     full = (1,) * (len(shape) + 1 - value.ndim) + tuple(value.shape)
     return full[1] == cout and all(d == 1 for d in full[2:])
-
-
-GLUE_PRECISIONS = ("fp32", "fp16")
 
 
 def lower(model, layers: dict, glue: str = "fp32") -> Plan:

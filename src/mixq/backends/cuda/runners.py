@@ -492,6 +492,19 @@ class RequantRunner(_Runner):
         return f"triton requant {self.op.grid.dtype}->{self.op.out_grid.dtype}" + (" +relu" if relu else "")
 
 
+def quantize_to_storage(x: torch.Tensor, out: torch.Tensor, grid) -> torch.Tensor:
+    """Quantize the float tensor ``x`` (logical [N, C, ...], any strides) onto ``grid`` into ``out``, its 8-bit
+    NHWC storage (the Triton quantize kernel); returns ``out``."""
+    n, c, h, w = _float_strides(x)
+    if x.dim() == 4 and h != w * x.shape[3] and x.shape[2] > 1:
+        x = x.contiguous()
+        n, c, h, w = _float_strides(x)
+    pixels = int(np.prod(x.shape[2:])) if x.dim() > 2 else 1
+    consts = {"C": x.shape[1], "XSN": n, "XSC": c, "XSP": w if x.dim() > 2 else 0, "P": pixels}
+    _kernels().launch_quantize(x, out, x.shape[0] * pixels, grid.scale, float(grid.zp), consts)
+    return out
+
+
 class QuantizeRunner(_Runner):
     def __init__(self, op, plan, device):
         self.op, self.plan = op, plan
@@ -499,19 +512,9 @@ class QuantizeRunner(_Runner):
 
     def __call__(self, env):
         x = env[self.op.x]
-        batch = x.shape[0]
-        n, c, h, w = _float_strides(x)
-        if x.dim() == 4 and h != w * x.shape[3] and x.shape[2] > 1:
-            x = x.contiguous()
-            n, c, h, w = _float_strides(x)
-        channels = x.shape[1]
-        pixels = int(np.prod(x.shape[2:])) if x.dim() > 2 else 1
-        dtype = STORED[self.op.out_grid.dtype]
-        out = self.buffer(env, self.op.out, (batch, *_storage_shape(self.shape)), dtype, x.device)
-        consts = {"C": channels, "XSN": n, "XSC": c, "XSP": w if x.dim() > 2 else 0, "P": pixels}
         g = self.op.out_grid
-        _kernels().launch_quantize(x, out, batch * pixels, g.scale, float(g.zp), consts)
-        env[self.op.out] = out
+        out = self.buffer(env, self.op.out, (x.shape[0], *_storage_shape(self.shape)), STORED[g.dtype], x.device)
+        env[self.op.out] = quantize_to_storage(x, out, g)
 
     def describe(self) -> str:
         return f"triton quantize ->{self.op.out_grid.dtype} nhwc"
