@@ -1,13 +1,21 @@
 """OpenVINO's own per-node profile of mixq's Q/DQ graph and of NNCF's int8 graph of the same transformer
-(issue 22: why mixq's OpenVINO engine is slower than NNCF's with every Linear u8).
+(issue 22: why mixq's OpenVINO engine was slower than NNCF's with every Linear u8).
 
 Both graphs come from the same float model (``mixq.zoo.coverage.benchmark_transformer``, random weights), the
-same 8 random calibration inputs and mixq's Linear-only int8 config; each is compiled for one static batch on
-the CPU with the settings of mixq's engine (LATENCY hint, f32 inference precision, 2 threads) and profiled with
-``PERF_COUNT`` over ``--runs`` inferences after 3 warm-up ones. The table sums OpenVINO's ``real_time`` per
-(node type, kernel precision) and counts the nodes.
+same 8 random calibration inputs and mixq's int8 config (``--config``: every Linear, or also both operands of
+the attention matmuls); each is compiled for one static batch on the CPU with the settings of mixq's engine
+(LATENCY hint, f32 inference precision, 2 threads) and profiled with ``PERF_COUNT`` over ``--runs`` inferences
+after 3 warm-up ones, the graphs taking turns. The tables sum OpenVINO's ``real_time`` per (node type, kernel
+precision) and count the nodes. A third graph is mixq's Q/DQ graph written as OpenVINO IR and read back (the
+form NNCF's graph comes in).
+
+``--equal-layer-weights`` gives every encoder layer layer 0's weights, as ``nn.TransformerEncoder``'s deep copy
+did before ``BertBaseEncoder`` re-initialised each layer: it shows why mixq's FullyConnected layers looked slower
+than NNCF's (see the results files).
 
     python benchmarks/openvino_profile.py --model bert_base_encoder --out benchmarks/results/openvino-profile-amx.md
+    python benchmarks/openvino_profile.py --model bert_base_encoder --equal-layer-weights \
+        --out benchmarks/results/openvino-profile-equal-weights-amx.md
 """
 
 from __future__ import annotations
@@ -33,23 +41,38 @@ from mixq.zoo.coverage import benchmark_transformer
 
 CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
 LINEAR_INT8 = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}]
+CONFIGS = {
+    "linear": LINEAR_INT8,
+    "linear+matmul": [*LINEAR_INT8, {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}],
+}
 
 
-def profile(core, model, shape, runs: int) -> tuple[float, list]:
-    model.reshape([*shape])
-    request = core.compile_model(model, "CPU", {**CONFIG, "PERF_COUNT": True}).create_infer_request()
+def profile(core, graphs: dict, shape, runs: int) -> dict:
+    """Per graph: (median wall ms per inference, sum of node times, rows), the graphs' inferences interleaved."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for _ in range(3):
-        request.infer({0: x})
-    total, count = collections.Counter(), collections.Counter()
+    requests = {}
+    for label, model in graphs.items():
+        model.reshape([*shape])
+        requests[label] = core.compile_model(model, "CPU", {**CONFIG, "PERF_COUNT": True}).create_infer_request()
+        for _ in range(3):
+            requests[label].infer({0: x})
+    total = {label: collections.Counter() for label in graphs}
+    count = {label: collections.Counter() for label in graphs}
+    wall = {label: [] for label in graphs}
     for _ in range(runs):
-        request.infer({0: x})
-        for p in request.profiling_info:
-            key = (p.node_type, p.exec_type.rsplit("_", 1)[-1] if p.exec_type else "")
-            total[key] += p.real_time.total_seconds() * 1e3 / runs
-            count[key] += 1
-    rows = [(k[0], k[1], ms, count[k] // runs) for k, ms in total.most_common() if ms > 0.005]
-    return sum(total.values()), rows
+        for label, request in requests.items():
+            t = time.perf_counter()
+            request.infer({0: x})
+            wall[label].append(1e3 * (time.perf_counter() - t))
+            for p in request.profiling_info:
+                key = (p.node_type, p.exec_type.rsplit("_", 1)[-1] if p.exec_type else "")
+                total[label][key] += p.real_time.total_seconds() * 1e3 / runs
+                count[label][key] += 1
+    out = {}
+    for label in graphs:
+        rows = [(k[0], k[1], ms, count[label][k] // runs) for k, ms in total[label].most_common() if ms > 0.005]
+        out[label] = (float(np.median(wall[label])), sum(total[label].values()), rows)
+    return out
 
 
 def main(argv=None):
@@ -57,6 +80,8 @@ def main(argv=None):
     p.add_argument("--model", default="bert_base_encoder")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="linear")
+    p.add_argument("--equal-layer-weights", action="store_true", help="every encoder layer gets layer 0's weights")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import nncf
@@ -64,10 +89,15 @@ def main(argv=None):
     t0 = time.time()
     torch.set_num_threads(2)
     model, sample, what = benchmark_transformer(args.model)
+    if args.equal_layer_weights:
+        layers = model.encoder.layers
+        for layer in layers[1:]:
+            layer.load_state_dict(layers[0].state_dict())
+        what += ", every layer with layer 0's weights"
     torch.manual_seed(0)
     calib = [torch.randn(1, *sample) for _ in range(8)]
     q = copy.deepcopy(model)
-    mixq.prepare_(q, LINEAR_INT8, mixq.PTQ(), example_input=calib[0])
+    mixq.prepare_(q, CONFIGS[args.config], mixq.PTQ(), example_input=calib[0])
     mixq.calibrate_(q, lambda m: [m(c) for c in calib])
     core = ov.Core()
     shape = (args.batch, *sample)
@@ -76,21 +106,23 @@ def main(argv=None):
         onnx.save(speedup.qdq.model, str(Path(tmp) / "qdq.onnx"))
         float_path = export_float_onnx(model, Path(tmp) / "float.onnx", (1, *sample))
         graphs = {"mixq Q/DQ": core.read_model(str(Path(tmp) / "qdq.onnx"))}
+        ov.save_model(graphs["mixq Q/DQ"], str(Path(tmp) / "qdq.xml"), compress_to_fp16=False)
+        graphs["mixq Q/DQ, read back from OpenVINO IR"] = core.read_model(str(Path(tmp) / "qdq.xml"))
         data = nncf.Dataset([c.numpy() for c in calib])
         graphs["NNCF int8"] = nncf.quantize(
             core.read_model(str(float_path)), data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib)
         )
-        results = {label: profile(core, g, shape, args.runs) for label, g in graphs.items()}
+        results = profile(core, graphs, shape, args.runs)
     lines = [
         "# OpenVINO per-node profile: mixq's Q/DQ graph vs NNCF's (benchmarks/openvino_profile.py)",
         "",
         f"machine: {cpu_info()}; OpenVINO {openvino_version()}, nncf {nncf.__version__}, torch {torch.__version__}",
         f"model: {what} ({args.model}), batch {args.batch}, {args.runs} profiled inferences after 3 warm-up; "
-        f"settings {CONFIG}",
+        f"settings {CONFIG}; mixq config: {args.config}",
         "",
     ]
-    for label, (total, rows) in results.items():
-        lines += [f"## {label}: {total:.2f} ms per inference (sum of node times)", ""]
+    for label, (wall, total, rows) in results.items():
+        lines += [f"## {label}: {total:.2f} ms per inference (sum of node times), {wall:.2f} ms wall (median)", ""]
         lines += ["| node type | kernel precision | ms per inference | nodes |", "|---|---|---|---|"]
         lines += [f"| {t} | {prec} | {ms:.2f} | {n} |" for t, prec, ms, n in rows]
         lines.append("")

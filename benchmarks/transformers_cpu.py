@@ -9,6 +9,9 @@ Rows, every one built from the same float model in this process and timed interl
 - ``mixq int8: <backend>``: mixq PTQ with every Linear's input and weight int8 (attention projections, MLP,
   head; patch-embedding conv too for the ViT; LayerNorm, Softmax, GELU and the attention matmuls float), on
   ``onnxruntime``, ``openvino`` and ``auto`` (mixq's default backend);
+- ``mixq int8 + attention matmuls: <backend>``: the same plus both operands of the attention's two matmuls
+  (``op_types: ["MatMul"]``: Q.K^T and P.V, int8 symmetric, mixq's default for them), where the model has them
+  (``nn.MultiheadAttention`` models; the Hugging Face ones compute attention inside their own code);
 - ``NNCF PTQ -> OpenVINO int8``: ``nncf.quantize`` of the float OpenVINO model with
   ``model_type=nncf.ModelType.TRANSFORMER`` (NNCF's documented setting for transformers), the same calibration
   inputs, compiled with the same OpenVINO settings.
@@ -50,6 +53,7 @@ LINEAR_INT8 = [
     {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]},
     {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d"]},  # the ViT's patch embedding
 ]
+ATTENTION_MATMULS = [*LINEAR_INT8, {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}]
 THREADS = 2
 
 
@@ -80,9 +84,9 @@ def nncf_openvino(path: Path, calib: list[torch.Tensor]):
     return openvino_session(q_path)
 
 
-def ptq(model, calib):
+def ptq(model, calib, config):
     q = copy.deepcopy(model)
-    mixq.prepare_(q, LINEAR_INT8, mixq.PTQ(), example_input=calib[0])
+    mixq.prepare_(q, config, mixq.PTQ(), example_input=calib[0])
     mixq.calibrate_(q, lambda m: [m(x) for x in calib])
     return q
 
@@ -116,16 +120,20 @@ def measure_model(name, args, workdir: Path, lines: list[str]) -> None:
         "ORT fp32": (ort_session(float_path), model, "baseline"),
         "OpenVINO fp32": (openvino_session(float_path), model, ""),
     }
-    fake_quant = ptq(model, calib)
-    for backend in ("onnxruntime", "openvino", "auto"):
-        s = ModelSpeedup(
-            fake_quant, (build_batch, *sample), batchsize=build_batch, backend=backend, threads=THREADS
-        ).compress()
-        rows[f"mixq int8: {backend}" + (" (default)" if backend == "auto" else "")] = (
-            s.engine.run,
-            fake_quant,
-            placement(s),
-        )
+    fake_quants = {"mixq int8": ptq(model, calib, LINEAR_INT8)}
+    with_matmuls = ptq(model, calib, ATTENTION_MATMULS)
+    if any(w.layer_spec.op_type == "MatMul" for w in mixq.quantized_layers(with_matmuls).values()):
+        fake_quants["mixq int8 + attention matmuls"] = with_matmuls
+    for prefix, fake_quant in fake_quants.items():
+        for backend in ("onnxruntime", "openvino", "auto"):
+            s = ModelSpeedup(
+                fake_quant, (build_batch, *sample), batchsize=build_batch, backend=backend, threads=THREADS
+            ).compress()
+            rows[f"{prefix}: {backend}" + (" (default)" if backend == "auto" else "")] = (
+                s.engine.run,
+                fake_quant,
+                placement(s),
+            )
     peer = nncf_openvino(float_path, calib)
     if peer is not None:
         rows["NNCF PTQ -> OpenVINO int8"] = (peer, model, "peer, SQNR/agreement vs fp32")
@@ -133,15 +141,19 @@ def measure_model(name, args, workdir: Path, lines: list[str]) -> None:
 
     qual = {label: quality(run, ref, fresh) for label, (run, ref, _) in rows.items()}
     lines += [f"## {name}: {what}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, input {sample}"]
-    fq_db, fq_agree = quality(fake_quant, model, fresh)
-    floor = rounding_floor_db(fake_quant, fresh)
+    lines += [f"builds and exports: {build_s:.0f} s; calibration: {args.calib} random inputs", ""]
+    for prefix, fake_quant in fake_quants.items():
+        fq_db, fq_agree = quality(fake_quant, model, fresh)
+        floor = rounding_floor_db(fake_quant, fresh)
+        lines += [
+            f"- {prefix}: fake-quant model vs fp32 {fq_db:.1f} dB SQNR, {fq_agree:.1%} top-1 agreement (the rows' "
+            f"SQNR is vs this fake-quant model); rounding floor {floor:.1f} dB",
+        ]
     lines += [
-        f"builds and exports: {build_s:.0f} s; calibration: {args.calib} random inputs; mixq's fake-quant model vs "
-        f"fp32: {fq_db:.1f} dB SQNR, {fq_agree:.1%} top-1 agreement (the mixq rows' SQNR is vs fake-quant)",
         "",
-        f"rounding floor: the fake-quant model in float32 vs the same in float64: {floor:.1f} dB. Float rounding "
-        "alone moves it this far (a rounding difference on a quantizer's bin edge flips the bin and the net carries "
-        "it on), so an engine summing in another order is not expected above it.",
+        "rounding floor: the fake-quant model in float32 vs the same in float64. Float rounding alone moves it this "
+        "far (a rounding difference on a quantizer's bin edge flips the bin and the net carries it on), so an engine "
+        "summing in another order is not expected above it.",
         "",
     ]
     for batch in sorted(args.batches):

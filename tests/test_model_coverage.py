@@ -1,5 +1,6 @@
 """Model coverage (issue 22): every registered tiny model family quantizes with one generic int8 config
-(inputs and weights of Conv2d and Linear, conv outputs; LayerNorm, Softmax, GELU float), exports, and builds on
+(inputs and weights of Conv2d and Linear, conv outputs, both operands of the attention matmuls; LayerNorm,
+Softmax, GELU float), exports, and builds on
 ONNX Runtime and OpenVINO; each engine matches the fake-quant model (>= 30 dB SQNR on fresh random inputs) and
 runs every configured layer in int8 (its placement row)."""
 
@@ -20,6 +21,7 @@ pytest.importorskip("openvino")
 GENERIC_INT8 = [
     {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]},
     {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_types": ["Conv2d"]},
+    {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]},  # attention: Q.K^T and P.V
 ]
 SQNR_FLOOR_DB = 30.0  # the issue's int8 floor, engine vs fake-quant
 # Layers OpenVINO 2026.4's CPU plugin keeps in float although their Q/DQ is in place (seen on an EPYC with
@@ -51,8 +53,9 @@ def test_engine_matches_fake_quant_and_runs_int8(calibrated, backend):
     name, model, shape = calibrated
     asked = set(mixq.quantized_layers(model))
     assert asked, f"{name}: the generic config quantized nothing"
-    if name in ("tiny_vit", "tiny_bert"):  # attention projections are Linear layers the config reaches
-        assert {f"encoder.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("in_proj", "out_proj")} <= asked
+    if name in ("tiny_vit", "tiny_bert"):  # attention projections (Linear) and matmuls (MatMul) the config reaches
+        parts = ("in_proj", "out_proj", "qk_matmul", "pv_matmul")
+        assert {f"encoder.layers.{i}.self_attn.{p}" for i in (0, 1) for p in parts} <= asked
     engine = ModelSpeedup(model, shape, batchsize=shape[0], backend=backend).compress()
     torch.manual_seed(1)  # fresh inputs, not the calibration batches
     for _ in range(2):

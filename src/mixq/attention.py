@@ -8,7 +8,9 @@ directly; torch's TorchScript ONNX exporter writes neither that path nor SDPA at
 :class:`ExplicitMultiheadAttention` computes the same function with ``in_proj`` and ``out_proj`` as ``nn.Linear``
 submodules (NNI names ``<attn>.in_proj`` and ``<attn>.out_proj``, so ``op_types: ["Linear"]`` and ``op_names:
 ["encoder.layers.*.self_attn.*"]`` reach them) and the attention itself as ``matmul -> softmax -> matmul`` (ONNX
-MatMul/Softmax). :func:`explicit_attention_` swaps every ``nn.MultiheadAttention`` of a model for one;
+MatMul/Softmax), each matmul a :class:`MatMul` module (``<attn>.qk_matmul``: the scaled Q by K^T, ``<attn>.pv_matmul``:
+the probabilities by V), so ``op_types: ["MatMul"]`` (or ``op_names: ["*.qk_matmul"]``) quantizes their operands.
+:func:`explicit_attention_` swaps every ``nn.MultiheadAttention`` of a model for one;
 ``mixq.prepare_`` and ``mixq.export`` do it, so the quantized model, its deploy model and its ONNX graph share the
 same layer names.
 
@@ -26,7 +28,15 @@ from torch import nn
 
 from ._errors import ModelStructureError
 
-__all__ = ["ExplicitMultiheadAttention", "explicit_attention_", "has_torch_attention"]
+__all__ = ["MatMul", "ExplicitMultiheadAttention", "explicit_attention_", "has_torch_attention"]
+
+
+class MatMul(nn.Module):
+    """``torch.matmul(a, b)`` as a module, so a config can name it (op type ``"MatMul"``) and its two activation
+    operands can be quantized (quant type ``"input"``: each operand with its own range)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
 
 
 class ExplicitMultiheadAttention(nn.Module):
@@ -45,6 +55,8 @@ class ExplicitMultiheadAttention(nn.Module):
         self.dropout, self.batch_first = dropout, batch_first
         self.in_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.qk_matmul = MatMul()  # (q / sqrt(d)) @ k^T: the attention scores
+        self.pv_matmul = MatMul()  # softmax(scores) @ v
 
     @property
     def in_proj_bias(self):
@@ -109,14 +121,14 @@ class ExplicitMultiheadAttention(nn.Module):
         q = q.reshape(batch, length, heads, dim).transpose(1, 2)  # (N, H, L, D)
         k = k.reshape(batch, source, heads, dim).transpose(1, 2)
         v = v.reshape(batch, source, heads, dim).transpose(1, 2)
-        scores = torch.matmul(q * (1.0 / math.sqrt(dim)), k.transpose(2, 3))  # (N, H, L, S)
+        scores = self.qk_matmul(q * (1.0 / math.sqrt(dim)), k.transpose(2, 3))  # (N, H, L, S)
         mask = _additive_mask(attn_mask, key_padding_mask, is_causal, length, source, batch, heads, scores.dtype)
         if mask is not None:
             scores = scores + mask
         weights = torch.softmax(scores, dim=-1)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, p=self.dropout)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, embed)
+        out = self.pv_matmul(weights, v).transpose(1, 2).reshape(batch, length, embed)
         out = self.out_proj(out)
         if not batched:
             out = out.squeeze(0)

@@ -22,7 +22,17 @@ import torch
 from ._errors import CalibrationFileError
 from ._io import atomic_write
 from .primitives import SCALE_EPS
-from .spec import FORMAT_KEY, FP8_DTYPE, FP8_E4M3, MAX_BITS, MIN_BITS, QUANT_TYPES, QuantSpec
+from .spec import (
+    FORMAT_KEY,
+    FP8_DTYPE,
+    FP8_E4M3,
+    MAX_BITS,
+    MIN_BITS,
+    QUANT_TYPES,
+    SECOND_INPUT,
+    TWO_INPUT_OP_TYPES,
+    QuantSpec,
+)
 
 __all__ = [
     "save_calibration_config",
@@ -45,6 +55,10 @@ _TYPE_KEYS = {
     t: (f"{t}_bits", f"{t}_scale", f"{t}_zero_point", f"{t}_qspec", f"tracked_min_{t}", f"tracked_max_{t}")
     for t in QUANT_TYPES
 }
+# A MatMul's second operand (mixq.spec.SECOND_INPUT): its own range and qparams, the input's bits and qspec.
+_TYPE_KEYS["input"] += tuple(f"{k}_{SECOND_INPUT}" for k in ("tracked_min", "tracked_max")) + tuple(
+    f"{SECOND_INPUT}_{k}" for k in ("scale", "zero_point")
+)
 
 
 def save_calibration_config(config: dict, path: str | os.PathLike) -> Path:
@@ -230,6 +244,26 @@ def validate_calibration_config(config: dict, source: str = "calibration config"
                 if lo > hi:
                     raise CalibrationFileError(f"{where}: tracked_min_{t} ({lo}) > tracked_max_{t} ({hi})")
                 _check_qparams(entry, t, spec, where, require=False)
+        _check_second_input(entry, where)
+
+
+def _check_second_input(entry: dict, where: str) -> None:
+    """A MatMul's entry: its second operand's range (and qparams, when given) beside the input's."""
+    keys = [k for k in entry if SECOND_INPUT in k]
+    is_two_input = entry.get("op_type") in TWO_INPUT_OP_TYPES
+    if keys and not is_two_input:
+        raise CalibrationFileError(f"{where}: {keys[0]} belongs to a MatMul entry (op_type {entry.get('op_type')!r})")
+    if not is_two_input or "input_bits" not in entry:
+        return
+    t = SECOND_INPUT
+    for k in (f"tracked_min_{t}", f"tracked_max_{t}"):
+        v = entry.get(k)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise CalibrationFileError(f"{where}: a MatMul quantizes both operands; {k} must be a number, got {v!r}")
+    if entry[f"tracked_min_{t}"] > entry[f"tracked_max_{t}"]:
+        raise CalibrationFileError(f"{where}: tracked_min_{t} > tracked_max_{t}")
+    spec = _spec_of(entry, "input", where)
+    _check_qparams(entry, t, spec, where, require=False)
 
 
 def _spec_of(entry: dict, t: str, where: str) -> QuantSpec | None:

@@ -35,6 +35,7 @@ from .spec import (
     MIN_BITS,
     QUANT_TYPES,
     SCHEMES,
+    TWO_INPUT_OP_TYPES,
     WEIGHTED_OP_TYPES,
     LayerSpec,
     QuantSpec,
@@ -42,6 +43,7 @@ from .spec import (
 
 __all__ = [
     "WEIGHTED_OP_TYPES",
+    "TWO_INPUT_OP_TYPES",
     "ACTIVATION_OP_TYPES",
     "DEFAULT_SCHEME",
     "DEFAULT_DTYPE",
@@ -53,12 +55,16 @@ __all__ = [
 ]
 
 ACTIVATION_OP_TYPES = ("ReLU", "ReLU6", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d")
-QUANTIZABLE_OP_TYPES = WEIGHTED_OP_TYPES + ACTIVATION_OP_TYPES
+QUANTIZABLE_OP_TYPES = WEIGHTED_OP_TYPES + TWO_INPUT_OP_TYPES + ACTIVATION_OP_TYPES
 
 # Backend-friendly defaults (NNI used per_tensor_affine uint for everything): int8 symmetric
 # per-channel weights and uint8 affine activations are what ONNX Runtime and TensorRT run fastest.
 DEFAULT_SCHEME = {"input": "per_tensor_affine", "weight": "per_channel_symmetric", "output": "per_tensor_affine"}
 DEFAULT_DTYPE = {"input": "uint", "weight": "int", "output": "uint"}
+# A MatMul's operands (an attention's Q, K, V and probabilities) default to int8 symmetric (zero point 0): with an
+# affine V OpenVINO 2026.4 runs the attention slower than in float, with symmetric operands faster
+# (benchmarks/results/openvino-attention-matmul-amx.md). A probability operand (>= 0) then uses 7 of the 8 bits.
+TWO_INPUT_DEFAULT = ("per_tensor_symmetric", "int")
 # fp8 is symmetric: per-tensor activations, per-channel weights.
 FP8_DEFAULT_SCHEME = {
     "input": "per_tensor_symmetric",
@@ -225,6 +231,7 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
     entry["quant_types"] = tuple(types)
 
     entry["quant_bits"] = _per_type(i, "quant_bits", entry["quant_bits"], types, None, _check_bits)
+    entry["input_format_given"] = "quant_dtype" in entry or "quant_scheme" in entry
     entry["quant_dtype"] = _per_type(i, "quant_dtype", entry.get("quant_dtype"), types, DEFAULT_DTYPE, _check_dtype)
     fp8 = [t for t in types if entry["quant_dtype"][t] == FP8_DTYPE]
     default_scheme = {t: (FP8_DEFAULT_SCHEME if t in fp8 else DEFAULT_SCHEME)[t] for t in types}
@@ -370,21 +377,24 @@ def _matches(entry: dict, name: str, module: nn.Module) -> bool:
         return False
     if "op_names" not in entry or name in entry["op_names"]:
         return True
-    # A wildcard (fnmatch: *, ?, [..]) sweeps containers too; it selects only the quantizable modules it meets.
-    return type(module).__name__ in QUANTIZABLE_OP_TYPES and any(
-        _is_pattern(p) and fnmatch.fnmatchcase(name, p) for p in entry["op_names"]
-    )
+    # A wildcard (fnmatch: *, ?, [..]) sweeps containers too; it selects only the quantizable modules it meets,
+    # and of those only ones that have a weight when the entry quantizes weights (an attention's MatMul has none).
+    if type(module).__name__ not in QUANTIZABLE_OP_TYPES:
+        return False
+    if "weight" in entry.get("quant_types", ()) and type(module).__name__ not in WEIGHTED_OP_TYPES:
+        return False
+    return any(_is_pattern(p) and fnmatch.fnmatchcase(name, p) for p in entry["op_names"])
 
 
 def _layer_spec(i: int, entry: dict, name: str, module: nn.Module) -> LayerSpec:
     specs = {}
+    two_inputs = type(module).__name__ in TWO_INPUT_OP_TYPES and not entry["input_format_given"]
     for t in entry["quant_types"]:
+        scheme, dtype = entry["quant_scheme"][t], entry["quant_dtype"][t]
+        if two_inputs and t == "input" and dtype != FP8_DTYPE:
+            scheme, dtype = TWO_INPUT_DEFAULT
         specs[t] = QuantSpec.from_nni(
-            entry["quant_bits"][t],
-            entry["quant_scheme"][t],
-            entry["quant_dtype"][t],
-            axis=0,
-            convention=entry["quant_convention"][t],
+            entry["quant_bits"][t], scheme, dtype, axis=0, convention=entry["quant_convention"][t]
         )
     return LayerSpec(
         name=name,

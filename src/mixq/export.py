@@ -37,9 +37,9 @@ from ._errors import CalibrationFileError, ConfigError, MixqError
 from ._io import atomic_write
 from .attention import explicit_attention_, has_torch_attention
 from .calibration import validate_calibration_config
-from .config import QUANTIZABLE_OP_TYPES, WEIGHTED_OP_TYPES
+from .config import QUANTIZABLE_OP_TYPES, TWO_INPUT_OP_TYPES, WEIGHTED_OP_TYPES
 from .primitives import FP8_TORCH_DTYPE, choose_qparams, fake_quantize, fake_quantize_fp8, fold_batchnorm, quantize
-from .spec import FP8_DTYPE, FP8_E4M3, QUANT_TYPES, IntType, QuantSpec
+from .spec import FP8_DTYPE, FP8_E4M3, QUANT_TYPES, SECOND_INPUT, IntType, QuantSpec
 
 __all__ = [
     "QDQExport",
@@ -178,6 +178,9 @@ class _QDQLayer(nn.Module):
         super().__init__()
         self.module = module
         self.input_qdq = _act_qdq(entry, "input", name)
+        # A MatMul's second operand: the input's bits and format, its own scale and zero point.
+        two_inputs = type(module).__name__ in TWO_INPUT_OP_TYPES
+        self.input1_qdq = _act_qdq(entry, "input", name, slot=SECOND_INPUT) if two_inputs else None
         self.output_qdq = _act_qdq(entry, "output", name)
         self.weighted = type(module).__name__ in WEIGHTED_OP_TYPES
         self.weight_axis = None
@@ -201,6 +204,8 @@ class _QDQLayer(nn.Module):
     def forward(self, x, *args, **kwargs):
         if self.input_qdq is not None:
             x = self.input_qdq(x)
+        if self.input1_qdq is not None and args:
+            args = (self.input1_qdq(args[0]), *args[1:])
         m = self.module
         if self.weight_fp8 is not None:
             w = _Fp8Marker.apply(m.weight, *self.weight_fp8)
@@ -233,14 +238,17 @@ def _check_weight_scales(count: int, module: nn.Module, spec: QuantSpec, name: s
         )
 
 
-def _act_qdq(entry: dict, t: str, name: str) -> _ActQDQ | _Fp8QDQ | None:
+def _act_qdq(entry: dict, t: str, name: str, slot: str | None = None) -> _ActQDQ | _Fp8QDQ | None:
+    """The Q/DQ pair of quant type ``t`` (its bits and qspec); ``slot`` names the entry's keys of the scale,
+    zero point and range where they are not ``t``'s own (a MatMul's second operand)."""
     if f"{t}_bits" not in entry or entry[f"{t}_bits"] != 8:
         return None
     spec = QuantSpec.from_dict(entry.get(f"{t}_qspec") or _ACT_DEFAULT)
-    if f"{t}_scale" in entry:
-        scale, zp = entry[f"{t}_scale"], entry[f"{t}_zero_point"]
+    slot = slot or t
+    if f"{slot}_scale" in entry:
+        scale, zp = entry[f"{slot}_scale"], entry[f"{slot}_zero_point"]
     else:  # NNI-style entry: only the tracked range
-        s, z = choose_qparams(entry[f"tracked_min_{t}"], entry[f"tracked_max_{t}"], spec)
+        s, z = choose_qparams(entry[f"tracked_min_{slot}"], entry[f"tracked_max_{slot}"], spec)
         scale, zp = float(s), int(z)
     if isinstance(scale, list):
         raise CalibrationFileError(f"layer {name!r}: per-channel {t} quantization cannot be exported")

@@ -17,6 +17,8 @@ __all__ = [
     "QuantSpec",
     "LayerSpec",
     "QUANT_TYPES",
+    "TWO_INPUT_OP_TYPES",
+    "SECOND_INPUT",
     "CONVENTIONS",
     "FORMAT_KEY",
 ]
@@ -24,6 +26,12 @@ __all__ = [
 QUANT_TYPES = ("input", "weight", "output")
 # The torch module types whose weight is quantized (layer records name them by op_type; backends read it).
 WEIGHTED_OP_TYPES = ("Conv1d", "Conv2d", "Linear")
+# Modules with two activation inputs (``mixq.attention.MatMul``: an attention's Q.K^T and P.V). Their "input"
+# quant type quantizes both operands, each with its own range; calibration entries keep the second operand's
+# as ``SECOND_INPUT`` keys (``input1_scale``, ``input1_zero_point``, ``tracked_min_input1``, ...), bits and qspec
+# shared with ``input``.
+TWO_INPUT_OP_TYPES = ("MatMul",)
+SECOND_INPUT = "input1"
 MIN_BITS, MAX_BITS = 2, 16
 # How integers, zero points and symmetric scales are chosen: mixq's (full signed range, 2**(bits-1) for an
 # unsigned symmetric zero point) or NNI 2.x's (see QuantSpec).

@@ -660,3 +660,25 @@ def test_float_patterns_fuse_only_private_chains():
     kept = [n.op_type for n in fuse_float_patterns(graph(True, 1.5)).graph.node]
     assert kept == [n.op_type for n in graph(True, 1.5).graph.node]
     onnx.checker.check_model(graph(True, 1.5))
+
+
+@needs_triton
+def test_attention_matmuls_asked_int8_run_float_on_their_quantized_operands(build):
+    """The cuda backend has no 8-bit kernel for a matmul of two activations: it quantizes and dequantizes both
+    operands as the Q/DQ graph says (so it matches the fake-quant model) and runs the matmul in float, and the
+    placement row says so."""
+    from mixq.backends.cuda.engine import ATTENTION_MATMUL_NOTE
+
+    config = [*LINEAR_INT8, {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}]
+    model, qdq, shape = _transformer_export("tiny_vit", config)
+    engine = build(qdq, shape)
+    torch.manual_seed(1)
+    x = torch.randn(*shape) * 1.5
+    with torch.no_grad():
+        ref = model(x)
+    assert sqnr_db(ref, engine.run(x)) >= 30.0
+    rows = {r.layer: r for r in engine.placement()}
+    matmuls = {n for n, info in qdq.layers.items() if info["op_type"] == "MatMul"}
+    assert len(matmuls) == 4
+    assert {rows[n].runs_as for n in matmuls} == {"fp32"} and {rows[n].note for n in matmuls} == {ATTENTION_MATMUL_NOTE}
+    assert {r.runs_as for n, r in rows.items() if n not in matmuls and r.requested == "int8"} == {"int8"}

@@ -13,6 +13,7 @@ from torch import nn
 
 import mixq
 from engine_cases import ALL8_WITH_LOGITS, TUTORIAL_STYLE
+from mixq.attention import explicit_attention_
 from mixq.backends.tensorrt.check import RULES, check
 from mixq.backends.tensorrt.legalize import legalize
 from mixq.export import export_qdq_onnx
@@ -61,6 +62,8 @@ CONFIGS = {
         }
     ],
     "mixed_fp16": [*WEIGHTED[:1], {"quant_types": ["input", "weight"], "quant_bits": 16, "op_types": ["Linear"]}],
+    # the attention's Q.K^T and P.V with both operands int8 (TensorRT's MatMul Q/DQ pattern)
+    "attention_matmuls": [*WEIGHTED, {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}],
 }
 
 
@@ -78,10 +81,16 @@ def _export(model, shape, config, calibrate_on, extra_layer_bits=32, dummy_input
     return export_qdq_onnx(mixq.deploy_model(model), (2, *shape), mixq.export_calibration(model), extra_layer_bits)
 
 
+def _explicit(name):
+    return explicit_attention_(create_model(name)).modules()
+
+
 def _cases():
     for name in list_models():
         for key, config in CONFIGS.items():
             if not _applies(config, create_model(name)):
+                continue
+            if key == "attention_matmuls" and not any(type(m).__name__ == "MatMul" for m in _explicit(name)):
                 continue
             if name == "resnet18_cifar" and key != "tutorial":
                 continue  # tiny_resnet has the same blocks; resnet18's export alone takes ~10 s

@@ -129,7 +129,7 @@ class LsqQuantizer(Quantizer):
         scales = [
             q.scale
             for w in quantized_layers(model).values()
-            for q in (w.input_quantizer, w.weight_quantizer, w.output_quantizer)
+            for q in (w.input_quantizer, w.input1_quantizer, w.weight_quantizer, w.output_quantizer)
             if q is not None
         ]
         if optimizer is not None:

@@ -26,7 +26,7 @@ from ..config import check_config_list, resolve_config
 from ..distributed import broadcast_, is_distributed
 from ..observers import HistogramObserver
 from ..primitives import SCALE_EPS
-from ..spec import LayerSpec
+from ..spec import SECOND_INPUT, LayerSpec
 from .fake_quant import ActivationQuant, LSQActivationQuant, check_integer_method
 from .sync import defer_range_sync, sync_ranges, undefer_range_sync_
 from .wrapper import LSQ, QAT, DoReFa, Method, Mode, QuantWrapper
@@ -176,11 +176,15 @@ def calibrate_(model: nn.Module, forward_loop: Callable[[nn.Module], object]) ->
     return freeze_(model)
 
 
+# The activation quantizers of a wrapper (attribute ``<slot>_quantizer``) and their calibration-entry keys.
+ACTIVATION_SLOTS = ("input", SECOND_INPUT, "output")
+
+
 def _activation_observers(wrappers: dict) -> list:
     return [
         q.observer
         for w in wrappers.values()
-        for q in (w.input_quantizer, w.output_quantizer)
+        for q in (w.input_quantizer, w.input1_quantizer, w.output_quantizer)
         if isinstance(q, ActivationQuant)
     ]
 
@@ -208,7 +212,7 @@ def _unobserved(wrappers: dict[str, QuantWrapper]) -> list[tuple[str, str]]:
     return [
         (name, t)
         for name, w in wrappers.items()
-        for t in ("input", "output")
+        for t in ACTIVATION_SLOTS
         if getattr(w, f"{t}_quantizer") is not None and not getattr(w, f"{t}_quantizer").initialized
     ]
 
@@ -217,7 +221,7 @@ def _check_observed(wrappers: dict[str, QuantWrapper], allow_unobserved: bool, f
     missing = _unobserved(wrappers)
     if not missing:
         return missing
-    activations = sum(getattr(w, f"{t}_quantizer") is not None for w in wrappers.values() for t in ("input", "output"))
+    activations = sum(getattr(w, f"{t}_quantizer") is not None for w in wrappers.values() for t in ACTIVATION_SLOTS)
     if len(missing) == activations and not allow_unobserved:
         name, t = missing[0]
         raise ModelStructureError(f"layer {name!r}: its {t} was never observed; {fix}")
@@ -264,18 +268,21 @@ def export_calibration(model: nn.Module, allow_unobserved: bool = False) -> dict
             entry["weight_scale"] = _py(scale)
             entry["weight_zero_point"] = _py(zp)
             entry["weight_qspec"] = stored.to_dict()
-        for t in ("input", "output"):
+        if {(name, SECOND_INPUT), (name, "input")} & unobserved:  # a MatMul's operands: both or neither
+            unobserved |= {(name, SECOND_INPUT), (name, "input")}
+        for t in ACTIVATION_SLOTS:
             q = getattr(w, f"{t}_quantizer")
             if q is None or (name, t) in unobserved:
                 continue
             lo, hi = q.tracked_range()
             scale, zp = q.qparams()
-            entry[f"{t}_bits"] = spec.spec(t).dtype.bits
             entry[f"tracked_min_{t}"] = lo
             entry[f"tracked_max_{t}"] = hi
             entry[f"{t}_scale"] = _py(scale)
             entry[f"{t}_zero_point"] = _py(zp)
-            entry[f"{t}_qspec"] = spec.spec(t).to_dict()
+            if t != SECOND_INPUT:  # the second operand shares the input's bits and qspec
+                entry[f"{t}_bits"] = spec.spec(t).dtype.bits
+                entry[f"{t}_qspec"] = spec.spec(t).to_dict()
         if any(f"{t}_bits" in entry for t in ("input", "weight", "output")):
             out[name] = entry
     return out
@@ -343,7 +350,7 @@ def load_calibration_(model: nn.Module, calibration: Mapping) -> list[str]:
                     f"load_calibration_config: layer {name!r}: {t}_bits {entry[f'{t}_bits']} in the config, "
                     f"{bits} in this quantizer's config_list"
                 )
-        for t in ("input", "output"):
+        for t in ACTIVATION_SLOTS:
             q = getattr(w, f"{t}_quantizer")
             if q is None or f"tracked_min_{t}" not in entry:
                 continue

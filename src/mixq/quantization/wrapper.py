@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import ConfigError
-from ..config import WEIGHTED_OP_TYPES
+from ..config import TWO_INPUT_OP_TYPES, WEIGHTED_OP_TYPES
 from ..observers import EMAMinMaxObserver, make_observer
 from ..primitives import fold_batchnorm
 from ..spec import LayerSpec, QuantSpec
@@ -72,6 +72,9 @@ class QuantWrapper(nn.Module):
         self.mode = Mode.CALIBRATE if isinstance(method, PTQ) else Mode.QUANTIZE
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.input_quantizer = _activation_quant(spec.input, spec, method)
+        # A MatMul's second operand: same spec, its own range.
+        two_inputs = spec.op_type in TWO_INPUT_OP_TYPES
+        self.input1_quantizer = _activation_quant(spec.input, spec, method) if two_inputs else None
         self.output_quantizer = _activation_quant(spec.output, spec, method)
         self.weight_quantizer = _weight_quant(spec.weight, method, module)
 
@@ -80,6 +83,8 @@ class QuantWrapper(nn.Module):
         gate = self._gate(calibrating)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x, gate, calibrating)
+        if self.input1_quantizer is not None and args:
+            args = (self.input1_quantizer(args[0], gate, calibrating), *args[1:])
         if self.layer_spec.op_type in WEIGHTED_OP_TYPES:
             out = self._weighted_forward(x, gate if self.weight_quantizer is not None else False)
         else:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ...spec import TWO_INPUT_OP_TYPES
 from ..base import (
     FLOAT_BIAS_NOTE,
     Backend,
@@ -425,9 +426,18 @@ FP8_LIBRARY_NOTE = (
 )
 
 
+ATTENTION_MATMUL_NOTE = (
+    "no 8-bit kernel for a matmul of two activations here: its operands are quantized and dequantized (the fake-quant "
+    "model's values) and it runs in float, which also keeps the attention from the fused SDPA kernel; leave MatMul "
+    "out of the config for cuda engines"
+)
+
+
 def _note(info: dict, runs_as: str, why_not_fp8: str | None = None, fp8_acc32: bool = False) -> str:
     """The placement report's note for a layer; ``why_not_fp8``: the lowering's reason (``Plan.notes``)."""
     requested = info["precision"]
+    if requested in ("int8", "fp8") and runs_as == "fp32" and info.get("op_type") in TWO_INPUT_OP_TYPES:
+        return ATTENTION_MATMUL_NOTE
     if requested == "int8" and runs_as == "fp32":
         if info.get("float_bias"):
             return FLOAT_BIAS_NOTE
