@@ -1,20 +1,22 @@
 """OpenVINO's own per-node profile of mixq's Q/DQ graph and of NNCF's int8 graph of the same transformer
 (issue 22: why mixq's OpenVINO engine was slower than NNCF's with every Linear u8).
 
-Both graphs come from the same float model (``mixq.zoo.coverage.benchmark_transformer``, random weights), the
-same 8 random calibration inputs and mixq's int8 config (``--config``: every Linear, or also both operands of
-the attention matmuls); each is compiled for one static batch on the CPU with the settings of mixq's engine
-(LATENCY hint, f32 inference precision, 2 threads) and profiled with ``PERF_COUNT`` over ``--runs`` inferences
-after 3 warm-up ones, the graphs taking turns. The tables sum OpenVINO's ``real_time`` per (node type, kernel
-precision) and count the nodes. A third graph is mixq's Q/DQ graph written as OpenVINO IR and read back (the
-form NNCF's graph comes in).
+The graphs come from the same float model (``mixq.zoo.coverage.benchmark_transformer``, random weights) and
+the same 8 random calibration inputs: mixq's Q/DQ graph for each of ``--configs`` (``linear``: every Linear int8;
+``linear+matmul``: also both operands of the attention matmuls, int8 symmetric as mixq's default for them;
+``linear+matmul-affine``: those operands uint8 affine), the first of them also written as OpenVINO IR and read
+back (the form NNCF's graph comes in), and NNCF's. Each is compiled for one static batch on the CPU with the
+settings of mixq's engine (LATENCY hint, f32 inference precision, 2 threads) and profiled with ``PERF_COUNT``
+over ``--runs`` inferences after 3 warm-up ones, the graphs taking turns. The tables sum OpenVINO's
+``real_time`` per (node type, kernel precision) and count the nodes.
 
 ``--equal-layer-weights`` gives every encoder layer layer 0's weights, as ``nn.TransformerEncoder``'s deep copy
 did before ``BertBaseEncoder`` re-initialised each layer: it shows why mixq's FullyConnected layers looked slower
 than NNCF's (see the results files).
 
-    python benchmarks/openvino_profile.py --model bert_base_encoder --out benchmarks/results/openvino-profile-amx.md
-    python benchmarks/openvino_profile.py --model bert_base_encoder --equal-layer-weights \
+    python benchmarks/openvino_profile.py --model bert_base_encoder --runs 30 \
+        --configs linear linear+matmul linear+matmul-affine --out benchmarks/results/openvino-profile-amx.md
+    python benchmarks/openvino_profile.py --model bert_base_encoder --runs 30 --equal-layer-weights \
         --out benchmarks/results/openvino-profile-equal-weights-amx.md
 """
 
@@ -41,9 +43,11 @@ from mixq.zoo.coverage import benchmark_transformer
 
 CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
 LINEAR_INT8 = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}]
+MATMULS = {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}
 CONFIGS = {
     "linear": LINEAR_INT8,
-    "linear+matmul": [*LINEAR_INT8, {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}],
+    "linear+matmul": [*LINEAR_INT8, MATMULS],  # mixq's default for matmuls: int8 symmetric operands
+    "linear+matmul-affine": [*LINEAR_INT8, {**MATMULS, "quant_dtype": "uint", "quant_scheme": "per_tensor_affine"}],
 }
 
 
@@ -80,7 +84,7 @@ def main(argv=None):
     p.add_argument("--model", default="bert_base_encoder")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--config", choices=sorted(CONFIGS), default="linear")
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["linear"])
     p.add_argument("--equal-layer-weights", action="store_true", help="every encoder layer gets layer 0's weights")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -96,18 +100,23 @@ def main(argv=None):
         what += ", every layer with layer 0's weights"
     torch.manual_seed(0)
     calib = [torch.randn(1, *sample) for _ in range(8)]
-    q = copy.deepcopy(model)
-    mixq.prepare_(q, CONFIGS[args.config], mixq.PTQ(), example_input=calib[0])
-    mixq.calibrate_(q, lambda m: [m(c) for c in calib])
     core = ov.Core()
     shape = (args.batch, *sample)
     with tempfile.TemporaryDirectory() as tmp:
-        speedup = ModelSpeedup(q, shape, batchsize=args.batch, backend="onnxruntime", threads=2).compress()
-        onnx.save(speedup.qdq.model, str(Path(tmp) / "qdq.onnx"))
+        graphs = {}
+        for i, config in enumerate(args.configs):
+            q = copy.deepcopy(model)
+            mixq.prepare_(q, CONFIGS[config], mixq.PTQ(), example_input=calib[0])
+            mixq.calibrate_(q, lambda m: [m(c) for c in calib])
+            speedup = ModelSpeedup(q, shape, batchsize=args.batch, backend="onnxruntime", threads=2).compress()
+            onnx.save(speedup.qdq.model, str(Path(tmp) / f"qdq{i}.onnx"))
+            graphs[f"mixq Q/DQ ({config})"] = core.read_model(str(Path(tmp) / f"qdq{i}.onnx"))
+            if i == 0:
+                ov.save_model(graphs[f"mixq Q/DQ ({config})"], str(Path(tmp) / "qdq.xml"), compress_to_fp16=False)
+                graphs[f"mixq Q/DQ ({config}), read back from OpenVINO IR"] = core.read_model(
+                    str(Path(tmp) / "qdq.xml")
+                )
         float_path = export_float_onnx(model, Path(tmp) / "float.onnx", (1, *sample))
-        graphs = {"mixq Q/DQ": core.read_model(str(Path(tmp) / "qdq.onnx"))}
-        ov.save_model(graphs["mixq Q/DQ"], str(Path(tmp) / "qdq.xml"), compress_to_fp16=False)
-        graphs["mixq Q/DQ, read back from OpenVINO IR"] = core.read_model(str(Path(tmp) / "qdq.xml"))
         data = nncf.Dataset([c.numpy() for c in calib])
         graphs["NNCF int8"] = nncf.quantize(
             core.read_model(str(float_path)), data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib)
@@ -118,7 +127,7 @@ def main(argv=None):
         "",
         f"machine: {cpu_info()}; OpenVINO {openvino_version()}, nncf {nncf.__version__}, torch {torch.__version__}",
         f"model: {what} ({args.model}), batch {args.batch}, {args.runs} profiled inferences after 3 warm-up; "
-        f"settings {CONFIG}; mixq config: {args.config}",
+        f"settings {CONFIG}; mixq configs: {', '.join(f'{c} = {CONFIGS[c]}' for c in args.configs)}",
         "",
     ]
     for label, (wall, total, rows) in results.items():

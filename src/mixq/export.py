@@ -330,8 +330,11 @@ def export_qdq_onnx(
             float_model.set_submodule(name, _QDQLayer(module, entry, name))
     extra = "fp16" if extra_layer_bits == 16 else "fp32"
     for name, module in modules.items():
-        if name and name not in layers and type(module).__name__ in QUANTIZABLE_OP_TYPES:
-            layers[name] = {"op_type": type(module).__name__, "precision": extra}
+        op_type = type(module).__name__
+        # An attention matmul the config leaves out is part of the float attention (a backend may fuse it), not a
+        # float layer of its own.
+        if name and name not in layers and op_type in QUANTIZABLE_OP_TYPES and op_type not in TWO_INPUT_OP_TYPES:
+            layers[name] = {"op_type": op_type, "precision": extra}
 
     fp8 = "fp8" in precisions.values()
     buffer = io.BytesIO()

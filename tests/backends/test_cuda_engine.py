@@ -663,13 +663,18 @@ def test_float_patterns_fuse_only_private_chains():
 
 
 @needs_triton
-def test_attention_matmuls_asked_int8_run_float_on_their_quantized_operands(build):
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_attention_matmuls_asked_8_bit_run_float_on_their_quantized_operands(build, precision):
     """The cuda backend has no 8-bit kernel for a matmul of two activations: it quantizes and dequantizes both
     operands as the Q/DQ graph says (so it matches the fake-quant model) and runs the matmul in float, and the
     placement row says so."""
     from mixq.backends.cuda.engine import ATTENTION_MATMUL_NOTE
 
-    config = [*LINEAR_INT8, {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}]
+    matmul_entry = {"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}
+    if precision == "fp8":
+        config = [*LINEAR_FP8, {**matmul_entry, "quant_dtype": "fp8"}]
+    else:
+        config = [*LINEAR_INT8, matmul_entry]
     model, qdq, shape = _transformer_export("tiny_vit", config)
     engine = build(qdq, shape)
     torch.manual_seed(1)
@@ -681,4 +686,4 @@ def test_attention_matmuls_asked_int8_run_float_on_their_quantized_operands(buil
     matmuls = {n for n, info in qdq.layers.items() if info["op_type"] == "MatMul"}
     assert len(matmuls) == 4
     assert {rows[n].runs_as for n in matmuls} == {"fp32"} and {rows[n].note for n in matmuls} == {ATTENTION_MATMUL_NOTE}
-    assert {r.runs_as for n, r in rows.items() if n not in matmuls and r.requested == "int8"} == {"int8"}
+    assert {r.runs_as for n, r in rows.items() if n not in matmuls and r.requested == precision} == {precision}
