@@ -11,6 +11,7 @@ from torch import nn
 
 import mixq
 from mixq.primitives import fake_quantize
+from mixq.quantization.model import load_calibration_
 
 MATMULS = [{"quant_types": ["input"], "quant_bits": 8, "op_types": ["MatMul"]}]
 LINEAR = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}]
@@ -103,3 +104,12 @@ def test_training_moves_both_operand_ranges(method):
         optimizer.step()
     after = [q.qparams()[0].item() for q in (wrapper.input_quantizer, wrapper.input1_quantizer)]
     assert after[0] != before[0] and after[1] != before[1], (before, after)
+
+
+def test_loading_a_calibration_config_sets_both_operand_ranges():
+    calibration = mixq.export_calibration(_calibrated(MATMULS))
+    fresh = _encoder()
+    mixq.prepare_(fresh, MATMULS, mixq.QAT())
+    assert load_calibration_(fresh, calibration) == []  # NNI's quantizer.load_calibration_config
+    mixq.freeze_(fresh)
+    assert mixq.export_calibration(fresh) == calibration
