@@ -166,6 +166,8 @@ def normalize_calibration_config(config, source: str = "calibration config") -> 
         if not isinstance(entry, Mapping):
             raise CalibrationFileError(f"{source}: layer {layer!r}: expected a dict, found {type(entry).__name__}")
         e = {k: _plain(v) for k, v in entry.items()}
+        if f"{SECOND_INPUT}_zero_point" in e:
+            e[f"{SECOND_INPUT}_zero_point"] = _whole(e[f"{SECOND_INPUT}_zero_point"])
         for t in QUANT_TYPES:
             for k in (f"{t}_bits", f"{t}_zero_point"):
                 if k in e:
@@ -250,10 +252,10 @@ def validate_calibration_config(config: dict, source: str = "calibration config"
 def _check_second_input(entry: dict, where: str) -> None:
     """A MatMul's entry: its second operand's range (and qparams, when given) beside the input's."""
     keys = [k for k in entry if SECOND_INPUT in k]
-    is_two_input = entry.get("op_type") in TWO_INPUT_OP_TYPES
-    if keys and not is_two_input:
-        raise CalibrationFileError(f"{where}: {keys[0]} belongs to a MatMul entry (op_type {entry.get('op_type')!r})")
-    if not is_two_input or "input_bits" not in entry:
+    op_type = entry.get("op_type")
+    if keys and op_type is not None and op_type not in TWO_INPUT_OP_TYPES:
+        raise CalibrationFileError(f"{where}: {keys[0]} belongs to a MatMul entry, not a {op_type}")
+    if (op_type not in TWO_INPUT_OP_TYPES and not keys) or "input_bits" not in entry:
         return
     t = SECOND_INPUT
     for k in (f"tracked_min_{t}", f"tracked_max_{t}"):

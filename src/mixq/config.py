@@ -207,11 +207,16 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
     # config that selects nothing at all); an entry naming modules is specific to this model and must match.
     if not matched and "op_names" in entry:
         present = sorted({type(m).__name__ for m in modules.values()})
+        hint = ""
+        if any(_is_pattern(p) and fnmatch.fnmatchcase(n, p) for n in modules for p in entry["op_names"]) and any(
+            type(modules[n]).__name__ in TWO_INPUT_OP_TYPES for n in modules
+        ):
+            hint = "; a wildcard reaches attention matmuls only with 'op_types': ['MatMul']"
         raise _err(
             i,
             None,
             "matches no module (op_types and op_names must both match when both are given; "
-            f"module types present: {present})",
+            f"module types present: {present}){hint}",
         )
 
     if exclude:
@@ -378,11 +383,12 @@ def _matches(entry: dict, name: str, module: nn.Module) -> bool:
         return False
     if "op_names" not in entry or name in entry["op_names"]:
         return True
-    # A wildcard (fnmatch: *, ?, [..]) sweeps containers too; it selects only the quantizable modules it meets,
-    # and of those only ones that have a weight when the entry quantizes weights (an attention's MatMul has none).
+    # A wildcard (fnmatch: *, ?, [..]) sweeps containers too; it selects only the quantizable modules it meets, and an
+    # attention's MatMul only where op_types names it (configs written before MatMul was quantizable keep their
+    # meaning, and prepared models their state dict keys).
     if type(module).__name__ not in QUANTIZABLE_OP_TYPES:
         return False
-    if "weight" in entry.get("quant_types", ()) and type(module).__name__ not in WEIGHTED_OP_TYPES:
+    if type(module).__name__ in TWO_INPUT_OP_TYPES and "op_types" not in entry:
         return False
     return any(_is_pattern(p) and fnmatch.fnmatchcase(name, p) for p in entry["op_names"])
 
@@ -438,6 +444,8 @@ def config_list_from_bits(model: nn.Module, bits_config: Mapping, observer: str 
             raise ConfigError(f"{where} is a {op_type}, which cannot be quantized; supported: {QUANTIZABLE_OP_TYPES}")
         if op_type in WEIGHTED_OP_TYPES:
             types = ["input", "weight"] + (["output"] if bits.get("output") == precision else [])
+        elif op_type in TWO_INPUT_OP_TYPES:  # its operands, as a conv's input and weight
+            types = ["input"] + (["output"] if bits.get("output") == precision else [])
         elif bits.get("output") == 32:
             continue
         else:

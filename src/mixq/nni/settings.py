@@ -88,6 +88,8 @@ def _nni_entry(entry):
             given[key] = {t: _str(value.get(t)) for t in types}
         else:
             given[key] = dict.fromkeys(types, _str(value))
+    if not any(given[k][t] or _settings[t][k] for t in types for k in ("quant_scheme", "quant_dtype")):
+        return entry  # nothing set: mixq's defaults, chosen per module (a MatMul's operands differ from a Linear's)
     scheme, dtype, convention = {}, {}, {}
     for t in types:
         s = given["quant_scheme"][t] or _settings[t]["quant_scheme"]

@@ -217,6 +217,10 @@ def _unobserved(wrappers: dict[str, QuantWrapper]) -> list[tuple[str, str]]:
     ]
 
 
+def _slot_name(slot: str) -> str:
+    return "second input" if slot == SECOND_INPUT else slot
+
+
 def _check_observed(wrappers: dict[str, QuantWrapper], allow_unobserved: bool, fix: str) -> list[tuple[str, str]]:
     missing = _unobserved(wrappers)
     if not missing:
@@ -224,8 +228,8 @@ def _check_observed(wrappers: dict[str, QuantWrapper], allow_unobserved: bool, f
     activations = sum(getattr(w, f"{t}_quantizer") is not None for w in wrappers.values() for t in ACTIVATION_SLOTS)
     if len(missing) == activations and not allow_unobserved:
         name, t = missing[0]
-        raise ModelStructureError(f"layer {name!r}: its {t} was never observed; {fix}")
-    shown = ", ".join(f"{n!r} ({t})" for n, t in missing[:6]) + (
+        raise ModelStructureError(f"layer {name!r}: its {_slot_name(t)} was never observed; {fix}")
+    shown = ", ".join(f"{n!r} ({_slot_name(t)})" for n, t in missing[:6]) + (
         f" and {len(missing) - 6} more" if len(missing) > 6 else ""
     )
     why = "no data has been run through the model yet" if len(missing) == activations else "forward never calls them?"

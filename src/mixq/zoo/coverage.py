@@ -157,7 +157,8 @@ class BertBaseEncoder(nn.Module):
         # OpenVINO IR ran its FullyConnected layers in 9.4 ms, read from ONNX in 12.4 ms, NNCF's 9.4 ms:
         # benchmarks/results/openvino-profile-equal-weights-amx.md). Each layer its own:
         for each in self.encoder.layers:
-            each.self_attn._reset_parameters()
+            each.self_attn._reset_parameters()  # in_proj only
+            each.self_attn.out_proj.reset_parameters()
             each.linear1.reset_parameters()
             each.linear2.reset_parameters()
         self.classifier = nn.Linear(d_model, 2)

@@ -67,7 +67,7 @@ def activation_quantizers(qdq: QDQExport) -> list[dict]:
         found.append(
             {
                 "layer": layer_of_node(node.name, qdq.layers),
-                "type": "input" if "/input_qdq/" in node.name else "output",
+                "type": next((t for t in ("input", "input1") if f"/{t}_qdq/" in node.name), "output"),
                 "q_input": node.input[0],
                 "dq_output": dq.output[0],
                 "scale": scale,
