@@ -62,8 +62,8 @@ QUANTIZABLE_OP_TYPES = WEIGHTED_OP_TYPES + TWO_INPUT_OP_TYPES + ACTIVATION_OP_TY
 DEFAULT_SCHEME = {"input": "per_tensor_affine", "weight": "per_channel_symmetric", "output": "per_tensor_affine"}
 DEFAULT_DTYPE = {"input": "uint", "weight": "int", "output": "uint"}
 # A MatMul's operands (an attention's Q, K, V and probabilities) default to int8 symmetric (zero point 0): with
-# affine uint8 operands OpenVINO 2026.4 ran the BERT-base-sized encoder no faster than with float attention (19.5
-# vs 19.4 ms), with symmetric ones in 17.5 ms (benchmarks/results/openvino-profile-amx.md). A probability operand
+# affine uint8 operands OpenVINO 2026.4 ran the BERT-base-sized encoder no faster than with float attention (18.3
+# vs 18.3 ms), with symmetric ones in 16.6 ms (benchmarks/results/openvino-profile-amx.md). A probability operand
 # (>= 0) then uses 7 of the 8 bits.
 TWO_INPUT_DEFAULT = ("per_tensor_symmetric", "int")
 # fp8 is symmetric: per-tensor activations, per-channel weights.

@@ -154,7 +154,7 @@ class BertBaseEncoder(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         # nn.TransformerEncoder deep-copies one layer, so every layer would start with the same weights; a trained
         # model's differ, and equal ones let an engine share them (with equal weights, the Q/DQ graph read back from
-        # OpenVINO IR ran its FullyConnected layers in 9.4 ms, read from ONNX in 12.4 ms, NNCF's 9.4 ms:
+        # OpenVINO IR ran its FullyConnected layers in 10.2 ms, read from ONNX in 13.6 ms, NNCF's 10.3 ms:
         # benchmarks/results/openvino-profile-equal-weights-amx.md). Each layer its own:
         for each in self.encoder.layers:
             each.self_attn._reset_parameters()  # in_proj only
