@@ -10,8 +10,8 @@ Rows, every one built from the same float model in this process and timed interl
   head; patch-embedding conv too for the ViT; LayerNorm, Softmax, GELU and the attention matmuls float), on
   ``onnxruntime``, ``openvino`` and ``auto`` (mixq's default backend);
 - ``mixq int8 + attention matmuls: <backend>``: the same plus both operands of the attention's two matmuls
-  (``op_types: ["MatMul"]``: Q.K^T and P.V, int8 symmetric, mixq's default for them), where the model has them
-  (``nn.MultiheadAttention`` models; the Hugging Face ones compute attention inside their own code);
+  (``op_types: ["MatMul"]``: Q.K^T and P.V, int8 symmetric, mixq's default for them: ``mixq.attention.MatMul``
+  modules of ``nn.MultiheadAttention`` models, and of Hugging Face ones through ``mixq.zoo.hf.FromEmbeddings``);
 - ``NNCF PTQ -> OpenVINO int8``: ``nncf.quantize`` of the float OpenVINO model with
   ``model_type=nncf.ModelType.TRANSFORMER`` (NNCF's documented setting for transformers), the same calibration
   inputs, compiled with the same OpenVINO settings.

@@ -14,13 +14,21 @@ tokens included, so pad nothing: batch texts of one token length, or run one tex
 
 ``attn_implementation="eager"`` writes attention as MatMul -> Softmax -> MatMul in the ONNX graph, which every
 backend reads; its Linear layers (``...attention.self.query`` / ``q_lin`` ...) are plain ``nn.Linear``, so
-``op_types: ["Linear"]`` quantizes every projection and MLP layer.
+``op_types: ["Linear"]`` quantizes every projection and MLP layer. :class:`FromEmbeddings` also gives each attention
+module that dispatches through ``transformers``' attention interface two :class:`mixq.attention.MatMul` modules
+(``<attention>.qk_matmul``, ``<attention>.pv_matmul``) and switches the model to ``"mixq_eager"``: eager attention
+computed with those modules (registered with ``transformers.AttentionInterface``; the same operations in the same
+order), so ``op_types: ["MatMul"]`` quantizes the attention matmuls too.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+
+from ..attention import MatMul
 
 __all__ = ["FromEmbeddings", "hf_classifier", "HF_CLASSIFIERS"]
 
@@ -33,6 +41,12 @@ class FromEmbeddings(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        attention = [m for m in model.modules() if _dispatches_attention(m)]
+        if attention and getattr(model.config, "_attn_implementation", None) == "eager":
+            _register_attention()
+            for module in attention:
+                module.qk_matmul, module.pv_matmul = MatMul(), MatMul()
+            model.set_attn_implementation(ATTENTION)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.model(inputs_embeds=embeddings).logits
@@ -41,6 +55,35 @@ class FromEmbeddings(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The engine's input for ``input_ids`` (batch, seq): the model's word embeddings, float32."""
         return self.model.get_input_embeddings()(input_ids).float()
+
+
+ATTENTION = "mixq_eager"
+
+
+def _dispatches_attention(module: nn.Module) -> bool:
+    """Whether ``module``'s forward calls ``transformers``' attention interface (BERT's, DistilBERT's attention)."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)  # through decorators
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def _eager_with_modules(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``transformers``' eager attention (models/bert's ``eager_attention_forward``) with the two matmuls as the
+    attention module's :class:`MatMul` modules."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    weights = module.qk_matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = module.pv_matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _eager_with_modules)
 
 
 def hf_classifier(name: str, layers: int | None = None, labels: int = 2) -> FromEmbeddings:
