@@ -207,11 +207,12 @@ def _validate_entry(i: int, entry, modules: dict[str, nn.Module]) -> dict:
     # config that selects nothing at all); an entry naming modules is specific to this model and must match.
     if not matched and "op_names" in entry:
         present = sorted({type(m).__name__ for m in modules.values()})
-        hint = ""
-        if any(_is_pattern(p) and fnmatch.fnmatchcase(n, p) for n in modules for p in entry["op_names"]) and any(
-            type(modules[n]).__name__ in TWO_INPUT_OP_TYPES for n in modules
-        ):
-            hint = "; a wildcard reaches attention matmuls only with 'op_types': ['MatMul']"
+        patterns = [p for p in entry["op_names"] if _is_pattern(p)]
+        missed_matmul = any(
+            type(m).__name__ in TWO_INPUT_OP_TYPES and any(fnmatch.fnmatchcase(n, p) for p in patterns)
+            for n, m in modules.items()
+        )
+        hint = "; a wildcard reaches attention matmuls only with 'op_types': ['MatMul']" if missed_matmul else ""
         raise _err(
             i,
             None,

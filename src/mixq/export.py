@@ -245,7 +245,7 @@ def _act_qdq(entry: dict, t: str, name: str, slot: str | None = None) -> _ActQDQ
         return None
     spec = QuantSpec.from_dict(entry.get(f"{t}_qspec") or _ACT_DEFAULT)
     slot = slot or t
-    if f"{slot}_scale" not in entry and f"tracked_min_{slot}" not in entry:
+    if slot != t and f"{slot}_scale" not in entry and f"tracked_min_{slot}" not in entry:
         raise CalibrationFileError(
             f"layer {name!r}: a MatMul quantizes both operands; its entry lacks the second's range "
             f"(tracked_min_{slot} / tracked_max_{slot}, or {slot}_scale / {slot}_zero_point)"
